@@ -1,0 +1,23 @@
+"""hookedcot: hooked Qwen2 / LLaMA / R1-Distill models for chain-of-thought interpretability."""
+
+from hookedcot.cache import ActivationCache
+from hookedcot.config import ConfigError, ModelConfig
+from hookedcot.hook_names import HOOKS, all_hook_names, get_act_name
+from hookedcot.hook_points import Hook, HookError, HookNameError
+from hookedcot.hooked import HookedCoT
+from hookedcot.kv_cache import KVCache
+
+__all__ = [
+    "ActivationCache",
+    "ConfigError",
+    "HOOKS",
+    "Hook",
+    "HookError",
+    "HookNameError",
+    "HookedCoT",
+    "KVCache",
+    "ModelConfig",
+    "all_hook_names",
+    "get_act_name",
+]
+__version__ = "0.1.0"

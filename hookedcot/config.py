@@ -1,0 +1,90 @@
+"""The model's configuration: every number that changes the math, and nothing else.
+
+Architecture differences (Qwen2's qkv bias, tied embeddings, llama3 rope scaling, an explicit
+head_dim) are fields here; the forward pass reads them and never asks which family it runs.
+Field names follow TransformerLens (`n_layers`, `d_model`, `n_heads`, ...) so `model.cfg` reads
+the way TL users expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A checkpoint's configuration asks for something hookedcot does not implement."""
+
+
+SUPPORTED_ACTIVATIONS = ("silu",)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_key_value_heads: int
+    d_head: int
+    d_mlp: int
+    d_vocab: int
+    n_ctx: int = 4096
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    # {"rope_type": "llama3", "factor": ..., ...} or None for plain rotary.
+    rope_scaling: dict[str, Any] | None = None
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    tie_embeddings: bool = False
+    act_fn: str = "silu"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    model_name: str = "custom"
+    family: str = "custom"
+    # Where the weights came from; informative only, never read by the forward pass.
+    source: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        problems = []
+        for name in ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp", "d_vocab"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value <= 0:
+                problems.append(f"{name}={value!r} must be a positive integer")
+        if not problems and self.n_heads % self.n_key_value_heads:
+            problems.append(
+                f"n_heads={self.n_heads} is not a multiple of n_key_value_heads={self.n_key_value_heads}"
+            )
+        if self.d_head % 2:
+            problems.append(f"d_head={self.d_head} must be even for rotary embeddings")
+        if self.act_fn not in SUPPORTED_ACTIVATIONS:
+            problems.append(f"act_fn={self.act_fn!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
+        if problems:
+            raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
+        # Imported here: rope.py validates rope_scaling against its registry.
+        from hookedcot.rope import validate_rope_scaling
+
+        validate_rope_scaling(self.rope_scaling)
+
+    @property
+    def n_rep(self) -> int:
+        """Query heads per key/value head (1 without GQA)."""
+        return self.n_heads // self.n_key_value_heads
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count, counting tied embeddings once."""
+        d, k, h, g, m, v = self.d_model, self.d_head, self.n_heads, self.n_key_value_heads, self.d_mlp, self.d_vocab
+        attn = d * h * k + 2 * d * g * k + h * k * d
+        attn += (h * k + 2 * g * k) * self.qkv_bias + d * self.o_bias
+        mlp = 3 * d * m + (2 * m + d) * self.mlp_bias
+        per_layer = attn + mlp + 2 * d
+        return self.n_layers * per_layer + d + v * d * (1 if self.tie_embeddings else 2)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

@@ -1,0 +1,327 @@
+"""HookedCoT: the transformer plus the user's surface, in TransformerLens habits.
+
+`model(tokens_or_text)`, `run_with_hooks`, `run_with_cache`, `with model.hooks(...)`,
+`add_hook` / `reset_hooks`, `start_at_layer` / `stop_at_layer`, `inputs_embeds`, and the text
+helpers (`to_tokens`, `tokenize`, `to_str_tokens`, ...). The forward pass itself is model.py's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from hookedcot.cache import ActivationCache
+from hookedcot.config import ModelConfig
+from hookedcot.hook_names import HOOKS, all_hook_names, spec_of
+from hookedcot.hook_points import HookFn, HookRun, NameOrFilter, resolve_hooks, scoped_hooks
+from hookedcot.kv_cache import KVCache
+from hookedcot.model import Transformer
+
+TextOrTokens = Union[str, Sequence[str], Tensor]
+ReturnType = Literal["logits", "loss", "both", None]
+NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
+
+_NOT_CACHED_BY_DEFAULT = {"hook_result"}  # opt-in: costs a [b p h d] tensor per layer
+
+
+class HookedCoT(Transformer):
+    """A Qwen2 / LLaMA-family decoder whose every activation has a named hook point."""
+
+    def __init__(self, cfg: ModelConfig, tokenizer: Any = None):
+        super().__init__(cfg)
+        self.tokenizer = tokenizer
+        self._persistent: dict[str, list[HookFn]] = {}
+        self._hook_names = all_hook_names(cfg.n_layers)
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        dtype: torch.dtype | str | None = None,
+        device: torch.device | str | None = None,
+        **kwargs: Any,
+    ) -> "HookedCoT":
+        """Load an HF checkpoint folder, a hub id, a GGUF file, or an embedded model's name."""
+        from hookedcot.loading import load_pretrained
+
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    # ---------------------------------------------------------------- forward
+    def forward(
+        self,
+        input: TextOrTokens | Float[Tensor, "batch pos d_model"] | None = None,
+        *,
+        attention_mask: Int[Tensor, "batch pos"] | None = None,
+        position_ids: Int[Tensor, "batch pos"] | None = None,
+        inputs_embeds: Float[Tensor, "batch pos d_model"] | None = None,
+        return_type: ReturnType = "logits",
+        start_at_layer: int | None = None,
+        stop_at_layer: int | None = None,
+        past_kv: KVCache | None = None,
+        loss_per_token: bool = False,
+        last_logits_only: bool = False,
+    ) -> Any:
+        """Run the model. `input` is text, token ids [batch, pos] / [pos], or — with
+        `start_at_layer` — the residual [batch, pos, d_model] entering that block.
+
+        With `stop_at_layer` the residual entering that block is returned instead of logits.
+        `attention_mask` (1 = token, 0 = left padding) covers the cached prefix too when
+        `past_kv` is given; position ids follow from it so a padded row equals the row run alone.
+        `last_logits_only` unembeds only the last position (generation: hooks still see them all).
+        """
+        tokens, resid, attention_mask = self._prepare_input(input, inputs_embeds, attention_mask, start_at_layer)
+        b, p = resid.shape[:2]
+        past_len = past_kv.length if past_kv is not None else 0
+        if attention_mask is not None:
+            if attention_mask.shape != (b, past_len + p):
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(b, past_len + p)} "
+                    "(batch, cached positions + new positions)"
+                )
+            if position_ids is None:
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
+            if bool(attention_mask.all()):
+                attention_mask = None
+        positions = torch.arange(past_len, past_len + p, device=resid.device)
+        if position_ids is None:
+            position_ids = positions[None].expand(b, p)
+        run = HookRun(self._persistent, positions, position_ids, attention_mask)
+        start = self._layer_index(start_at_layer, "start_at_layer") if start_at_layer is not None else 0
+        if start_at_layer is None:
+            resid = run("hook_embed", resid)
+        stop = self._layer_index(stop_at_layer, "stop_at_layer") if stop_at_layer is not None else None
+        resid = self.run_layers(resid, run, position_ids, attention_mask, past_kv, start, stop)
+        if past_kv is not None:
+            past_kv.advance(p)
+        if stop is not None:
+            return resid
+        if return_type is None:
+            if self.ln_final.name_scale in run.active or self.ln_final.name_normalized in run.active:
+                self.ln_final(resid, run)
+            return None
+        normed = self.ln_final(resid, run)
+        logits = self.unembed(normed[:, -1:] if last_logits_only else normed)
+        if return_type == "logits":
+            return logits
+        if tokens is None:
+            raise ValueError("return_type='loss' needs token ids (the targets); it cannot be computed from embeddings")
+        loss = self._next_token_loss(logits, tokens, attention_mask, per_token=loss_per_token)
+        if return_type == "loss":
+            return loss
+        if return_type == "both":
+            return logits, loss
+        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+
+    def _prepare_input(self, input, inputs_embeds, attention_mask, start_at_layer):
+        """-> (token ids or None, the first residual [b p d], attention mask or None)."""
+        if start_at_layer is not None:
+            if not (isinstance(input, Tensor) and input.is_floating_point() and input.dim() == 3):
+                raise ValueError("with start_at_layer, pass the residual [batch, pos, d_model] as the input")
+            return None, input, attention_mask
+        if inputs_embeds is not None:
+            if input is not None:
+                raise ValueError("pass either input (text or tokens) or inputs_embeds, not both")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.cfg.d_model:
+                raise ValueError(
+                    f"inputs_embeds must be [batch, pos, {self.cfg.d_model}], got {tuple(inputs_embeds.shape)}"
+                )
+            return None, inputs_embeds.to(self.dtype), attention_mask
+        if input is None:
+            raise ValueError("nothing to run: pass text, token ids, or inputs_embeds")
+        if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
+            if attention_mask is not None:
+                raise ValueError("attention_mask is built from the text; pass token ids to give your own mask")
+            tokens, mask = self.tokenize(input)
+            attention_mask = mask
+        elif isinstance(input, Tensor) and not input.is_floating_point():
+            tokens = input[None] if input.dim() == 1 else input
+            if tokens.dim() != 2:
+                raise ValueError(f"token ids must be [batch, pos] or [pos], got shape {tuple(input.shape)}")
+        else:
+            raise TypeError(
+                f"input must be a string, a list of strings or a LongTensor of token ids, got {type(input).__name__}"
+                + (" (a float tensor: did you mean inputs_embeds=, or start_at_layer= with a residual?)"
+                   if isinstance(input, Tensor) else "")
+            )
+        tokens = tokens.to(self.device)
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
+            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}); got min {int(tokens.min())}, max {int(tokens.max())}")
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        return tokens, self.embed(tokens), attention_mask
+
+    def _layer_index(self, layer: int, what: str) -> int:
+        n = self.cfg.n_layers
+        if not -n <= layer <= n:
+            raise ValueError(f"{what}={layer} is out of range for a model with {n} layers")
+        return layer % n if layer < 0 else layer
+
+    @staticmethod
+    def _next_token_loss(logits: Tensor, tokens: Tensor, attention_mask: Tensor | None, per_token: bool) -> Tensor:
+        log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
+        nll = -log_probs.gather(-1, tokens[:, 1:, None])[..., 0]  # b p-1
+        if per_token:
+            return nll
+        if attention_mask is None:
+            return nll.mean()
+        valid = attention_mask[:, 1:].to(nll.dtype) * attention_mask[:, :-1].to(nll.dtype)
+        return (nll * valid).sum() / valid.sum().clamp(min=1)
+
+    # ---------------------------------------------------------------- hooks
+    def hook_names(self) -> list[str]:
+        """Every hook name of this model, in firing order."""
+        return list(self._hook_names)
+
+    def _resolve(self, fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]]) -> list[tuple[str, HookFn]]:
+        return resolve_hooks(fwd_hooks, self._hook_names)
+
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = ()) -> Iterator["HookedCoT"]:
+        """`with model.hooks(fwd_hooks=[(name, fn)]):` — hooks for this block and this thread only,
+        removed on exit, also when the block raises."""
+        with scoped_hooks(self._resolve(fwd_hooks)):
+            yield self
+
+    def run_with_hooks(self, *args: Any, fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = (), **kwargs: Any) -> Any:
+        with self.hooks(fwd_hooks):
+            return self(*args, **kwargs)
+
+    def add_hook(self, name: NameOrFilter, fn: HookFn) -> None:
+        """A persistent hook: every later forward, in every thread, until `reset_hooks()`."""
+        resolved = self._resolve([(name, fn)])
+        persistent = {k: list(v) for k, v in self._persistent.items()}
+        for n, f in resolved:
+            persistent.setdefault(n, []).append(f)
+        self._persistent = persistent  # replaced, never mutated: a running forward keeps its view
+
+    def reset_hooks(self) -> None:
+        self._persistent = {}
+
+    def cache_names(self, names_filter: NamesFilter = None) -> list[str]:
+        """The hook names a `names_filter` selects (None: everything but the opt-in hook_result)."""
+        if names_filter is None:
+            return [n for n in self._hook_names if spec_of(n).name not in _NOT_CACHED_BY_DEFAULT]
+        if isinstance(names_filter, str):
+            resolve_hooks([(names_filter, _noop)], self._hook_names)
+            return [names_filter]
+        if callable(names_filter):
+            return [n for n in self._hook_names if names_filter(n)]
+        names = list(names_filter)
+        resolve_hooks([(n, _noop) for n in names], self._hook_names)
+        return names
+
+    def run_with_cache(
+        self,
+        *args: Any,
+        names_filter: NamesFilter = None,
+        fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = (),
+        device: torch.device | str | None = None,
+        detach: bool = True,
+        **kwargs: Any,
+    ) -> tuple[Any, ActivationCache]:
+        """Forward once, recording the activations `names_filter` selects (after any `fwd_hooks`
+        edits). `detach=False` keeps them in the autograd graph (attribution patching)."""
+        store: dict[str, Tensor] = {}
+
+        def record(x: Tensor, hook) -> None:
+            x = x.detach() if detach else x
+            store[hook.name] = x.to(device) if device is not None else x
+
+        cache_hooks = [(n, record) for n in self.cache_names(names_filter)]
+        with self.hooks(list(fwd_hooks) + cache_hooks):
+            out = self(*args, **kwargs)
+        return out, ActivationCache(store, self)
+
+    # ---------------------------------------------------------------- text
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise ValueError(
+                "this model has no tokenizer: load a checkpoint folder with tokenizer.json, a GGUF file or "
+                "'smollm2-135m-instruct', or pass token ids instead of text"
+            )
+        return self.tokenizer
+
+    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool | None = None) -> Int[Tensor, "batch pos"]:
+        """Token ids [1, pos] for a string (TransformerLens' habit). For several strings of
+        different lengths use `tokenize`, which also returns the attention mask."""
+        tokens, mask = self._require_tokenizer().tokenize(text, prepend_bos=prepend_bos)
+        if not bool(mask.all()):
+            raise ValueError(
+                "these strings tokenize to different lengths, so they need padding and a mask: "
+                "use `tokens, mask = model.tokenize(texts)` and `model(tokens, attention_mask=mask)`, "
+                "or pass the list of strings to the model directly"
+            )
+        return tokens.to(self.device)
+
+    def tokenize(self, text: str | Sequence[str], prepend_bos: bool | None = None) -> tuple[Tensor, Tensor]:
+        """(token ids [batch, pos], attention mask [batch, pos]), left-padded."""
+        tokens, mask = self._require_tokenizer().tokenize(text, prepend_bos=prepend_bos)
+        return tokens.to(self.device), mask.to(self.device)
+
+    def to_string(self, tokens: Tensor | Sequence[int]) -> str | list[str]:
+        tok = self._require_tokenizer()
+        if isinstance(tokens, Tensor) and tokens.dim() == 2:
+            return [tok.decode(row.tolist()) for row in tokens]
+        return tok.decode(tokens.tolist() if isinstance(tokens, Tensor) else list(tokens))
+
+    def to_str_tokens(self, input: str | Tensor | Sequence[int], prepend_bos: bool | None = None) -> list[str]:
+        tok = self._require_tokenizer()
+        if isinstance(input, str):
+            ids = tok.tokenize(input, prepend_bos=prepend_bos)[0][0].tolist()
+        elif isinstance(input, Tensor):
+            if input.dim() == 2 and input.shape[0] != 1:
+                raise ValueError("to_str_tokens takes one sequence; index the batch row you want")
+            ids = input.reshape(-1).tolist()
+        else:
+            ids = list(input)
+        return tok.token_strings(ids)
+
+    def to_single_token(self, text: str) -> int:
+        return self._require_tokenizer().to_single_token(text)
+
+    def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
+        return self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def find_positions(self, tokens: Tensor | Sequence[int], text: str, occurrence: int = 0) -> list[int]:
+        """Positions of the tokens of `tokens` (one sequence) that spell `text`."""
+        ids = tokens.reshape(-1).tolist() if isinstance(tokens, Tensor) else list(tokens)
+        return self._require_tokenizer().find_token_positions(ids, text, occurrence=occurrence)
+
+    # ---------------------------------------------------------------- generation
+    def generate(self, input: str | Sequence[str] | Tensor, max_new_tokens: int = 64, **kwargs: Any) -> Any:
+        """Decode with a KV cache. Hooks active around the call (`with model.hooks(...)`) or given
+        as `fwd_hooks=` fire on the prompt and then on each new position (`hook.positions`).
+
+        Returns what came in: a string (prompt + completion) for a string, a list for a list,
+        token ids [batch, prompt + new] for token ids (`return_type="tokens"|"str"` overrides).
+        Options: attention_mask, do_sample, temperature, top_k, top_p, seed, stop_at_eos,
+        eos_token_id, stop_strings, fwd_hooks, use_cache, on_token(step, tokens), verbose."""
+        from hookedcot.generate import generate
+
+        return generate(self, input, max_new_tokens, **kwargs)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return (
+            f"HookedCoT({c.model_name!r}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads / "
+            f"{c.n_key_value_heads} kv, d_mlp {c.d_mlp}, vocab {c.d_vocab}, {self.dtype}, {self.device})"
+        )
+
+
+def _noop(x: Tensor, hook: Any) -> None:
+    return None

@@ -1,0 +1,140 @@
+"""from_pretrained: resolve a name to a source, convert it, fill a meta-device model in place.
+
+Source -> `conversions` (config + named tensor refs, validated before any data is read) ->
+parameters created on the meta device and replaced one by one by tensors read from the source in
+the target dtype. Peak memory is about one copy of the weights; a failed load leaves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from conversions import ConversionError, ConvertedCheckpoint
+from hookedcot.rope import inv_freq
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*"]
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))} or a torch.dtype")
+    return _DTYPES[key]
+
+
+def convert_source(name_or_path: str | Path, strict_config: bool = True, revision: str | None = None) -> ConvertedCheckpoint:
+    """Turn a GGUF file, an HF folder, an embedded model's name or a hub id into a checkpoint."""
+    from conversions.gguf import convert_gguf
+    from conversions.registry import convert_hf_folder
+    from hookedcot.embedded import embedded_model_path, is_embedded_name
+
+    name = str(name_or_path)
+    if is_embedded_name(name):
+        return convert_gguf(embedded_model_path(name))
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ConversionError(
+                f"{path} is a file but not a .gguf file; pass a GGUF file or a checkpoint folder "
+                "(config.json + *.safetensors)"
+            )
+        return convert_gguf(path)
+    if path.is_dir():
+        return convert_hf_folder(path, strict=strict_config)
+    if name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(
+            f"{name!r} is neither an existing file or folder, nor a hub id like 'Qwen/Qwen2-1.5B', "
+            "nor an embedded model ('smollm2-135m-instruct')"
+        )
+    return convert_hf_folder(download_from_hub(name, revision), strict=strict_config)
+
+
+def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
+    """Resolve a hub id through huggingface_hub (its cache and HF_HUB_OFFLINE are honoured)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:  # connection refused, offline and not cached, gated, not found ...
+        offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+        raise ConversionError(
+            f"could not get {repo_id!r} from the HuggingFace hub"
+            + (" (HF_HUB_OFFLINE is set and it is not in the local cache)" if offline else "")
+            + f": {type(exc).__name__}: {exc}\n"
+            "Download the checkpoint where the hub is reachable (e.g. `huggingface-cli download "
+            f"{repo_id} --local-dir ./{repo_id.split('/')[-1]}`) and pass that folder: "
+            f"HookedCoT.from_pretrained('./{repo_id.split('/')[-1]}')"
+        ) from exc
+
+
+def load_pretrained(
+    cls: type,
+    name_or_path: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    strict_config: bool = True,
+    revision: str | None = None,
+) -> Any:
+    target_dtype = parse_dtype(dtype)
+    converted = convert_source(name_or_path, strict_config=strict_config, revision=revision)
+    target_dtype = target_dtype or _default_dtype(converted.source_dtype)
+    return build_model(cls, converted, target_dtype, torch.device(device or "cpu"))
+
+
+def _default_dtype(source: torch.dtype | None) -> torch.dtype:
+    """The checkpoint's own float dtype (like transformers' dtype='auto'); float32 for GGUF."""
+    return source if source in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+
+
+def build_model(cls: type, converted: ConvertedCheckpoint, dtype: torch.dtype, device: torch.device) -> Any:
+    """Create the model on the meta device and stream each tensor into place."""
+    cfg = converted.config
+    with torch.device("meta"):
+        model = cls(cfg, tokenizer=converted.tokenizer)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    check_tensors(expected, converted)
+    for name, ref in converted.tensors.items():
+        tensor = ref.load(dtype).to(device=device, dtype=dtype)
+        if tuple(tensor.shape) != expected[name]:
+            raise ConversionError(
+                f"tensor {ref.source_name!r} loaded with shape {tuple(tensor.shape)}; expected {expected[name]} for {name}"
+            )
+        module_name, attr = name.rsplit(".", 1)
+        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    if cfg.tie_embeddings:
+        model.unembed.weight = model.embed.weight
+    model.inv_freq = inv_freq(cfg.d_head, cfg.rope_theta, cfg.rope_scaling).to(device)
+    return model.eval()
+
+
+def check_tensors(expected: dict[str, tuple[int, ...]], converted: ConvertedCheckpoint) -> None:
+    """Missing, unexpected and mis-shaped tensors, all reported at once, before any data is read."""
+    got = converted.tensors
+    problems = []
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    if unexpected:
+        srcs = [got[n].source_name for n in unexpected]
+        problems.append(f"unexpected tensors: {', '.join(srcs[:10])}{' ...' if len(srcs) > 10 else ''}")
+    for name in sorted(set(expected) & set(got)):
+        if tuple(got[name].shape) != expected[name]:
+            problems.append(f"{got[name].source_name} has shape {tuple(got[name].shape)}, the config implies {expected[name]}")
+    if problems:
+        raise ConversionError(
+            f"checkpoint {converted.config.source or converted.config.model_name!r} does not match its config: "
+            + "; ".join(problems)
+        )

@@ -1,0 +1,208 @@
+"""The transformer: RMSNorm, rotary attention with GQA, SwiGLU MLP, blocks, and the forward pass.
+
+One file that reads top to bottom. Every hook point of the contract (hook_names.py) is a call
+`run(name, x)`, which is a dict lookup and nothing more when no hook listens there. Attention runs
+the fused `scaled_dot_product_attention` unless a hook or the cache asks for the scores or the
+pattern; then the explicit path builds them. Architecture differences are config fields.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hookedcot.config import ModelConfig
+from hookedcot.hook_points import HookRun
+from hookedcot.kv_cache import KVCache
+from hookedcot.rope import apply_rotary, inv_freq, rotary_cos_sin
+
+
+class RMSNorm(nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like transformers."""
+
+    def __init__(self, d_model: int, eps: float, scope: str):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d_model))
+        self.eps = eps
+        self.name_scale = f"{scope}.hook_scale"
+        self.name_normalized = f"{scope}.hook_normalized"
+
+    def forward(self, x: Tensor, run: HookRun | None = None) -> Tensor:
+        dtype = x.dtype
+        x = x.float()
+        variance = x.pow(2).mean(-1, keepdim=True)
+        if run is not None and run.listens(self.name_scale):
+            scale = run(self.name_scale, (variance + self.eps).sqrt())  # b p 1, float32
+            x = x / scale
+        else:
+            x = x * torch.rsqrt(variance + self.eps)
+        out = self.weight * x.to(dtype)
+        return run(self.name_normalized, out) if run is not None else out
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        h, g, k, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
+        self.n_heads, self.n_kv_heads, self.d_head, self.layer = h, g, k, layer
+        self.q_proj = nn.Linear(d, h * k, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(d, g * k, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(d, g * k, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(h * k, d, bias=cfg.o_bias)
+        self.scaling = k**-0.5
+        p = f"blocks.{layer}.attn."
+        self.n_q, self.n_k, self.n_v = p + "hook_q", p + "hook_k", p + "hook_v"
+        self.n_rot_q, self.n_rot_k = p + "hook_rot_q", p + "hook_rot_k"
+        self.n_scores, self.n_pattern = p + "hook_attn_scores", p + "hook_pattern"
+        self.n_z, self.n_result = p + "hook_z", p + "hook_result"
+
+    def forward(
+        self, x: Tensor, run: HookRun, rope: tuple[Tensor, Tensor], mask: "AttentionMask", past: KVCache | None
+    ) -> Tensor:
+        b, p, _ = x.shape
+        h, g, k = self.n_heads, self.n_kv_heads, self.d_head
+        q = run(self.n_q, self.q_proj(x).view(b, p, h, k))
+        key = run(self.n_k, self.k_proj(x).view(b, p, g, k))
+        v = run(self.n_v, self.v_proj(x).view(b, p, g, k))
+        cos, sin = rope
+        q = run(self.n_rot_q, apply_rotary(q, cos, sin))
+        key = run(self.n_rot_k, apply_rotary(key, cos, sin))
+        q, key, v = q.transpose(1, 2), key.transpose(1, 2), v.transpose(1, 2)  # b heads p k
+        if past is not None:
+            key, v = past.write(self.layer, key, v)  # b g s k: cached prefix + these positions
+        if run.listens(self.n_scores) or run.listens(self.n_pattern):
+            z = self._explicit(q, key, v, run, mask)
+        else:
+            z = F.scaled_dot_product_attention(
+                q, key, v, attn_mask=mask.bool_mask, is_causal=mask.is_causal, enable_gqa=h != g
+            )
+        z = run(self.n_z, z.transpose(1, 2))  # b p h k
+        if run.listens(self.n_result):
+            w_o = self.o_proj.weight.view(-1, h, k)  # d h k
+            result = run(self.n_result, torch.einsum("bphk,dhk->bphd", z, w_o))
+            out = result.sum(dim=2)
+            return out + self.o_proj.bias if self.o_proj.bias is not None else out
+        return self.o_proj(z.reshape(b, p, h * k))
+
+    def _explicit(self, q: Tensor, key: Tensor, v: Tensor, run: HookRun, mask: "AttentionMask") -> Tensor:
+        """Scores and pattern materialised, in transformers' eager op order."""
+        rep = self.n_heads // self.n_kv_heads
+        if rep > 1:
+            key, v = key.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        scores = torch.matmul(q, key.transpose(2, 3)) * self.scaling  # b h q s
+        allowed = mask.bool_mask if mask.bool_mask is not None else mask.dense(q.shape[2], key.shape[2], q.device)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = run(self.n_scores, scores)
+        pattern = run(self.n_pattern, torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
+        return torch.matmul(pattern, v)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        p = f"blocks.{layer}.mlp."
+        self.n_pre, self.n_pre_linear, self.n_post = p + "hook_pre", p + "hook_pre_linear", p + "hook_post"
+
+    def forward(self, x: Tensor, run: HookRun) -> Tensor:
+        gate = run(self.n_pre, self.gate_proj(x))
+        up = run(self.n_pre_linear, self.up_proj(x))
+        return self.down_proj(run(self.n_post, F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.ln1 = RMSNorm(cfg.d_model, cfg.norm_eps, f"blocks.{layer}.ln1")
+        self.attn = Attention(cfg, layer)
+        self.ln2 = RMSNorm(cfg.d_model, cfg.norm_eps, f"blocks.{layer}.ln2")
+        self.mlp = MLP(cfg, layer)
+        p = f"blocks.{layer}."
+        self.n_resid_pre, self.n_attn_out, self.n_resid_mid = p + "hook_resid_pre", p + "hook_attn_out", p + "hook_resid_mid"
+        self.n_mlp_out, self.n_resid_post = p + "hook_mlp_out", p + "hook_resid_post"
+
+    def forward(self, resid: Tensor, run: HookRun, rope, mask, past: KVCache | None) -> Tensor:
+        resid = run(self.n_resid_pre, resid)
+        attn_out = run(self.n_attn_out, self.attn(self.ln1(resid, run), run, rope, mask, past))
+        resid = run(self.n_resid_mid, resid + attn_out)
+        mlp_out = run(self.n_mlp_out, self.mlp(self.ln2(resid, run), run))
+        return run(self.n_resid_post, resid + mlp_out)
+
+
+class AttentionMask:
+    """Causal + padding mask for one forward, built once and shared by every layer.
+
+    Without padding and without a cache, SDPA's own `is_causal` runs and no mask tensor exists.
+    A padded query row attends to itself only, so no row is all -inf (no NaN) and real positions
+    never see padded keys."""
+
+    def __init__(self, attention_mask: Tensor | None, past_len: int, n_new: int, device: torch.device):
+        self.past_len, self.n_new = past_len, n_new
+        self.key_valid = None if attention_mask is None else attention_mask.bool()
+        self.is_causal = self.key_valid is None and past_len == 0 and n_new > 1
+        if self.key_valid is None and (self.is_causal or n_new == 1):
+            self.bool_mask = None
+        else:
+            self.bool_mask = self.dense(n_new, past_len + n_new, device)
+
+    def dense(self, n_q: int, n_k: int, device: torch.device) -> Tensor:
+        """Boolean [b or 1, 1, q, s] mask, True where attention is allowed."""
+        q_pos = torch.arange(self.past_len, self.past_len + n_q, device=device)
+        k_pos = torch.arange(n_k, device=device)
+        allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        if self.key_valid is not None:
+            allowed = allowed & self.key_valid[:, None, None, :n_k]
+            allowed = allowed | (k_pos[None, :] == q_pos[:, None])[None, None]
+        return allowed
+
+
+class Transformer(nn.Module):
+    """Embedding, blocks, final norm and unembedding. The hooked user surface is `HookedCoT`."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
+        self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, "ln_final")
+        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.register_buffer("inv_freq", inv_freq(cfg.d_head, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+
+    @property
+    def W_E(self) -> Tensor:
+        """[d_vocab, d_model]"""
+        return self.embed.weight
+
+    @property
+    def W_U(self) -> Tensor:
+        """[d_model, d_vocab] (a transposed view of the unembedding, as in TransformerLens)"""
+        return self.unembed.weight.T
+
+    def run_layers(
+        self,
+        resid: Tensor,
+        run: HookRun,
+        position_ids: Tensor,
+        attention_mask: Tensor | None,
+        past: KVCache | None = None,
+        start_at_layer: int = 0,
+        stop_at_layer: int | None = None,
+    ) -> Tensor:
+        """Blocks [start_at_layer, stop_at_layer) on the residual `resid` [b p d]."""
+        b, p, _ = resid.shape
+        past_len = past.length if past is not None else 0
+        mask = AttentionMask(attention_mask, past_len, p, resid.device)
+        rope = rotary_cos_sin(self.inv_freq, position_ids, resid.dtype)
+        for block in self.blocks[start_at_layer:stop_at_layer]:
+            resid = block(resid, run, rope, mask, past)
+        return resid
+
+    def unembed_resid(self, resid: Tensor, run: HookRun | None = None) -> Tensor:
+        return self.unembed(self.ln_final(resid, run))
