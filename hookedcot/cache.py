@@ -79,7 +79,7 @@ class ActivationCache:
     ) -> Any:
         """The residual stream before each layer (and the final residual when `layer` is None):
         [component, batch, pos, d_model]. With `apply_ln` each component goes through the final
-        RMSNorm on its own scale (the logit lens), so `(out @ model.W_U)[-1]` equals the logits."""
+        RMSNorm on its own scale (the logit lens), so `model.unembed(out[-1])` equals the logits."""
         n = self.model.cfg.n_layers if layer is None else layer
         parts, labels = [], []
         for i in range(n):

@@ -33,8 +33,10 @@ class RMSNorm(nn.Module):
         x = x.float()
         variance = x.pow(2).mean(-1, keepdim=True)
         if run is not None and run.listens(self.name_scale):
-            scale = run(self.name_scale, (variance + self.eps).sqrt())  # b p 1, float32
-            x = x / scale
+            scale = (variance + self.eps).sqrt()  # b p 1, float32
+            edited = run(self.name_scale, scale)
+            # A hook that only reads the scale must not change the numbers (rsqrt vs divide).
+            x = x * torch.rsqrt(variance + self.eps) if edited is scale else x / edited
         else:
             x = x * torch.rsqrt(variance + self.eps)
         out = self.weight * x.to(dtype)
