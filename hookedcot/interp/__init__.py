@@ -1,0 +1,1 @@
+"""Interpretability tools built only on the public hook API."""

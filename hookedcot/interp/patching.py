@@ -1,0 +1,372 @@
+"""One activation-patching engine under every sweep.
+
+A *site* is (hook name, positions, heads or neurons). The engine records the source (clean) run
+once, runs the target (corrupted) run once, and then evaluates many sites in one batch: the target
+repeated along the batch, each row patching its own site. Nothing the patch cannot change is
+recomputed: every row starts from the target's cached residual at the lowest patched layer of its
+batch (`start_at_layer`), and, attention being causal, positions before the earliest patched
+position keep the target's keys and values (a `KVCache` prefix) — only later positions are run.
+Sweeps (by layer, layer × position, head, component, span) are thin callers of `run_sites`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hookedcot.hook_names import get_act_name, layer_of, spec_of
+from hookedcot.interp.results import Result
+from hookedcot.kv_cache import KVCache
+
+Metric = Callable[[Tensor], Tensor]  # logits [rows, n_metric_positions, vocab] -> [rows]
+HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_result")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where to patch: a hook, the sequence positions (None = all) and heads or neurons (None = all)."""
+
+    hook: str
+    positions: tuple[int, ...] | None = None
+    heads: tuple[int, ...] | None = None
+    neurons: tuple[int, ...] | None = None
+
+    @property
+    def layer(self) -> int:
+        layer = layer_of(self.hook)
+        return -1 if layer is None else layer
+
+
+@dataclass
+class PatchRuns:
+    """The clean (source) and corrupted (target) runs, computed once and reused by every batch."""
+
+    model: Any
+    clean_tokens: Tensor  # [1, p]
+    corrupted_tokens: Tensor  # [1, p]
+    clean_acts: dict[str, Tensor]
+    corrupted_resid: dict[int, Tensor]  # layer -> resid_pre [1, p, d]
+    corrupted_kv: KVCache
+    clean_final: Tensor  # residual after the last block [1, p, d]
+    corrupted_final: Tensor
+    target_hooks: list = field(default_factory=list)
+
+    @property
+    def n_pos(self) -> int:
+        return self.corrupted_tokens.shape[1]
+
+    def logits(self, which: str, positions: Sequence[int]) -> Tensor:
+        """Baseline logits [1, n, vocab] at `positions`, computed exactly as patched rows' are."""
+        final = {"clean": self.clean_final, "corrupted": self.corrupted_final}[which]
+        return logits_at(self.model, final, [p % self.n_pos for p in positions])
+
+
+def as_tokens(model: Any, x: str | Tensor) -> Tensor:
+    if isinstance(x, str):
+        return model.to_tokens(x)
+    x = x.to(model.device)
+    x = x[None] if x.dim() == 1 else x
+    if x.dim() != 2 or x.shape[0] != 1:
+        raise ValueError(f"patching takes one sequence at a time ([pos] or [1, pos]); got shape {tuple(x.shape)}")
+    return x
+
+
+@torch.no_grad()
+def prepare_runs(
+    model: Any,
+    clean: str | Tensor,
+    corrupted: str | Tensor,
+    hooks: Sequence[str],
+    target_hooks: Sequence = (),
+    source_hooks: Sequence = (),
+) -> PatchRuns:
+    """Run clean and corrupted once. `target_hooks` stay active in every patched run (e.g. the
+    noise of a causal-tracing corruption); `source_hooks` shape the clean run."""
+    clean_t, corrupt_t = as_tokens(model, clean), as_tokens(model, corrupted)
+    if clean_t.shape != corrupt_t.shape:
+        raise ValueError(
+            f"clean and corrupted inputs have {clean_t.shape[1]} and {corrupt_t.shape[1]} tokens; patching by "
+            "position needs equal lengths (use hookedcot.interp.data.same_length_pairs, or pad the prompts)"
+        )
+    n = model.cfg.n_layers
+    clean_final, clean_cache = model.run_with_cache(
+        clean_t, names_filter=list(dict.fromkeys(hooks)), fwd_hooks=list(source_hooks), stop_at_layer=n
+    )
+    kv = KVCache(model.cfg, 1, clean_t.shape[1], model.dtype, model.device)
+    resid_names = [get_act_name("resid_pre", layer) for layer in range(n)]
+    corrupt_final, corrupt_cache = model.run_with_cache(
+        corrupt_t, names_filter=resid_names, fwd_hooks=list(target_hooks), past_kv=kv, stop_at_layer=n
+    )
+    return PatchRuns(
+        model, clean_t, corrupt_t, dict(clean_cache.items()),
+        {layer: corrupt_cache["resid_pre", layer] for layer in range(n)},
+        kv, clean_final, corrupt_final, list(target_hooks),
+    )
+
+
+def logits_at(model: Any, final_resid: Tensor, positions: Sequence[int]) -> Tensor:
+    """Logits at chosen positions only (the unembedding is the costly part for big vocabularies)."""
+    idx = torch.tensor(list(positions), device=final_resid.device)
+    x = final_resid[:, idx]
+    if x.shape[0] * x.shape[1] == 1:
+        # BLAS takes a matrix-vector kernel for a single row, whose rounding differs from the
+        # matrix-matrix kernel the batched rows get; two rows keep baselines bit-identical.
+        return model.unembed(model.ln_final(x.expand(2, -1, -1)))[:1]
+    return model.unembed(model.ln_final(x))
+
+
+def _patch_hook(rows_sites: list[tuple[int, Site]], clean: Tensor):
+    """A hook writing each row's site from the clean activation (indexed by absolute position)."""
+    is_head = spec_of(rows_sites[0][1].hook).name in HEAD_HOOKS
+    is_pattern = spec_of(rows_sites[0][1].hook).name in ("hook_pattern", "hook_attn_scores")
+
+    def hook(x: Tensor, h) -> Tensor:
+        first = int(h.positions[0]) if len(h.positions) else 0
+        n_here = x.shape[2] if is_pattern else x.shape[1]
+        x = x.clone()
+        for row, site in rows_sites:
+            pos_all = range(first, first + n_here) if site.positions is None else site.positions
+            pos = torch.tensor([p for p in pos_all if first <= p < first + n_here], dtype=torch.long, device=x.device)
+            if not len(pos):
+                continue
+            local = pos - first
+            if is_pattern:  # b h q s: positions index queries; keys span the whole prefix
+                for head in range(x.shape[1]) if site.heads is None else site.heads:
+                    x[row, head, local] = clean[0, head, pos]
+            elif is_head and site.heads is not None:
+                for head in site.heads:
+                    x[row, local, head] = clean[0, pos, head]
+            elif site.neurons is not None:
+                neurons = torch.tensor(site.neurons, device=x.device)
+                x[row, local[:, None], neurons[None, :]] = clean[0, pos[:, None], neurons[None, :]]
+            else:
+                x[row, local] = clean[0, pos]
+        return x
+
+    return hook
+
+
+def auto_batch_size(model: Any, n_new: int, n_ctx: int, n_metric: int, requested: int | str | None) -> int:
+    """Rows per batch so the batch's activations, KV prefix and metric logits stay within a memory
+    budget (a quarter of free memory, at most 2 GiB on CPU)."""
+    if isinstance(requested, int):
+        return max(1, requested)
+    c = model.cfg
+    elem = torch.finfo(model.dtype).bits // 8
+    per_row = elem * (
+        n_new * (12 * c.d_model + 4 * c.d_mlp + 2 * c.n_heads * c.d_head)
+        + 2 * c.n_layers * c.n_key_value_heads * c.d_head * n_ctx
+    ) + 4 * n_metric * c.d_vocab * 3
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        budget = free // 4
+    else:
+        budget = min(2 << 30, _available_ram() // 4)
+    return int(max(1, min(256, budget // max(per_row, 1))))
+
+
+def _available_ram() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+@torch.no_grad()
+def run_sites(
+    runs: PatchRuns,
+    sites: Sequence[Site],
+    metric: Metric,
+    metric_positions: Sequence[int] = (-1,),
+    batch_size: int | str | None = "auto",
+    progress: bool = True,
+    reuse_prefix: bool = True,
+) -> Tensor:
+    """Metric value per site [len(sites)], each site patched alone into the corrupted run."""
+    model = runs.model
+    n_pos = runs.n_pos
+    metric_pos = sorted({p % n_pos for p in metric_positions})
+    order = sorted(range(len(sites)), key=lambda i: (sites[i].layer, _first_pos(sites[i], n_pos)))
+    values = torch.empty(len(sites))
+    i = 0
+    bar = tqdm(total=len(sites), disable=not progress, desc="patching", leave=False)
+    while i < len(order):
+        # Batch size depends on how many positions the next batch recomputes.
+        p_min = min(_first_pos(sites[order[i]], n_pos), metric_pos[0]) if reuse_prefix else 0
+        size = auto_batch_size(model, n_pos - p_min, n_pos, len(metric_pos), batch_size)
+        chunk = order[i : i + size]
+        values[chunk] = _run_batch(runs, [sites[j] for j in chunk], metric, metric_pos, reuse_prefix).float().cpu()
+        bar.update(len(chunk))
+        i += len(chunk)
+    bar.close()
+    return values
+
+
+def _first_pos(site: Site, n_pos: int) -> int:
+    return 0 if site.positions is None else min(p % n_pos for p in site.positions)
+
+
+def _run_batch(runs: PatchRuns, sites: list[Site], metric: Metric, metric_pos: list[int], reuse_prefix: bool) -> Tensor:
+    model, n_pos = runs.model, runs.n_pos
+    rows = len(sites)
+    start = max(0, min(s.layer for s in sites))
+    p_min = min(min(_first_pos(s, n_pos) for s in sites), metric_pos[0]) if reuse_prefix else 0
+    resid = runs.corrupted_resid[start][:, p_min:].expand(rows, -1, -1)
+    kv = runs.corrupted_kv.select_rows(torch.zeros(rows, dtype=torch.long, device=model.device))
+    kv.truncate(p_min)
+    by_hook: dict[str, list[tuple[int, Site]]] = {}
+    for row, site in enumerate(sites):
+        by_hook.setdefault(site.hook, []).append((row, site))
+    hooks = [(name, _patch_hook(rs, runs.clean_acts[name])) for name, rs in by_hook.items()]
+    final = model.run_with_hooks(
+        resid, start_at_layer=start, stop_at_layer=model.cfg.n_layers, past_kv=kv,
+        fwd_hooks=runs.target_hooks + hooks,
+    )
+    return metric(logits_at(model, final, [p - p_min for p in metric_pos]))
+
+
+# ---------------------------------------------------------------- sweeps
+def _label_tokens(model: Any, tokens: Tensor) -> list[str]:
+    try:
+        return [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(tokens[0]))]
+    except ValueError:
+        return [str(i) for i in range(tokens.shape[1])]
+
+
+def _resolve_positions(n_pos: int, positions: Sequence[int] | slice | str | None) -> list[int]:
+    """Positions as a list: None/'all', a slice, 'last N', or explicit (negative from the end)."""
+    if positions is None or positions == "all":
+        return list(range(n_pos))
+    if isinstance(positions, str):
+        parts = positions.split()
+        if len(parts) == 2 and parts[0] == "last" and parts[1].isdigit():
+            return list(range(max(0, n_pos - int(parts[1])), n_pos))
+        raise ValueError(f"positions {positions!r}: use 'all', 'last N', a slice or a list of ints")
+    if isinstance(positions, slice):
+        return list(range(n_pos))[positions]
+    out = [p % n_pos for p in positions]
+    if any(not -n_pos <= p < n_pos for p in positions):
+        raise ValueError(f"positions {list(positions)} fall outside a {n_pos}-token prompt")
+    return out
+
+
+def patch_layer_position(
+    model: Any, clean: str | Tensor, corrupted: str | Tensor, metric: Metric | None = None,
+    hook: str = "resid_pre", layers: Sequence[int] | None = None, positions: Any = None,
+    metric_positions: Sequence[int] = (-1,), batch_size: int | str = "auto", progress: bool = True,
+    runs: PatchRuns | None = None,
+) -> Result:
+    """Each (layer, position) patched alone: [layer, position] metric values (seed 002)."""
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    names = [get_act_name(hook, layer) for layer in layers]
+    runs = runs or prepare_runs(model, clean, corrupted, names)
+    pos = _resolve_positions(runs.n_pos, positions)
+    metric = metric or kl_metric(runs)
+    sites = [Site(name, (p,)) for name in names for p in pos]
+    values = run_sites(runs, sites, metric, metric_positions, batch_size, progress).view(len(layers), len(pos))
+    ticks = _label_tokens(model, runs.corrupted_tokens)
+    return Result(values, ("layer", "position"), {"layer": [str(x) for x in layers], "position": [ticks[p] for p in pos]},
+                  name=f"patch_{hook}_layer_position", meta={"hook": hook, "metric_positions": list(metric_positions)})
+
+
+def patch_layers(
+    model: Any, clean: str | Tensor, corrupted: str | Tensor, metric: Metric | None = None,
+    hook: str = "resid_pre", layers: Sequence[int] | None = None, positions: Any = None,
+    metric_positions: Sequence[int] = (-1,), batch_size: int | str = "auto", progress: bool = True,
+    runs: PatchRuns | None = None,
+) -> Result:
+    """Each layer patched at all `positions` at once (a span, e.g. the CoT tokens): [layer] (seed 001)."""
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    names = [get_act_name(hook, layer) for layer in layers]
+    runs = runs or prepare_runs(model, clean, corrupted, names)
+    pos = tuple(_resolve_positions(runs.n_pos, positions))
+    metric = metric or kl_metric(runs)
+    values = run_sites(runs, [Site(n, pos) for n in names], metric, metric_positions, batch_size, progress)
+    return Result(values, ("layer",), {"layer": [str(x) for x in layers]}, name=f"patch_{hook}_layers",
+                  meta={"hook": hook, "positions": list(pos), "metric_positions": list(metric_positions)})
+
+
+def patch_heads(
+    model: Any, clean: str | Tensor, corrupted: str | Tensor, metric: Metric | None = None,
+    hook: str = "z", layers: Sequence[int] | None = None, positions: Any = None,
+    metric_positions: Sequence[int] = (-1,), batch_size: int | str = "auto", progress: bool = True,
+    runs: PatchRuns | None = None,
+) -> Result:
+    """Each (layer, head) patched alone over `positions`: [layer, head]. `hook` is a per-head hook
+    (z, q, k, v, pattern; k/v index key/value heads)."""
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    names = [get_act_name(hook, layer) for layer in layers]
+    runs = runs or prepare_runs(model, clean, corrupted, names)
+    n_heads = runs.clean_acts[names[0]].shape[1 if spec_of(names[0]).name == "hook_pattern" else 2]
+    pos = None if positions is None else tuple(_resolve_positions(runs.n_pos, positions))
+    metric = metric or kl_metric(runs)
+    sites = [Site(n, pos, heads=(h,)) for n in names for h in range(n_heads)]
+    values = run_sites(runs, sites, metric, metric_positions, batch_size, progress).view(len(layers), n_heads)
+    return Result(values, ("layer", "head"), {"layer": [str(x) for x in layers]}, name=f"patch_{hook}_heads",
+                  meta={"hook": hook, "positions": None if pos is None else list(pos)})
+
+
+COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out")
+
+
+def patch_components(
+    model: Any, clean: str | Tensor, corrupted: str | Tensor, metric: Metric | None = None,
+    components: Sequence[str] = COMPONENTS, layers: Sequence[int] | None = None, positions: Any = None,
+    per_position: bool = False, metric_positions: Sequence[int] = (-1,), batch_size: int | str = "auto",
+    progress: bool = True,
+) -> Result:
+    """Each component × layer (× position) patched alone: [component, layer(, position)].
+    "z" patches all heads of hook_z at once."""
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    names = [get_act_name(c, layer) for c in components for layer in layers]
+    runs = prepare_runs(model, clean, corrupted, names)
+    pos = _resolve_positions(runs.n_pos, positions)
+    metric = metric or kl_metric(runs)
+    if per_position:
+        sites = [Site(n, (p,)) for n in names for p in pos]
+        shape, axes = (len(components), len(layers), len(pos)), ("component", "layer", "position")
+    else:
+        sites = [Site(n, tuple(pos)) for n in names]
+        shape, axes = (len(components), len(layers)), ("component", "layer")
+    values = run_sites(runs, sites, metric, metric_positions, batch_size, progress).view(*shape)
+    labels = {"component": list(components), "layer": [str(x) for x in layers]}
+    if per_position:
+        ticks = _label_tokens(model, runs.corrupted_tokens)
+        labels["position"] = [ticks[p] for p in pos]
+    return Result(values, axes, labels, name="patch_components", meta={"positions": pos})
+
+
+def kl_metric(runs: PatchRuns, metric_positions: Sequence[int] = (-1,)) -> Metric:
+    """KL(patched || corrupted) summed over the metric positions (seed 001's choice)."""
+    base = runs.logits("corrupted", metric_positions).float().log_softmax(-1)
+
+    def metric(logits: Tensor) -> Tensor:
+        logp = logits.float().log_softmax(-1)
+        return (logp.exp() * (logp - base)).sum(-1).sum(-1)
+
+    return metric
+
+
+@torch.no_grad()
+def naive_patch_loop(
+    model: Any, clean: str | Tensor, corrupted: str | Tensor, sites: Sequence[Site], metric: Metric,
+    metric_positions: Sequence[int] = (-1,), target_hooks: Sequence = (), progress: bool = False,
+) -> Tensor:
+    """The slow obvious way — one full hooked forward per site — for tests and benchmarks."""
+    clean_t, corrupt_t = as_tokens(model, clean), as_tokens(model, corrupted)
+    _, cache = model.run_with_cache(clean_t, names_filter=sorted({s.hook for s in sites}))
+    out = []
+    for site in tqdm(sites, disable=not progress, desc="naive patching", leave=False):
+        hook = _patch_hook([(0, site)], cache[site.hook])
+        logits = model.run_with_hooks(corrupt_t, fwd_hooks=list(target_hooks) + [(site.hook, hook)])
+        out.append(metric(logits[:, list(metric_positions)])[0])
+    return torch.stack(out).float().cpu()
