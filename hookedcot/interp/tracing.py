@@ -22,7 +22,7 @@ def embedding_noise_hook(model: Any, n_pos: int, positions: Sequence[int], sigma
     σ = 0 returns the embedding unchanged. With `relative_to_embedding_std`, σ is in units of the
     embedding matrix's standard deviation (ROME's convention is 3 ×)."""
     if relative_to_embedding_std:
-        sigma = sigma * float(model.W_E.float().std())
+        sigma = sigma * float(model.W_E.detach().float().std())
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n_pos, model.cfg.d_model, generator=g) * sigma
     mask = torch.zeros(n_pos, 1)

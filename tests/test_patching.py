@@ -1,0 +1,172 @@
+"""The patching engine and the sweeps on it: identities that must hold, and agreement with the
+slow obvious loop (one hooked forward per site)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hookedcot import HookedCoT, ModelConfig, get_act_name
+from hookedcot.interp.attribution import attribution_patch
+from hookedcot.interp.iterative import iterative_patch, parallel_patch
+from hookedcot.interp.patching import (
+    Site, kl_metric, naive_patch_loop, patch_components, patch_heads, patch_layer_position, patch_layers,
+    prepare_runs, run_sites,
+)
+from hookedcot.interp.tracing import restoration_sweep
+
+CFG = ModelConfig(n_layers=4, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128, d_vocab=300, qkv_bias=True)
+
+
+def _model(noise: float) -> HookedCoT:
+    torch.manual_seed(0)
+    m = HookedCoT(CFG).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * noise)
+    return m
+
+
+@pytest.fixture(scope="module")
+def model() -> HookedCoT:
+    return _model(0.3)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[torch.Tensor, torch.Tensor]:
+    clean = torch.randint(0, CFG.d_vocab, (1, 14), generator=torch.Generator().manual_seed(3))
+    corrupted = clean.clone()
+    corrupted[0, 4], corrupted[0, 9] = 7, 8
+    return clean, corrupted
+
+
+def test_patching_a_run_into_itself_changes_nothing(model, pair):
+    clean, _ = pair
+    exact = patch_layer_position(model, clean, clean, progress=False, batch_size=1000)
+    assert torch.all(exact.values.abs() <= 1e-6)
+    runs = prepare_runs(model, clean, clean, [get_act_name("resid_pre", 0)])
+    values = run_sites(runs, [Site(get_act_name("resid_pre", 0))], kl_metric(runs), progress=False, reuse_prefix=False)
+    assert values.item() == 0.0
+
+
+def test_patching_all_of_layer0_resid_pre_gives_the_clean_run(model, pair):
+    clean, corrupted = pair
+    runs = prepare_runs(model, clean, corrupted, [get_act_name("resid_pre", 0)])
+    clean_logits = runs.logits("clean", range(14))
+    values = run_sites(runs, [Site(get_act_name("resid_pre", 0))], lambda lg: (lg - clean_logits).abs().amax((1, 2)),
+                       metric_positions=range(14), progress=False)
+    assert values.item() == 0.0
+    torch.testing.assert_close(clean_logits, model(clean), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 7, "auto"])
+def test_layer_position_sweep_equals_naive_loop(model, pair, batch_size):
+    clean, corrupted = pair
+    result = patch_layer_position(model, clean, corrupted, progress=False, batch_size=batch_size)
+    assert result.values.shape == (CFG.n_layers, 14)
+    runs = prepare_runs(model, clean, corrupted, [get_act_name("resid_pre", 0)])
+    sites = [Site(get_act_name("resid_pre", L), (p,)) for L in range(CFG.n_layers) for p in range(14)]
+    sampled = sites[::3]
+    naive = naive_patch_loop(model, clean, corrupted, sampled, kl_metric(runs))
+    torch.testing.assert_close(result.values.flatten()[::3], naive, rtol=1e-5, atol=1e-5)
+    # Only the patched token positions (4 and 9) can matter for resid_pre at layer 0.
+    assert torch.all(result.values[0, [i for i in range(14) if i not in (4, 9)]].abs() < 1e-5)
+    assert result.values[0, 4] > 1e-3
+
+
+@pytest.mark.parametrize("hook", ["z", "v", "pattern"])
+def test_head_sweep_equals_naive_loop(model, pair, hook):
+    clean, corrupted = pair
+    result = patch_heads(model, clean, corrupted, hook=hook, progress=False)
+    n_heads = result.values.shape[1]
+    assert n_heads == (CFG.n_key_value_heads if hook == "v" else CFG.n_heads)
+    runs = prepare_runs(model, clean, corrupted, [get_act_name(hook, 0)])
+    sites = [Site(get_act_name(hook, L), None, heads=(h,)) for L in range(CFG.n_layers) for h in range(n_heads)]
+    naive = naive_patch_loop(model, clean, corrupted, sites, kl_metric(runs)).view(CFG.n_layers, n_heads)
+    torch.testing.assert_close(result.values, naive, rtol=1e-5, atol=1e-5)
+
+
+def test_component_and_layer_sweeps(model, pair, tmp_path):
+    clean, corrupted = pair
+    comps = patch_components(model, clean, corrupted, progress=False)
+    assert comps.axes == ("component", "layer") and comps.values.shape == (5, CFG.n_layers)
+    span = patch_layers(model, clean, corrupted, positions="last 6", progress=False)
+    runs = prepare_runs(model, clean, corrupted, [get_act_name("resid_pre", 0)])
+    sites = [Site(get_act_name("resid_pre", L), tuple(range(8, 14))) for L in range(CFG.n_layers)]
+    torch.testing.assert_close(span.values, naive_patch_loop(model, clean, corrupted, sites, kl_metric(runs)), rtol=1e-5, atol=1e-5)
+    # Results save, load and plot.
+    path = comps.save(tmp_path)
+    assert type(comps).load(path).values.equal(comps.values)
+    assert comps.plot(tmp_path / "c.png").stat().st_size > 1000
+    assert len(comps.to_pandas()) == 5 * CFG.n_layers
+
+
+def test_neuron_site_equals_naive(model, pair):
+    clean, corrupted = pair
+    runs = prepare_runs(model, clean, corrupted, [get_act_name("post", 1)])
+    sites = [Site(get_act_name("post", 1), (4, 9), neurons=(n,)) for n in (0, 5, 17)]
+    fast = run_sites(runs, sites, kl_metric(runs), progress=False)
+    torch.testing.assert_close(fast, naive_patch_loop(model, clean, corrupted, sites, kl_metric(runs)), rtol=1e-5, atol=1e-5)
+
+
+def test_restoration_sweep_identities(model, pair):
+    clean, _ = pair
+    no_noise = restoration_sweep(model, clean, [0, 1, 2], sigma=0.0, progress=False,
+                                 metric=lambda lg: lg[:, -1].float().softmax(-1).amax(-1))
+    top = model(clean)[0, -1].float().softmax(-1).max()
+    torch.testing.assert_close(no_noise.values, torch.full_like(no_noise.values, float(top)), rtol=1e-5, atol=1e-6)
+    noisy = restoration_sweep(model, clean, [0, 1, 2], sigma=3.0, progress=False)
+    # Restoring every noised position at layer 0 is not one site, but restoring a clean position
+    # that carries no noise at layer 0 changes nothing: recovery 0.
+    assert torch.all(noisy.values[0, 3:].abs() < 1e-4)
+
+
+def test_parallel_and_iterative_agree_where_positions_cannot_interact(model, pair):
+    clean, corrupted = pair
+    target = int(model(clean)[0, -1].argmax())
+    metric = lambda lg: lg[:, -1].float().log_softmax(-1)[:, target]  # noqa: E731
+    span = [10, 11, 12, 13]
+    last = CFG.n_layers - 1
+    par = parallel_patch(model, clean, corrupted, last, span, metric)
+    it = iterative_patch(model, clean, corrupted, last, span, metric, regenerate="greedy")
+    assert par == it.metric
+    assert len(it.produced_cosine) == 3 and all(-1 <= c <= 1 for c in it.produced_cosine)
+    # Fixed inputs end in the same run at any layer.
+    assert parallel_patch(model, clean, corrupted, 0, span, metric) == iterative_patch(model, clean, corrupted, 0, span, metric).metric
+    # Re-decoding the CoT under the patch at an early layer changes the inputs of span positions,
+    # whose keys and values at layers up to the patch reach the answer position after the span.
+    early = iterative_patch(model, clean, corrupted, 0, span[:-1], metric, regenerate="greedy")
+    assert early.metric != parallel_patch(model, clean, corrupted, 0, span[:-1], metric)
+
+
+def test_iterative_with_continuous_thoughts(model, pair):
+    clean, corrupted = pair
+    embeds = model.W_E[corrupted].detach().clone()
+    metric = lambda lg: lg[:, -1].float().log_softmax(-1)[:, 0]  # noqa: E731
+    feedback = lambda h: h * 0.5  # noqa: E731  (a latent-CoT model feeds hidden states back)
+    res = iterative_patch(model, clean, None, 1, [10, 11, 12], metric, regenerate=feedback, corrupted_embeds=embeds)
+    par = parallel_patch(model, clean, None, 1, [10, 11, 12], metric, corrupted_embeds=embeds)
+    assert res.metric != par
+    with pytest.raises(ValueError, match="corrupted_embeds"):
+        iterative_patch(model, clean, corrupted, 1, [10, 11], metric, regenerate=feedback)
+
+
+def test_attribution_patching_correlates_with_exact_sweep_on_a_near_linear_model(pair):
+    near_linear = _model(0.0)
+    clean, corrupted = pair
+    with torch.no_grad():  # corrupted tokens' embeddings near the clean ones ("12" vs "13"):
+        for pos in (4, 9):  # a small perturbation, where the first-order estimate should hold
+            emb = near_linear.embed.weight
+            emb[corrupted[0, pos]] = emb[clean[0, pos]] + 0.1 * torch.randn(CFG.d_model, generator=torch.Generator().manual_seed(pos))
+    target = 17
+    metric = lambda lg: lg[:, -1, target].float()  # noqa: E731
+    exact = patch_layer_position(near_linear, clean, corrupted, metric=metric, progress=False)
+    base = float(metric(near_linear(corrupted)[:, -1:].detach()))
+    estimate = attribution_patch(near_linear, clean, corrupted, metric)
+    corr = torch.corrcoef(torch.stack([(exact.values - base).flatten(), estimate.values.flatten()]))[0, 1]
+    assert corr > 0.9, corr
+
+
+def test_unequal_lengths_rejected(model):
+    with pytest.raises(ValueError, match="equal lengths"):
+        patch_layers(model, torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long), progress=False)
