@@ -9,32 +9,11 @@ import torch
 from torch import Tensor
 
 from hookedcot.hook_names import get_act_name
+from hookedcot.interp.corruption import gaussian_noise
 from hookedcot.interp.patching import (
     Metric, Site, _label_tokens, _resolve_positions, as_tokens, prepare_runs, run_sites,
 )
 from hookedcot.interp.results import Result
-
-
-def embedding_noise_hook(model: Any, n_pos: int, positions: Sequence[int], sigma: float, seed: int = 0,
-                         relative_to_embedding_std: bool = False):
-    """("hook_embed", fn) adding N(0, σ²) noise at `positions` (absolute sequence indices).
-    The noise is drawn once for the whole sequence, so it is the same in every run that uses it;
-    σ = 0 returns the embedding unchanged. With `relative_to_embedding_std`, σ is in units of the
-    embedding matrix's standard deviation (ROME's convention is 3 ×)."""
-    if relative_to_embedding_std:
-        sigma = sigma * float(model.W_E.detach().float().std())
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(n_pos, model.cfg.d_model, generator=g) * sigma
-    mask = torch.zeros(n_pos, 1)
-    mask[list(positions)] = 1.0
-    noise = (noise * mask).to(device=model.device, dtype=model.dtype)
-
-    def hook(x: Tensor, h) -> Tensor | None:
-        if sigma == 0:
-            return None
-        return x + noise[h.positions]
-
-    return ("hook_embed", hook)
 
 
 def restoration_sweep(
@@ -52,13 +31,14 @@ def restoration_sweep(
     batch_size: int | str = "auto",
     progress: bool = True,
 ) -> Result:
-    """Noise the embeddings at `noise_positions`, then restore each (layer, position) of `hook`
+    """Noise the embeddings at `noise_positions` (seeded, see corruption.gaussian_noise; σ in units
+    of std(W_E) by default, ROME's convention is 3), then restore each (layer, position) of `hook`
     from the clean run. Default metric: the clean top-1 token's probability at the last position,
     reported as normalized recovery (restored − noisy) / (clean − noisy)."""
     tokens = as_tokens(model, prompt)
     n_pos = tokens.shape[1]
-    noise = embedding_noise_hook(model, n_pos, _resolve_positions(n_pos, noise_positions), sigma, seed,
-                                 relative_to_embedding_std)
+    noise = gaussian_noise("hook_embed", sigma, _resolve_positions(n_pos, noise_positions), seed,
+                           relative_to_embedding_std, model)
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     names = [get_act_name(hook, layer) for layer in layers]
     runs = prepare_runs(model, tokens, tokens, names, target_hooks=[noise])

@@ -1,0 +1,184 @@
+"""Which positions, heads and units a hook-function edit touches — shared by ablation, steering
+and corruption.
+
+A *position spec* names absolute sequence indices (prompt + generated so far, left padding
+included), so one hook works the same in a full forward pass and during generation with a KV
+cache, where a hook only sees the new positions (`hook.positions` says which they are):
+
+| spec | selects |
+|---|---|
+| `None` / `"all"` | every position |
+| `7`, `-1` | that position; negative counts from the end of the sequence so far (`-1` = the newest) |
+| `[3, 4, 9]` / a LongTensor | those positions |
+| `slice(10, 20)` | positions 10..19 (negative bounds count from the end, as in Python) |
+| `"from 37"` | position 37 and every later one (e.g. steer only the generated tokens) |
+| `"last 5"` | the last 5 positions of the sequence so far |
+| a callable | `fn(hook.positions) -> bool mask` (or a list of booleans) of the same length |
+
+The edit is applied where the spec selects and leaves every other entry bit-for-bit untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from hookedcot.hook_names import spec_of
+
+PositionSpec = Union[None, int, str, slice, Sequence[int], Tensor, Callable[[Tensor], Any]]
+HEAD_LETTERS = ("h", "g")  # query heads, key/value heads
+
+
+class Positions:
+    """A position spec compiled once (when the hook is built); calling it on `hook.positions`
+    gives a bool mask over them, or None for "all". Parsing and host-to-device copies happen
+    here, not on every forward, and the sequence length is read only for negative/"last" specs."""
+
+    def __init__(self, spec: PositionSpec):
+        self.spec = spec
+        self.all = spec is None or (isinstance(spec, str) and spec == "all")
+        self.kind, self.a, self.b, self.step = "", 0, None, 1
+        self._wanted: dict[torch.device, Tensor] = {}
+        if self.all:
+            return
+        if isinstance(spec, str):
+            parts = spec.split()
+            if not (len(parts) == 2 and parts[0] in ("from", "last") and parts[1].isdigit()):
+                raise ValueError(
+                    f"position spec {spec!r}: use 'all', 'from N', 'last N', an int, a list, a slice or a callable"
+                )
+            self.kind, self.a = parts[0], int(parts[1])
+        elif isinstance(spec, slice):
+            self.kind, self.a, self.b, self.step = "slice", spec.start or 0, spec.stop, spec.step or 1
+            if self.step <= 0:
+                raise ValueError(f"position slices need a positive step, got {spec}")
+        elif callable(spec) and not isinstance(spec, Tensor):
+            self.kind = "callable"
+        else:
+            if not isinstance(spec, Tensor):
+                items = [spec] if isinstance(spec, int) else list(spec)
+                if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+                    raise ValueError(f"positions must be ints (a list, a range, a 1-d LongTensor), got {spec!r}")
+                spec = torch.tensor(items, dtype=torch.long)
+            wanted = spec
+            if wanted.dim() != 1 or wanted.is_floating_point() or wanted.dtype == torch.bool:
+                raise ValueError(f"positions must be ints (a list, a 1-d LongTensor), got {spec!r}")
+            self.kind, self.wanted = "index", wanted.long()
+            self.has_negative = bool((self.wanted < 0).any())
+
+    def __call__(self, positions: Tensor) -> Tensor | None:
+        if self.all:
+            return None
+        if self.kind == "from":
+            return positions >= self.a
+        if self.kind == "callable":
+            mask = torch.as_tensor(self.spec(positions), device=positions.device)
+            if mask.dtype != torch.bool or mask.shape != positions.shape:
+                raise ValueError(
+                    f"a position callable must return a bool mask of shape {tuple(positions.shape)} "
+                    f"(one per position the hook sees), got dtype {mask.dtype} and shape {tuple(mask.shape)}"
+                )
+            return mask
+        if self.kind == "index":
+            wanted = self._wanted.get(positions.device)
+            if wanted is None:
+                wanted = self._wanted[positions.device] = self.wanted.to(positions.device)
+            if self.has_negative:
+                wanted = torch.where(wanted < 0, wanted + _length(positions), wanted)
+            return torch.isin(positions, wanted)
+        needs_length = self.kind == "last" or self.a < 0 or (self.b is not None and self.b < 0)
+        length = _length(positions) if needs_length else 0
+        if self.kind == "last":
+            return positions >= length - self.a
+        start = self.a + (length if self.a < 0 else 0)
+        mask = (positions >= max(start, 0)) & ((positions - start) % self.step == 0)
+        if self.b is not None:
+            mask &= positions < self.b + (length if self.b < 0 else 0)
+        return mask
+
+
+def _length(positions: Tensor) -> int:
+    """The length of the sequence so far (the newest position + 1)."""
+    return int(positions[-1]) + 1 if len(positions) else 0
+
+
+def position_mask(spec: PositionSpec, positions: Tensor) -> Tensor | None:
+    """Bool [n] over the positions a hook sees (`hook.positions`), or None for "all of them"."""
+    return (spec if isinstance(spec, Positions) else Positions(spec))(positions)
+
+
+def axis_of(name: str, letters: Sequence[str]) -> int | None:
+    """The axis of hook `name` whose shape letter is one of `letters` (None if it has none)."""
+    for i, letter in enumerate(spec_of(name).shape.split()):
+        if letter in letters:
+            return i
+    return None
+
+
+class Selection:
+    """Where an edit applies: positions × heads × units, compiled once when the hook is built.
+
+    `mask(x, hook)` is a bool tensor broadcastable to `x` (None = everywhere). Positions index the
+    hook's position axis (the query axis `q` for scores/patterns), heads its `h`/`g` axis, units
+    its last axis (neurons of `mlp.hook_post`, dimensions of the residual). Head and unit masks
+    are built once per device."""
+
+    def __init__(self, positions: PositionSpec = None, heads: Sequence[int] | int | None = None,
+                 units: Sequence[int] | int | None = None):
+        self.positions = positions if isinstance(positions, Positions) else Positions(positions)
+        self.heads = _int_list(heads, "heads")
+        self.units = _int_list(units, "neurons/units")
+        self._masks: dict[tuple, Tensor] = {}
+
+    @property
+    def everywhere(self) -> bool:
+        return self.positions.all and self.heads is None and self.units is None
+
+    def mask(self, x: Tensor, hook: Any) -> Tensor | None:
+        mask: Tensor | None = None
+        for axis, sel in self._parts(x, hook):
+            view = [1] * x.dim()
+            view[axis] = sel.shape[0]
+            sel = sel.view(view)
+            mask = sel if mask is None else mask & sel
+        return mask
+
+    def _parts(self, x: Tensor, hook: Any):
+        if not self.positions.all:
+            axis = axis_of(hook.name, ("p", "q"))
+            if axis is None:
+                raise ValueError(f"{hook.name} has no position axis; drop positions=")
+            sel = self.positions(hook.positions.to(x.device))
+            if sel is not None:
+                yield axis, sel
+        if self.heads is not None:
+            axis = axis_of(hook.name, HEAD_LETTERS)
+            if axis is None:
+                raise ValueError(f"{hook.name} has no head axis (heads live in hook_q/k/v/z/result/pattern/scores)")
+            yield axis, self._index_mask(self.heads, x.shape[axis], "head", hook.name, x.device)
+        if self.units is not None:
+            yield x.dim() - 1, self._index_mask(self.units, x.shape[-1], "unit", hook.name, x.device)
+
+    def _index_mask(self, index: list[int], size: int, what: str, name: str, device: torch.device) -> Tensor:
+        key = (what, size, device)
+        if key not in self._masks:
+            bad = [i for i in index if not -size <= i < size]
+            if bad:
+                raise ValueError(f"{what} index {bad} out of range for {name} (size {size})")
+            sel = torch.zeros(size, dtype=torch.bool)
+            sel[[i % size for i in index]] = True
+            self._masks[key] = sel.to(device)
+        return self._masks[key]
+
+
+def _int_list(index: Any, what: str) -> list[int] | None:
+    if index is None:
+        return None
+    if isinstance(index, Tensor):
+        index = index.reshape(-1).tolist()
+    items = [index] if isinstance(index, int) else list(index)
+    if not all(isinstance(i, int) for i in items):
+        raise ValueError(f"{what} must be ints, got {index!r}")
+    return items
