@@ -18,7 +18,7 @@ class HookSpec:
     scope: str  # "", "blocks.L", "blocks.L.attn", "blocks.L.mlp", "blocks.L.ln1", ...
     shape: str
     meaning: str
-    opt_in: bool = False  # materialised only when something listens (costs memory/time)
+    opt_in: bool = False  # left out of a default full cache (costs memory); named to be recorded
 
     def full_name(self, layer: int | None = None) -> str:
         scope = self.scope.replace("L", str(layer)) if layer is not None else self.scope
@@ -39,10 +39,10 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec("hook_v", "blocks.L.attn", "b p g k", "values, one per key/value head (GQA)"),
     HookSpec("hook_rot_q", "blocks.L.attn", "b p h k", "queries after rotary"),
     HookSpec("hook_rot_k", "blocks.L.attn", "b p g k", "keys after rotary"),
-    HookSpec("hook_attn_scores", "blocks.L.attn", "b h q s", "pre-softmax scores, scaled and masked (-inf)", True),
-    HookSpec("hook_pattern", "blocks.L.attn", "b h q s", "attention probabilities", True),
+    HookSpec("hook_attn_scores", "blocks.L.attn", "b h q s", "pre-softmax scores, scaled and masked (-inf); built only when asked for (explicit attention path)"),
+    HookSpec("hook_pattern", "blocks.L.attn", "b h q s", "attention probabilities; built only when asked for (explicit attention path)"),
     HookSpec("hook_z", "blocks.L.attn", "b p h k", "per-head attention output before o_proj"),
-    HookSpec("hook_result", "blocks.L.attn", "b p h d", "per-head contribution to the residual", True),
+    HookSpec("hook_result", "blocks.L.attn", "b p h d", "per-head contribution to the residual (not in a default full cache: costs b·p·h·d)", True),
     HookSpec("hook_attn_out", "blocks.L", "b p d", "attention output"),
     HookSpec("hook_resid_mid", "blocks.L", "b p d", "residual after attention, before the MLP"),
     HookSpec("hook_scale", "blocks.L.ln2", "b p 1", "RMSNorm scale before the MLP"),

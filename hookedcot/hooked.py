@@ -18,7 +18,7 @@ from torch import Tensor
 
 from hookedcot.cache import ActivationCache
 from hookedcot.config import ModelConfig
-from hookedcot.hook_names import HOOKS, all_hook_names, spec_of
+from hookedcot.hook_names import all_hook_names, spec_of
 from hookedcot.hook_points import HookFn, HookRun, NameOrFilter, resolve_hooks, scoped_hooks
 from hookedcot.kv_cache import KVCache
 from hookedcot.model import Transformer
@@ -27,7 +27,6 @@ TextOrTokens = Union[str, Sequence[str], Tensor]
 ReturnType = Literal["logits", "loss", "both", None]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
-_NOT_CACHED_BY_DEFAULT = {"hook_result"}  # opt-in: costs a [b p h d] tensor per layer
 
 
 class HookedCoT(Transformer):
@@ -215,7 +214,7 @@ class HookedCoT(Transformer):
     def cache_names(self, names_filter: NamesFilter = None) -> list[str]:
         """The hook names a `names_filter` selects (None: everything but the opt-in hook_result)."""
         if names_filter is None:
-            return [n for n in self._hook_names if spec_of(n).name not in _NOT_CACHED_BY_DEFAULT]
+            return [n for n in self._hook_names if not spec_of(n).opt_in]
         if isinstance(names_filter, str):
             resolve_hooks([(names_filter, _noop)], self._hook_names)
             return [names_filter]

@@ -1,0 +1,131 @@
+"""Chat templates rendered exactly as transformers renders them, without transformers.
+
+Templates come from checkpoints, so they are untrusted code: they run in jinja2's immutable
+sandbox and see only plain JSON-like data, with the same environment transformers builds
+(trim_blocks, lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a non-escaping
+`tojson`), so a template renders to the same string here and in `apply_chat_template`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime
+from functools import lru_cache
+from typing import Any, Mapping, Sequence
+
+_CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+class ChatTemplateError(ValueError):
+    """A conversation cannot be rendered: no template, or the template rejects it."""
+
+
+def render_chat_template(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = False,
+    tools: list[dict] | None = None,
+    documents: list[dict] | None = None,
+    continue_final_message: bool = False,
+    **kwargs: Any,
+) -> str:
+    """One conversation -> the prompt string. `kwargs` (special token strings, template options
+    like `enable_thinking`) are visible to the template. `continue_final_message` cuts the text
+    right after the last message's content, to prefill an assistant turn."""
+    chat = [_plain(dict(m)) for m in messages]
+    for i, message in enumerate(chat):  # transformers fills `reasoning_content` / `thinking` from each other
+        reasoning = next((message[k] for k in _REASONING_FIELDS if message.get(k) is not None), None)
+        if reasoning is not None:
+            chat[i] = {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    if continue_final_message:
+        if not chat or not isinstance(chat[-1].get("content"), str):
+            raise ChatTemplateError("continue_final_message needs a last message with string content")
+        final = chat[-1]["content"]
+        chat[-1]["content"] = final + _CONTINUE_TAG
+    rendered = _compile(template).render(
+        messages=chat, tools=_plain(tools), documents=_plain(documents), add_generation_prompt=add_generation_prompt,
+        **_plain(kwargs),
+    )
+    if continue_final_message:
+        if final.strip() not in rendered or _CONTINUE_TAG.strip() not in rendered:
+            raise ChatTemplateError("continue_final_message: the template dropped or rewrote the final message")
+        at = rendered.rindex(_CONTINUE_TAG.strip())
+        rendered = rendered[:at] if rendered[at: at + len(_CONTINUE_TAG)] == _CONTINUE_TAG else rendered[:at].rstrip()
+    return rendered
+
+
+def _plain(value: Any) -> Any:
+    """Only JSON-like data reaches a template (as transformers' `_plain_template_data`): objects
+    with methods the sandbox does not know about never get in."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    for kind in (bool, str, int, float):  # subclasses (enums, numpy scalars) lose their extra methods
+        if isinstance(value, kind):
+            return kind(value) if kind is not str else str.__str__(value)
+    if callable(getattr(value, "item", None)):  # numpy / torch scalars
+        return _plain(value.item())
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    return f"<{type(value).__name__}>"
+
+
+@lru_cache(maxsize=16)
+def _compile(template: str) -> Any:
+    """transformers' chat-template environment: immutable sandbox, trim/lstrip blocks, loop
+    controls, a `generation` block tag, and the raise_exception / strftime_now / tojson helpers."""
+    import jinja2
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class GenerationBlock(Extension):
+        tags = {"generation"}  # marks assistant text for masks in transformers; renders its body here
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_render"), [], [], body).set_lineno(lineno)
+
+        def _render(self, caller: Any) -> str:
+            return caller()
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    class SafeNamespace(jinja2.utils.Namespace):
+        """`namespace()` that refuses underscore names, closing a sandbox escape (as transformers does)."""
+
+        def __init__(*args: Any, **kwargs: Any) -> None:
+            self, attrs = args[0], dict(*args[1:], **kwargs)
+            for name in attrs:
+                SafeNamespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name: str, value: Any) -> None:
+            SafeNamespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name: Any) -> None:
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[GenerationBlock, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["dict"] = lambda *args, **kwargs: dict(*args, **kwargs)  # the builtin's classmethods stay out of reach
+    env.globals["namespace"] = SafeNamespace
+    return env.from_string(template)

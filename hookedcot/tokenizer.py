@@ -1,0 +1,382 @@
+"""Text <-> token ids, chat templates and position helpers, on top of a `tokenizers.Tokenizer`.
+
+Two sources: an HF folder's `tokenizer.json` (used as shipped) or a GGUF file's metadata, from
+which we build the same tokenizer transformers builds for that file (`AutoTokenizer.from_pretrained
+(dir, gguf_file=...)`), so that prompts tokenize identically in hookedcot and transformers. No code
+from a checkpoint is ever run: `tokenizer_config.json` is read as data and chat templates render
+in jinja2's immutable sandbox, as in transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from tokenizers import AddedToken, Regex, decoders, pre_tokenizers, processors
+from tokenizers import Tokenizer as Backend
+from tokenizers.models import BPE
+
+from hookedcot.chat_template import ChatTemplateError, render_chat_template
+
+
+class TokenizerError(ChatTemplateError):
+    """A tokenizer cannot be built, or a request (chat template, single token, substring) cannot be met."""
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, the alphabet of byte-level BPE vocabularies."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(keep, chars)}
+
+
+_BYTE_CHARS = bytes_to_unicode()
+_CHAR_BYTES = {c: b for b, c in _BYTE_CHARS.items()}
+
+# tokenizer.ggml.pre -> split regex, as transformers maps them (integrations/gguf/gguf_tokenizer_mapping.py).
+# Any other value keeps GPT-2's own ByteLevel regex, as transformers does.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GGUF_PRE_TOKENIZER_SPLITS = {
+    **dict.fromkeys(
+        ("llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2", "jina-v5-nano",
+         "dbrx", "smaug-bpe"), _LLAMA3_SPLIT),
+    **dict.fromkeys(("qwen2", "deepseek-r1-qwen", "kormo", "f2llmv2", "megrez"), _QWEN2_SPLIT),
+    **dict.fromkeys(("gpt-4o", "llama4", "kanana2", "talkie", "minimax-m2"), _GPT4O_SPLIT),
+}
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
+_SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` with the model's special ids and chat template.
+
+    `add_bos` says whether `encode(text)` starts with BOS, which is whatever the source's
+    post-processor does (SmolLM2 and Qwen2: no; LLaMA-3: yes). `vocab_size` counts added tokens."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        special_tokens: Mapping[str, str | None],
+        eos_token_ids: Sequence[int] = (),
+        chat_template: str | dict[str, str] | None = None,
+    ):
+        self.backend = backend
+        self.special_tokens = {k: v for k, v in special_tokens.items() if v is not None}
+        ids = {k: backend.token_to_id(v) for k, v in self.special_tokens.items()}
+        self.bos_token_id: int | None = ids.get("bos_token")
+        self.eos_token_id: int | None = ids.get("eos_token")
+        stops = ([self.eos_token_id] if self.eos_token_id is not None else []) + list(eos_token_ids)
+        self.eos_token_ids: list[int] = list(dict.fromkeys(stops))
+        pad = ids.get("pad_token")
+        self.pad_token_id: int | None = pad if pad is not None else self.eos_token_id
+        self.chat_template = chat_template
+        self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
+        probe = backend.encode("a", add_special_tokens=True).ids
+        self.add_bos: bool = self.bos_token_id is not None and len(probe) > 1 and probe[0] == self.bos_token_id
+        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
+        self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_gguf(cls, source: Any) -> "Tokenizer":
+        """From a GGUF file path, an open `gguf.GGUFReader`, or its metadata as a dict.
+
+        Mirrors transformers' GGUF converter: byte-level BPE over the file's tokens and merges
+        (tokens outside the byte alphabet re-spelled in it), control tokens as special added
+        tokens, user-defined ones as plain added tokens, the split regex named by
+        `tokenizer.ggml.pre`, and BOS/EOS added as `tokenizer.ggml.add_bos_token` /
+        `add_eos_token` say (default: neither)."""
+        meta = _gguf_metadata(source)
+        kind = meta.get("tokenizer.ggml.model")
+        if kind != "gpt2":
+            raise TokenizerError(
+                f"GGUF tokenizer model {kind!r} is not supported; hookedcot builds byte-level BPE ('gpt2') tokenizers, "
+                "as used by Qwen2, LLaMA-3, SmolLM2 and R1-Distill files. Load the model's HF folder (tokenizer.json) "
+                "for its tokenizer instead."
+            )
+        if "tokenizer.ggml.merges" not in meta:
+            raise TokenizerError("the GGUF file has a BPE vocabulary but no tokenizer.ggml.merges")
+        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+        alphabet = set(_BYTE_CHARS.values())
+        vocab = {
+            t if set(t) <= alphabet else "".join(_BYTE_CHARS[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
+        }
+        merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
+        backend = Backend(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                              end_of_word_suffix="", fuse_unk=False))
+        split = GGUF_PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
+        if split is None:
+            backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        else:
+            backend.pre_tokenizer = pre_tokenizers.Sequence(
+                [pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            )
+        backend.decoder = decoders.ByteLevel()
+        types = list(meta.get("tokenizer.ggml.token_type") or [])
+        control = [t for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet]
+        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
+        known = backend.get_vocab(with_added_tokens=True)
+        user = [t for t, k in zip(tokens, types) if k == _USER_DEFINED and t in known]
+        backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+        key_of = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
+                  "pad_token": "padding_token_id"}
+        special = {name: _token_at(tokens, meta.get(f"tokenizer.ggml.{key}")) for name, key in key_of.items()}
+        _add_named_specials(backend, special)
+        _set_post_processor(backend, special, bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+                            bool(meta.get("tokenizer.ggml.add_eos_token", False)))
+        stops = [meta[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
+        return cls(backend, special, stops, meta.get("tokenizer.chat_template"))
+
+    @classmethod
+    def from_hf_folder(cls, path: str | Path) -> "Tokenizer":
+        """From `tokenizer.json`, `tokenizer_config.json` (special tokens, chat template),
+        `chat_template.jinja` (wins over the config's template, as in transformers) and
+        `generation_config.json` (extra stop ids). `tokenizer.json`'s post-processor decides BOS,
+        as in transformers when that file exists."""
+        folder = Path(path).expanduser()
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise TokenizerError(
+                f"{folder} has no tokenizer.json; hookedcot reads fast-tokenizer files only. Save one with "
+                "transformers (`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`) or pass token ids."
+            )
+        backend = Backend.from_file(str(tokenizer_file))
+        config = _read_json(folder / "tokenizer_config.json")
+        special = {name: _token_content(config.get(name)) for name in _SPECIAL_NAMES}
+        _add_named_specials(backend, special)
+        if backend.post_processor is None:
+            _set_post_processor(backend, special, False, False)
+        template: Any = config.get("chat_template")
+        if isinstance(template, list):
+            template = {t["name"]: t["template"] for t in template}
+        if (folder / "chat_template.jinja").is_file():
+            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
+        stops = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        return cls(backend, special, stops, template)
+
+    # ------------------------------------------------------------------ text <-> ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(_as_list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_strings(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
+        """Each token decoded on its own ('Ġthe' reads ' the'); a piece of a multi-byte character reads '�'."""
+        return self.backend.decode_batch([[i] for i in _as_list(ids)], skip_special_tokens=False)
+
+    def to_single_token(self, text: str) -> int:
+        ids = self.encode(text, add_special_tokens=False)
+        if len(ids) != 1:
+            raise TokenizerError(f"{text!r} is not a single token: it tokenizes to {len(ids)} tokens {self.token_strings(ids)}")
+        return ids[0]
+
+    def tokenize(
+        self, texts: str | Sequence[str], prepend_bos: bool | None = None, padding_side: str = "left"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [batch, pos], attention mask [batch, pos]), padded with `pad_token_id` on `padding_side`.
+
+        `prepend_bos=None` does what the tokenizer does by default (`add_bos`); True / False force
+        BOS on or off (True adds it even if the text already starts with the BOS string)."""
+        if padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+        rows = [self._encode_row(t, prepend_bos) for t in ([texts] if isinstance(texts, str) else list(texts))]
+        if not rows:
+            raise ValueError("tokenize needs at least one string")
+        width = max(len(r) for r in rows)
+        if any(len(r) != width for r in rows) and self.pad_token_id is None:
+            raise TokenizerError("these strings have different lengths and the tokenizer has no pad or eos token to pad with")
+        tokens = torch.full((len(rows), width), self.pad_token_id or 0, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            span = slice(width - len(row), width) if padding_side == "left" else slice(0, len(row))
+            tokens[i, span] = torch.tensor(row, dtype=torch.long)
+            mask[i, span] = 1
+        return tokens, mask
+
+    def _encode_row(self, text: str, prepend_bos: bool | None) -> list[int]:
+        ids = self.encode(text, add_special_tokens=True)
+        if prepend_bos is None:
+            return ids
+        if self.add_bos and ids[:1] == [self.bos_token_id]:
+            ids = ids[1:]
+        if prepend_bos:
+            if self.bos_token_id is None:
+                raise TokenizerError("prepend_bos=True but this tokenizer has no BOS token")
+            ids = [self.bos_token_id] + ids
+        return ids
+
+    # ------------------------------------------------------------------ positions
+    def find_token_positions(
+        self, ids: Sequence[int] | torch.Tensor | str, target: str | tuple[int, int], occurrence: int = 0
+    ) -> list[int]:
+        """Positions of the tokens whose characters overlap `target` in `decode(ids)`.
+
+        `target` is a substring (its `occurrence`-th match, 0 = first, -1 = last) or a
+        (start, end) character span. A token that is only partly inside counts. A str for `ids`
+        is encoded first (with the default special tokens)."""
+        ids = self.encode(ids) if isinstance(ids, str) else _as_list(ids)
+        text, spans = self._spans(ids)
+        decoded = self.decode(ids)
+        if isinstance(target, tuple):
+            start, end = target
+            if not 0 <= start < end <= len(decoded):
+                raise TokenizerError(f"span {target} is not a non-empty span inside the {len(decoded)}-character text")
+            if self._byte_level:
+                start, end = len(decoded[:start].encode("utf-8")), len(decoded[:end].encode("utf-8"))
+        else:
+            if not target:
+                raise TokenizerError("the substring to find is empty")
+            needle = target.encode("utf-8").decode("latin-1") if self._byte_level else target
+            starts, at = [], text.find(needle)
+            while at != -1:
+                starts.append(at)
+                at = text.find(needle, at + 1)
+            if not starts:
+                raise TokenizerError(f"{target!r} does not occur in the decoded tokens {decoded[:300]!r}")
+            if not -len(starts) <= occurrence < len(starts):
+                raise TokenizerError(f"{target!r} occurs {len(starts)} time(s); occurrence={occurrence} is out of range")
+            start, end = starts[occurrence], starts[occurrence] + len(needle)
+        return [position for position, (lo, hi) in enumerate(spans) if lo < end and hi > start]
+
+    def _spans(self, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
+        """The decoded text and each token's [start, end) in it, in bytes of UTF-8 for byte-level
+        vocabularies (exact even when a character is split across tokens), else in characters."""
+        if not self._byte_level:
+            spans, done = [], ""
+            for n in range(1, len(ids) + 1):
+                now = self.backend.decode(ids[:n], skip_special_tokens=False)
+                spans.append((len(done), len(now)))
+                done = now
+            return done, spans
+        raw, spans = b"", []
+        for i in ids:
+            content = self._added.get(i)
+            if content is not None:
+                piece = content.encode("utf-8")
+            else:
+                token = self.backend.id_to_token(i) or ""
+                piece = bytes(_CHAR_BYTES[c] for c in token) if set(token) <= _CHAR_BYTES.keys() else token.encode("utf-8")
+            spans.append((len(raw), len(raw) + len(piece)))
+            raw += piece
+        return raw.decode("latin-1"), spans  # one char per byte, so str.find works on byte offsets
+
+    # ------------------------------------------------------------------ chat
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        tools: list[dict] | None = None,
+        documents: list[dict] | None = None,
+        continue_final_message: bool = False,
+        **kwargs: Any,
+    ) -> str | list[int]:
+        """Render a conversation as transformers' `apply_chat_template` does (same sandbox, same
+        helpers, special token strings and extra kwargs visible to the template).
+
+        `tokenize=True` returns ids, encoded without adding special tokens (the template writes
+        them). `continue_final_message=True` cuts the text after the last message's content, to
+        prefill an assistant turn."""
+        rendered = render_chat_template(
+            self._template(chat_template), messages, add_generation_prompt=add_generation_prompt, tools=tools,
+            documents=documents, continue_final_message=continue_final_message, **{**self.special_tokens, **kwargs},
+        )
+        return self.encode(rendered, add_special_tokens=False) if tokenize else rendered
+
+    def _template(self, name_or_template: str | None) -> str:
+        templates = self.chat_template
+        if isinstance(templates, dict):
+            if name_or_template in templates:
+                return templates[name_or_template]
+            if name_or_template is None:
+                if "default" not in templates:
+                    raise TokenizerError(f"this tokenizer has named chat templates {sorted(templates)}; pass chat_template=")
+                return templates["default"]
+        if name_or_template is not None:
+            return name_or_template
+        if templates is None:
+            raise TokenizerError(
+                "this model has no chat template (base models usually have none); format the prompt yourself, or pass "
+                "chat_template='...' (a jinja template)"
+            )
+        return templates
+
+    def __repr__(self) -> str:
+        return (f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token_id}, eos={self.eos_token_ids}, "
+                f"pad={self.pad_token_id}, add_bos={self.add_bos}, chat_template={self.chat_template is not None})")
+
+
+# ---------------------------------------------------------------------- helpers
+def _gguf_metadata(source: Any) -> Mapping[str, Any]:
+    if isinstance(source, Mapping):
+        return source
+    if isinstance(source, (str, Path)):
+        from conversions.gguf import open_reader
+
+        source = open_reader(Path(source).expanduser())
+    return {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
+
+
+def _token_at(tokens: list[str], index: Any) -> str | None:
+    return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+
+
+def _token_content(value: Any) -> str | None:
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _add_named_specials(backend: Backend, special: Mapping[str, str | None]) -> None:
+    """bos/eos/unk/pad become special added tokens, as transformers makes them (so they are
+    matched whole in text and skipped by skip_special_tokens)."""
+    tokens = [AddedToken(t, special=True, normalized=False) for t in dict.fromkeys(v for v in special.values() if v)]
+    backend.add_special_tokens(tokens)
+
+
+def _set_post_processor(backend: Backend, special: Mapping[str, str | None], add_bos: bool, add_eos: bool) -> None:
+    """transformers' `update_post_processor`: optional BOS before and EOS after each sequence."""
+    bos, eos = special.get("bos_token"), special.get("eos_token")
+    add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
+    single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
+    pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
+    pairs = ([(bos, backend.token_to_id(bos))] if add_bos else []) + ([(eos, backend.token_to_id(eos))] if add_eos else [])
+    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=pairs)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise TokenizerError(f"{path} is not valid JSON: {exc}") from exc
+    return data if isinstance(data, dict) else {}
+
+
+def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
+    if isinstance(ids, torch.Tensor):
+        if ids.dim() > 1 and ids.shape[0] != 1:
+            raise ValueError(f"expected one sequence of ids, got a tensor of shape {tuple(ids.shape)}")
+        return ids.reshape(-1).tolist()
+    return [int(i) for i in ids]
