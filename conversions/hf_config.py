@@ -89,8 +89,9 @@ _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layer
 def translate(cfg: dict[str, Any], spec: FamilySpec, *, strict: bool = True, source: str = "") -> ModelConfig:
     """A HuggingFace config dict -> ModelConfig, rejecting whatever we do not implement."""
     where = f" in {source}" if source else ""
-    if "quantization_config" in cfg:
-        method = (cfg["quantization_config"] or {}).get("quant_method", "unknown method")
+    quantization = cfg.get("quantization_config")
+    if quantization is not None:
+        method = quantization.get("quant_method", "unknown method") if isinstance(quantization, dict) else quantization
         raise ConfigError(
             f"quantization_config ({method}){where}: quantized checkpoints are not supported; load the "
             "original (unquantized) weights, or a GGUF file, which hookedcot dequantises"

@@ -3,8 +3,18 @@
 Why a module of its own: loading must (a) know every tensor's name, shape and dtype before any
 weight is read, so that a wrong checkpoint fails in milliseconds instead of after minutes of
 reading, and (b) read one tensor at a time so peak memory stays near one copy of the weights.
-safetensors gives both: the header is a small JSON table, and the data is mmap'd and copied out
-tensor by tensor.
+
+The safetensors format makes both easy: 8 bytes of header length, a JSON table of name -> dtype,
+shape and byte range, then the raw little-endian data. We parse the header ourselves (checking
+every byte range against the file size, so a truncated download fails before any read) and read
+each tensor with one `readinto` into a tensor we allocate. Why not safetensors' `safe_open`:
+since 0.4 its `get_tensor` returns zero-copy views of a private mmap of the whole file, so every
+parameter would pin a whole-file mapping for the model's lifetime (virtual size = tensors x file
+size, charged in full under strict overcommit), page-cache pages touched while converting dtypes
+would stay resident, and the model would change or crash (SIGBUS) if the file were rewritten.
+`readinto` costs the same single copy, is faster than opening a mapping per tensor, and leaves the
+loaded weights in memory the model owns: peak memory is the weights in the target dtype plus one
+tensor in flight.
 
 We never unpickle (`pytorch_model.bin`, `*.pt`): pickle runs arbitrary code. A folder holding only
 such files gets an error that says how to convert it once, outside hookedcot.
@@ -13,27 +23,26 @@ such files gets an error that says how to convert it once, outside hookedcot.
 from __future__ import annotations
 
 import json
+import math
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from conversions import ConversionError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+_MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
+_STAGING_BYTES = 8 << 20  # dtype conversion reads the source in chunks of this size
 
-# safetensors header dtype strings -> torch dtypes (getattr: older torch lacks some).
-_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr)
-    for name, attr in {
-        "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-        "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-        "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-        "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
-    }.items()
-    if hasattr(torch, attr)
+# safetensors header dtype -> (torch dtype name, bytes per element)
+_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
+    "U16": ("uint16", 2), "U32": ("uint32", 4), "U64": ("uint64", 8), "BOOL": ("bool", 1),
 }
 
 _PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.bin", "consolidated.00.pth")
@@ -49,22 +58,19 @@ class TensorInfo:
     dtype: torch.dtype | None  # None: a header dtype torch has no type for
     header_dtype: str  # as written in the header ("BF16", "F32", ...)
     file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 class SafetensorsCheckpoint:
     """The tensors of a checkpoint folder, indexed from the headers alone.
 
-    `infos` maps each tensor name to its TensorInfo; `read(name, dtype)` copies one tensor out of
-    its (mmap'd) file and converts it. Each read opens and closes its file, so no mapping outlives
-    the read and the pages it touched leave the process's resident set with it.
-    """
+    `infos` maps each tensor name to its TensorInfo; `read(name, dtype)` reads one tensor into
+    memory it allocates and converts it. Nothing stays open between reads."""
 
     def __init__(self, folder: Path, infos: dict[str, TensorInfo], files: list[Path]):
         self.folder = folder
@@ -99,7 +105,7 @@ class SafetensorsCheckpoint:
             wrong = [
                 f"{name} (index says {shard}, {'found in ' + infos[name].file.name if name in infos else 'in no shard'})"
                 for name, shard in weight_map.items()
-                if name not in infos or infos[name].file.name != Path(shard).name
+                if name not in infos or infos[name].file.name != shard
             ]
             if wrong:
                 raise ConversionError(
@@ -114,34 +120,88 @@ class SafetensorsCheckpoint:
         info = self.infos.get(name)
         if info is None:
             raise ConversionError(f"no tensor named {name!r} in {self.folder}")
-        try:
-            with safe_open(str(info.file), framework="pt") as f:
-                tensor = f.get_tensor(name)
-        except (OSError, RuntimeError, ValueError) as err:  # the rust errors are plain exceptions
-            raise ConversionError(f"could not read tensor {name!r} from {info.file}: {err}") from err
-        if dtype is not None and tensor.dtype != dtype:
-            tensor = tensor.to(dtype)
-        return tensor
+        if info.dtype is None:
+            raise ConversionError(f"tensor {name!r} in {info.file} has dtype {info.header_dtype}, which torch cannot hold")
+        target = dtype or info.dtype
+        out = torch.empty(info.shape, dtype=target)
+        if not info.nbytes:
+            return out
+        if target == info.dtype:
+            _read_into(info.file, info.offset, out.view(-1).view(torch.uint8).numpy(), name)
+            return out
+        # Convert through a small staging buffer: a whole source-dtype copy per tensor would be
+        # freed at once, and such short-lived large blocks fragment the heap (RSS that never drops).
+        flat, itemsize = out.view(-1), info.nbytes // info.numel
+        per_chunk = max(1, _STAGING_BYTES // itemsize)
+        staging = torch.empty(min(per_chunk, info.numel), dtype=info.dtype)
+        for start in range(0, info.numel, per_chunk):
+            n = min(per_chunk, info.numel - start)
+            chunk = staging[:n]
+            _read_into(info.file, info.offset + start * itemsize, chunk.view(torch.uint8).numpy(), name)
+            flat[start : start + n].copy_(chunk)
+        return out
+
+
+def _read_into(file: Path, offset: int, out, name: str) -> None:
+    """Fill the byte buffer `out` from `file` at `offset`, or say the file is too short."""
+    view, done = memoryview(out), 0
+    try:
+        with open(file, "rb", buffering=0) as f:
+            f.seek(offset)
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    break
+                done += n
+    except OSError as err:
+        raise ConversionError(f"could not read tensor {name!r} from {file}: {err}") from err
+    if done != len(view):
+        raise ConversionError(f"{file} ended while reading tensor {name!r}; the file is truncated - re-download it")
 
 
 def read_header(file: Path) -> list[TensorInfo]:
-    """Names, shapes and dtypes of every tensor in one safetensors file, from its header only."""
+    """Names, shapes, dtypes and byte ranges of every tensor in one safetensors file, from its
+    header only; every range is checked against the file's size."""
+    def corrupt(why: str) -> ConversionError:
+        return ConversionError(f"{file} is not a readable safetensors file ({why}); it may be truncated or corrupt - re-download it")
+
     try:
-        with safe_open(str(file), framework="pt") as f:
-            infos = []
-            for name in f.keys():
-                view = f.get_slice(name)
-                header_dtype = view.get_dtype()
-                infos.append(
-                    TensorInfo(name, tuple(view.get_shape()), _DTYPES.get(header_dtype), header_dtype, file)
-                )
-            return infos
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise corrupt(f"{size} bytes, shorter than the 8-byte header length")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > min(size - 8, _MAX_HEADER_BYTES):
+                raise corrupt(f"header length {header_len} does not fit in {size} bytes")
+            header = json.loads(f.read(header_len))
     except FileNotFoundError as err:
         raise ConversionError(f"{file} does not exist") from err
-    except Exception as err:  # safetensors raises its own SafetensorError for corrupt headers
-        raise ConversionError(
-            f"{file} is not a readable safetensors file ({err}); it may be truncated or corrupt - re-download it"
-        ) from err
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or UTF-8
+        if isinstance(err, ConversionError):
+            raise
+        raise corrupt(str(err)) from err
+    if not isinstance(header, dict):
+        raise corrupt("the header is not a JSON object")
+    data_start, data_size = 8 + header_len, size - 8 - header_len
+    infos = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            header_dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+            ok = all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= begin <= end <= data_size
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise corrupt(f"tensor {name!r} has a malformed or out-of-range header entry {entry}")
+        torch_name, itemsize = _DTYPES.get(header_dtype, (None, None))
+        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+            raise corrupt(f"tensor {name!r} spans {end - begin} bytes, but {header_dtype}{list(shape)} needs "
+                          f"{math.prod(shape) * itemsize}")
+        dtype = getattr(torch, torch_name, None) if torch_name else None
+        infos.append(TensorInfo(name, shape, dtype, header_dtype, file, data_start + begin, end - begin))
+    return infos
 
 
 def _read_index(index_file: Path) -> dict[str, str]:

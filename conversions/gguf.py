@@ -1,0 +1,362 @@
+"""GGUF files (llama.cpp's format) -> ConvertedCheckpoint, dequantised tensor by tensor.
+
+A GGUF carries its own config (metadata under llama.cpp's key names), the tokenizer, and the
+weights, usually quantised. We read it with the `gguf` package (the reference reader and
+dequantisers from llama.cpp's repository), translate the metadata into a `ModelConfig`, and hand
+out one `TensorRef` per parameter: `load(dtype)` dequantises just that tensor to float32 and casts
+it, so loading holds about one copy of the weights plus one tensor in flight.
+
+Two llama.cpp transforms are undone here: shapes are stored innermost-first (we reverse them to
+torch's [out, in]), and for the LLaMA architecture the rows of attn_q / attn_k are permuted to
+llama.cpp's rotary layout (Qwen2 files are not permuted). LLaMA-3.1+ rope scaling is stored as a
+`rope_freqs` tensor of per-frequency divisors, not as metadata; we recover the llama3 parameters
+from it and check the recovery reproduces it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from conversions import ConversionError, ConvertedCheckpoint, TensorRef
+from hookedcot.config import ConfigError, ModelConfig
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+# The tokenizer arrays are large (150k strings for Qwen2); `extra["metadata"]` leaves them out.
+_BULKY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+
+_GLOBAL_NAMES = {"token_embd": "embed", "output_norm": "ln_final", "output": "unembed"}
+_LAYER_NAMES = {
+    "attn_norm": "ln1",
+    "ffn_norm": "ln2",
+    "attn_q": "attn.q_proj",
+    "attn_k": "attn.k_proj",
+    "attn_v": "attn.v_proj",
+    "attn_output": "attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+_ROPE_FREQS = "rope_freqs.weight"
+
+
+def convert_gguf(path: str | Path) -> ConvertedCheckpoint:
+    """Read a GGUF file's metadata and tensor index; no weight is dequantised until `load`.
+
+    Raises ConversionError for a missing, truncated or corrupt file, an architecture other than
+    llama / qwen2, a tensor type the `gguf` package cannot dequantise, or tensors that do not
+    match the metadata."""
+    path = Path(path).expanduser()
+    reader = open_reader(path)
+    meta = read_metadata(reader)
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConversionError(
+            f"{path.name}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
+            "(LLaMA-3.x, SmolLM2 and R1-Distill-Llama files are 'llama'; Qwen2 / Qwen2.5 / R1-Distill-Qwen are 'qwen2')"
+        )
+    by_name = {t.name: t for t in reader.tensors}
+    _check_tensor_types(path, reader.tensors)
+    shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_name.items()}
+    cfg = config_from_gguf(meta, shapes, source=str(path), rope_freqs=_rope_freqs(by_name))
+    names = _map_tensor_names(path, cfg, shapes)
+    tensors = {ours: _tensor_ref(by_name[src], ours, cfg, permute=(arch == "llama")) for ours, src in names.items()}
+    tokenizer, tokenizer_error = _build_tokenizer(meta)
+    return ConvertedCheckpoint(
+        config=cfg,
+        tensors=tensors,
+        tokenizer=tokenizer,
+        # Dequantised values are exact in float32 (transformers' GGUF loader also defaults to it).
+        source_dtype=torch.float32,
+        extra={
+            "format": "gguf",
+            "architecture": arch,
+            "metadata": {k: v for k, v in meta.items() if k not in _BULKY_KEYS},
+            "tensor_types": {ours: by_name[src].tensor_type.name for ours, src in names.items()},
+            "tokenizer_error": tokenizer_error,
+        },
+    )
+
+
+def open_reader(path: Path) -> Any:
+    """A `gguf.GGUFReader` over the file (memory-mapped), or a ConversionError saying what is wrong."""
+    from gguf import GGUFReader
+
+    if not path.exists():
+        raise ConversionError(f"GGUF file not found: {path}")
+    if not path.is_file():
+        raise ConversionError(f"{path} is not a file; pass the path of a .gguf file")
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as exc:  # bad magic, unknown version or type id, short read, empty file ...
+        raise ConversionError(
+            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}). It may be truncated (an interrupted "
+            "download), corrupt, or not a GGUF file at all; download it again or check the path."
+        ) from exc
+    size = reader.data.shape[0]
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ConversionError(
+                f"{path} is truncated: tensor {tensor.name!r} ends at byte {tensor.data_offset + tensor.n_bytes} "
+                f"but the file has {size} bytes. Download it again."
+            )
+    return reader
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """Every metadata field as a plain Python value (str, int, float, bool or list)."""
+    meta = {}
+    for key, field in reader.fields.items():
+        value = field.contents()
+        meta[key] = value.item() if isinstance(value, np.generic) else value
+    return meta
+
+
+def config_from_gguf(
+    meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], source: str = "", rope_freqs: np.ndarray | None = None
+) -> ModelConfig:
+    """Translate llama.cpp's metadata keys into a ModelConfig. `shapes` maps each tensor name to its
+    torch-order shape: the biases, the tying and the vocabulary size are read off the tensors (GGUF
+    has no key for the first two, and `vocab_size` is optional)."""
+    arch = meta["general.architecture"]
+
+    def key(name: str, default: Any = ..., kind: Callable = int) -> Any:
+        full = f"{arch}.{name}"
+        if full not in meta:
+            if default is ...:
+                missing.append(full)
+                return None
+            return default
+        value = meta[full]
+        if isinstance(value, list):
+            if len(set(value)) != 1:
+                raise ConversionError(f"{source}: {full} varies per layer ({value}); hookedcot needs one value")
+            value = value[0]
+        return kind(value)
+
+    missing: list[str] = []
+    d_model = key("embedding_length")
+    n_heads = key("attention.head_count")
+    n_layers = key("block_count")
+    d_mlp = key("feed_forward_length")
+    eps = key("attention.layer_norm_rms_epsilon", kind=float)
+    if missing:
+        raise ConversionError(f"{source}: the GGUF metadata lacks {', '.join(missing)}; the file is incomplete")
+    n_kv = key("attention.head_count_kv", n_heads)
+    d_head = key("attention.key_length", d_model // n_heads)
+    rotary = key("rope.dimension_count", d_head)
+    if rotary != d_head or key("attention.value_length", d_head) != d_head:
+        raise ConversionError(
+            f"{source}: rotary dimension {rotary} / value length {key('attention.value_length', d_head)} differ from the "
+            f"head dimension {d_head}; partial rotary and asymmetric heads are not supported"
+        )
+    if "token_embd.weight" not in shapes:
+        raise ConversionError(f"{source}: the GGUF has no token_embd.weight tensor")
+    theta = key("rope.freq_base", 10000.0, float)
+    n_ctx = key("context_length", 4096)
+    eos = [meta[k] for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in meta]
+    eos = list(dict.fromkeys(eos))
+    layer_has = lambda part: any(n.endswith(part) for n in shapes)  # noqa: E731
+    try:
+        return ModelConfig(
+            n_layers=n_layers,
+            d_model=d_model,
+            n_heads=n_heads,
+            n_key_value_heads=n_kv,
+            d_head=d_head,
+            d_mlp=d_mlp,
+            d_vocab=shapes["token_embd.weight"][0],
+            n_ctx=n_ctx,
+            norm_eps=eps,
+            rope_theta=theta,
+            rope_scaling=_rope_scaling(meta, arch, rope_freqs, d_head, theta, source),
+            qkv_bias=layer_has(".attn_q.bias"),
+            o_bias=layer_has(".attn_output.bias"),
+            mlp_bias=layer_has(".ffn_up.bias"),
+            tie_embeddings="output.weight" not in shapes,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=(eos[0] if len(eos) == 1 else eos) if eos else None,
+            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+            model_name=str(meta.get("general.name") or Path(source).stem or "gguf"),
+            family=arch,
+            source=source,
+        )
+    except ConfigError as exc:
+        raise ConversionError(f"{source}: {exc}") from exc
+
+
+def _rope_freqs(by_name: dict[str, Any]) -> np.ndarray | None:
+    tensor = by_name.get(_ROPE_FREQS)
+    if tensor is None:
+        return None
+    from gguf.quants import dequantize
+
+    return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).reshape(-1)
+
+
+def _rope_scaling(
+    meta: dict[str, Any], arch: str, rope_freqs: np.ndarray | None, d_head: int, theta: float, source: str
+) -> dict[str, Any] | None:
+    """llama.cpp's rope scaling keys (or its rope_freqs tensor) -> hookedcot's rope_scaling dict."""
+    kind = meta.get(f"{arch}.rope.scaling.type")
+    factor = float(meta.get(f"{arch}.rope.scaling.factor", 0.0) or 0.0)
+    if rope_freqs is not None:
+        if kind not in (None, "none"):
+            raise ConversionError(f"{source}: both rope.scaling.type={kind!r} and a rope_freqs tensor; ambiguous rope scaling")
+        return llama3_scaling_from_rope_freqs(rope_freqs, d_head, theta, source)
+    if kind in (None, "linear") and factor not in (0.0, 1.0):
+        return {"rope_type": "linear", "factor": factor}  # llama.cpp reads a bare factor as linear too
+    if kind in (None, "none", "linear"):
+        return None
+    raise ConversionError(
+        f"{source}: rope scaling {kind!r} (factor {factor}) is not implemented; hookedcot supports linear and "
+        "llama3 (rope_freqs) scaling. Use a file converted without long-context rope scaling."
+    )
+
+
+def llama3_scaling_from_rope_freqs(freqs: np.ndarray, d_head: int, theta: float, source: str = "") -> dict[str, Any] | None:
+    """Recover LLaMA-3.1 scaling parameters from llama.cpp's per-frequency divisors.
+
+    llama.cpp stores `factor` for long wavelengths, 1 for short ones and a blend between. The blend
+    is linear in 1/wavelength, which pins `original_max_position_embeddings / (high - low)` and
+    `low / (high - low)`; any common scale of (original, low, high) gives the same rotation, so we
+    fix low_freq_factor = 1 (Meta's value). The result is checked against the tensor."""
+    from hookedcot.rope import inv_freq
+
+    freqs = np.asarray(freqs, dtype=np.float64)
+    if freqs.shape != (d_head // 2,):
+        raise ConversionError(f"{source}: rope_freqs has {freqs.size} entries; expected d_head/2 = {d_head // 2}")
+    if np.allclose(freqs, 1.0):
+        return None
+    factor = round(float(freqs.max()), 4)
+    base = 1.0 / theta ** (np.arange(0, d_head, 2, dtype=np.float64) / d_head)
+    inv_wavelen = base / (2 * math.pi)
+    blend = (freqs > 1 + 1e-6) & (freqs < factor - 1e-6)
+    candidates = [(1.0, 4.0, 8192)]  # Meta's LLaMA-3.1 / 3.2 values, and llama.cpp's defaults
+    if blend.sum() >= 2:
+        smooth = (1 / freqs[blend] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(inv_wavelen[blend], smooth, 1)  # smooth = old/(h-l) * x - l/(h-l)
+        if intercept < 0:
+            high = 1.0 - 1.0 / float(intercept)
+            candidates.insert(0, (1.0, round(high, 4), int(round(float(slope) * (high - 1.0)))))
+    target = base / freqs
+    for low, high, original in candidates:
+        scaling = {
+            "rope_type": "llama3",
+            "factor": factor,
+            "low_freq_factor": low,
+            "high_freq_factor": high,
+            "original_max_position_embeddings": original,
+        }
+        ours = inv_freq(d_head, theta, scaling).double().numpy()
+        if np.allclose(ours, target, rtol=1e-5, atol=0):
+            return scaling
+    raise ConversionError(
+        f"{source}: the rope_freqs tensor does not match LLaMA-3.1-style (llama3) rope scaling for any parameters we "
+        "could recover; this rope scaling is not supported"
+    )
+
+
+def _check_tensor_types(path: Path, tensors: list[Any]) -> None:
+    """Reject, before any data is read, tensor types the installed gguf package cannot dequantise."""
+    from gguf.constants import GGML_QUANT_SIZES
+    from gguf.quants import dequantize
+
+    bad: dict[str, list[str]] = {}
+    for qtype in {t.tensor_type for t in tensors}:
+        block, size = GGML_QUANT_SIZES[qtype]
+        try:
+            dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
+        except NotImplementedError:
+            bad[qtype.name] = [t.name for t in tensors if t.tensor_type == qtype]
+    if bad:
+        import gguf
+
+        listing = "; ".join(f"{name}: {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}" for name, names in bad.items())
+        raise ConversionError(
+            f"{path.name} holds tensors of types the installed gguf package ({getattr(gguf, '__version__', '?')}) cannot "
+            f"dequantise ({listing}). Upgrade gguf (`pip install -U gguf`) or use a file quantised to a common type "
+            "(F16, Q8_0, Q4_K_M, ...)."
+        )
+
+
+def _map_tensor_names(path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
+    """hookedcot name -> GGUF name, with every missing, unexpected and mis-shaped tensor reported."""
+    from conversions.registry import expected_parameter_shapes
+
+    mapping: dict[str, str] = {}
+    unexpected = []
+    for name in shapes:
+        if name == _ROPE_FREQS:
+            continue
+        stem, _, suffix = name.rpartition(".")
+        match = _LAYER_RE.fullmatch(name)
+        if stem in _GLOBAL_NAMES and suffix == "weight":
+            mapping[f"{_GLOBAL_NAMES[stem]}.weight"] = name
+        elif match and match[2] in _LAYER_NAMES and int(match[1]) < cfg.n_layers:
+            mapping[f"blocks.{match[1]}.{_LAYER_NAMES[match[2]]}.{match[3]}"] = name
+        else:
+            unexpected.append(name)
+    expected = expected_parameter_shapes(cfg)
+    problems = []
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    missing = sorted(set(expected) - set(mapping))
+    if missing:
+        problems.append(f"missing tensors (hookedcot names): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    for ours in sorted(set(expected) & set(mapping)):
+        shape = shapes[mapping[ours]]
+        if shape != expected[ours]:
+            problems.append(f"{mapping[ours]} has shape {list(shape)}, the metadata implies {list(expected[ours])}")
+    if problems:
+        raise ConversionError(
+            f"{path.name} does not match its metadata ({cfg.family}, {cfg.n_layers} layers, d_model={cfg.d_model}): "
+            + "; ".join(problems)
+        )
+    return {ours: mapping[ours] for ours in expected}
+
+
+def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's `permute` of q/k rows (per head, interleaved rotary halves -> split halves)."""
+    rows = weight.shape[0]
+    return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _tensor_ref(tensor: Any, ours: str, cfg: ModelConfig, permute: bool) -> TensorRef:
+    heads = None
+    if permute and ".attn.q_proj." in ours:
+        heads = cfg.n_heads
+    elif permute and ".attn.k_proj." in ours:
+        heads = cfg.n_key_value_heads
+    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+    def load(dtype: torch.dtype) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        array = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+        if heads is not None:
+            array = unpermute_rows(array, heads)
+        if not (array.flags.writeable and array.flags.c_contiguous):
+            array = np.array(array, dtype=np.float32, order="C")  # F32 tensors come back as read-only mmap views
+        return torch.from_numpy(array).to(dtype)
+
+    return TensorRef(source_name=tensor.name, shape=shape, load=load)
+
+
+def _build_tokenizer(meta: dict[str, Any]) -> tuple[Any, str | None]:
+    """The file's tokenizer, or None and the reason (the weights still load without one)."""
+    if "tokenizer.ggml.tokens" not in meta:
+        return None, "the GGUF file has no tokenizer metadata"
+    from hookedcot.tokenizer import Tokenizer, TokenizerError
+
+    try:
+        return Tokenizer.from_gguf(meta), None
+    except TokenizerError as exc:
+        return None, str(exc)
