@@ -18,6 +18,21 @@ from hookedcot.kv_cache import KVCache
 from hookedcot.rope import apply_rotary, inv_freq, rotary_cos_sin
 
 
+class Linear(nn.Linear):
+    """nn.Linear that skips random init on the meta device (loading fills it; initialising meta
+    tensors costs seconds of one-time torch imports and means nothing)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class RMSNorm(nn.Module):
     """x / sqrt(mean(x^2) + eps) * weight, computed in float32 like transformers."""
 
@@ -48,10 +63,10 @@ class Attention(nn.Module):
         super().__init__()
         h, g, k, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
         self.n_heads, self.n_kv_heads, self.d_head, self.layer = h, g, k, layer
-        self.q_proj = nn.Linear(d, h * k, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(d, g * k, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(d, g * k, bias=cfg.qkv_bias)
-        self.o_proj = nn.Linear(h * k, d, bias=cfg.o_bias)
+        self.q_proj = Linear(d, h * k, bias=cfg.qkv_bias)
+        self.k_proj = Linear(d, g * k, bias=cfg.qkv_bias)
+        self.v_proj = Linear(d, g * k, bias=cfg.qkv_bias)
+        self.o_proj = Linear(h * k, d, bias=cfg.o_bias)
         self.scaling = k**-0.5
         p = f"blocks.{layer}.attn."
         self.n_q, self.n_k, self.n_v = p + "hook_q", p + "hook_k", p + "hook_v"
@@ -105,9 +120,9 @@ class MLP(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
+        self.gate_proj = Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.up_proj = Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias)
+        self.down_proj = Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias)
         p = f"blocks.{layer}.mlp."
         self.n_pre, self.n_pre_linear, self.n_post = p + "hook_pre", p + "hook_pre_linear", p + "hook_post"
 
@@ -169,10 +184,10 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.d_vocab, cfg.d_model)
+        self.embed = Embedding(cfg.d_vocab, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, "ln_final")
-        self.unembed = nn.Linear(cfg.d_model, cfg.d_vocab, bias=False)
+        self.unembed = Linear(cfg.d_model, cfg.d_vocab, bias=False)
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self.register_buffer("inv_freq", inv_freq(cfg.d_head, cfg.rope_theta, cfg.rope_scaling), persistent=False)

@@ -16,7 +16,8 @@ InvFreqInit = Callable[[int, float, dict[str, Any]], Tensor]
 
 
 def _default_inv_freq(d_head: int, theta: float, scaling: dict[str, Any]) -> Tensor:
-    return 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64).float() / d_head))
+    # Always on the CPU (also inside a meta-device context): tiny, and needed with real values.
+    return 1.0 / (theta ** (torch.arange(0, d_head, 2, dtype=torch.int64, device="cpu").float() / d_head))
 
 
 def _linear_inv_freq(d_head: int, theta: float, scaling: dict[str, Any]) -> Tensor:
