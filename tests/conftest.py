@@ -147,3 +147,37 @@ def hf_model(tiny_checkpoints: dict[str, Path]):
         return cache[key]
 
     return get
+
+
+# ---------------------------------------------------------------------- the embedded SmolLM2 GGUF
+@pytest.fixture(scope="session")
+def smol_path() -> Path:
+    from hookedcot.embedded import embedded_model_path
+
+    return embedded_model_path("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smol(smol_path):
+    """The converted checkpoint (config + tensor refs + tokenizer), read once per session."""
+    from conversions.gguf import convert_gguf
+
+    return convert_gguf(smol_path)
+
+
+@pytest.fixture(scope="session")
+def smol_model(smol):
+    """hookedcot's SmolLM2-135M-Instruct in float32 (do not modify it)."""
+    from hookedcot import HookedCoT
+    from hookedcot.loading import build_model
+
+    return build_model(HookedCoT, smol, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture(scope="session")
+def smol_hf(smol_path):
+    """transformers' model from the same GGUF file (its own loader; needs accelerate)."""
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate", reason="transformers' GGUF loader needs accelerate")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
+    return model.eval()

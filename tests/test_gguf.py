@@ -47,19 +47,7 @@ def hf_from_gguf(path):
 
 
 # ---------------------------------------------------------------------- the embedded SmolLM2 file
-@pytest.fixture(scope="module")
-def smol_path():
-    return embedded_model_path("smollm2-135m-instruct")
-
-
-@pytest.fixture(scope="module")
-def smol(smol_path):
-    return convert_gguf(smol_path)
-
-
-@pytest.fixture(scope="module")
-def smol_hf(smol_path):
-    return hf_from_gguf(smol_path)
+# (fixtures smol_path, smol, smol_hf, smol_model: session-scoped, in conftest.py)
 
 
 def test_smollm2_config(smol):
