@@ -60,6 +60,15 @@ class PatchRuns:
     def n_pos(self) -> int:
         return self.corrupted_tokens.shape[1]
 
+    def ensure(self, names: Sequence[str]) -> "PatchRuns":
+        """Record clean activations for hooks this object was not prepared with (one more clean run)."""
+        missing = [n for n in names if n not in self.clean_acts]
+        if missing:
+            with torch.no_grad():
+                _, cache = self.model.run_with_cache(self.clean_tokens, names_filter=missing, stop_at_layer=self.model.cfg.n_layers)
+            self.clean_acts.update(cache.items())
+        return self
+
     def logits(self, which: str, positions: Sequence[int]) -> Tensor:
         """Baseline logits [1, n, vocab] at `positions`, computed exactly as patched rows' are."""
         final = {"clean": self.clean_final, "corrupted": self.corrupted_final}[which]
@@ -259,6 +268,15 @@ def _resolve_positions(n_pos: int, positions: Sequence[int] | slice | str | None
     return out
 
 
+def _setup(model: Any, clean: Any, corrupted: Any, hook: str, layers: Sequence[int] | None, runs: PatchRuns | None,
+           metric: Metric | None, metric_positions: Sequence[int]) -> tuple[list[int], list[str], PatchRuns, Metric]:
+    """What every sweep starts with: its layers, their hook names, the two runs and the metric."""
+    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
+    names = [get_act_name(hook, layer) for layer in layers]
+    runs = runs.ensure(names) if runs is not None else prepare_runs(model, clean, corrupted, names)
+    return layers, names, runs, metric or kl_metric(runs, metric_positions)
+
+
 def patch_layer_position(
     model: Any, clean: str | Tensor, corrupted: str | Tensor, metric: Metric | None = None,
     hook: str = "resid_pre", layers: Sequence[int] | None = None, positions: Any = None,
@@ -266,11 +284,8 @@ def patch_layer_position(
     runs: PatchRuns | None = None,
 ) -> Result:
     """Each (layer, position) patched alone: [layer, position] metric values (seed 002)."""
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    names = [get_act_name(hook, layer) for layer in layers]
-    runs = runs or prepare_runs(model, clean, corrupted, names)
+    layers, names, runs, metric = _setup(model, clean, corrupted, hook, layers, runs, metric, metric_positions)
     pos = _resolve_positions(runs.n_pos, positions)
-    metric = metric or kl_metric(runs)
     sites = [Site(name, (p,)) for name in names for p in pos]
     values = run_sites(runs, sites, metric, metric_positions, batch_size, progress).view(len(layers), len(pos))
     ticks = _label_tokens(model, runs.corrupted_tokens)
@@ -285,11 +300,8 @@ def patch_layers(
     runs: PatchRuns | None = None,
 ) -> Result:
     """Each layer patched at all `positions` at once (a span, e.g. the CoT tokens): [layer] (seed 001)."""
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    names = [get_act_name(hook, layer) for layer in layers]
-    runs = runs or prepare_runs(model, clean, corrupted, names)
+    layers, names, runs, metric = _setup(model, clean, corrupted, hook, layers, runs, metric, metric_positions)
     pos = tuple(_resolve_positions(runs.n_pos, positions))
-    metric = metric or kl_metric(runs)
     values = run_sites(runs, [Site(n, pos) for n in names], metric, metric_positions, batch_size, progress)
     return Result(values, ("layer",), {"layer": [str(x) for x in layers]}, name=f"patch_{hook}_layers",
                   meta={"hook": hook, "positions": list(pos), "metric_positions": list(metric_positions)})
@@ -303,12 +315,9 @@ def patch_heads(
 ) -> Result:
     """Each (layer, head) patched alone over `positions`: [layer, head]. `hook` is a per-head hook
     (z, q, k, v, pattern; k/v index key/value heads)."""
-    layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
-    names = [get_act_name(hook, layer) for layer in layers]
-    runs = runs or prepare_runs(model, clean, corrupted, names)
+    layers, names, runs, metric = _setup(model, clean, corrupted, hook, layers, runs, metric, metric_positions)
     n_heads = runs.clean_acts[names[0]].shape[1 if spec_of(names[0]).name == "hook_pattern" else 2]
     pos = None if positions is None else tuple(_resolve_positions(runs.n_pos, positions))
-    metric = metric or kl_metric(runs)
     sites = [Site(n, pos, heads=(h,)) for n in names for h in range(n_heads)]
     values = run_sites(runs, sites, metric, metric_positions, batch_size, progress).view(len(layers), n_heads)
     return Result(values, ("layer", "head"), {"layer": [str(x) for x in layers]}, name=f"patch_{hook}_heads",
@@ -329,8 +338,8 @@ def patch_components(
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     names = [get_act_name(c, layer) for c in components for layer in layers]
     runs = prepare_runs(model, clean, corrupted, names)
+    metric = metric or kl_metric(runs, metric_positions)
     pos = _resolve_positions(runs.n_pos, positions)
-    metric = metric or kl_metric(runs)
     if per_position:
         sites = [Site(n, (p,)) for n in names for p in pos]
         shape, axes = (len(components), len(layers), len(pos)), ("component", "layer", "position")
@@ -347,11 +356,12 @@ def patch_components(
 
 def kl_metric(runs: PatchRuns, metric_positions: Sequence[int] = (-1,)) -> Metric:
     """KL(patched || corrupted) summed over the metric positions (seed 001's choice)."""
-    base = runs.logits("corrupted", metric_positions).float().log_softmax(-1)
+    from hookedcot.interp.metrics import kl_divergence
+
+    base = runs.logits("corrupted", metric_positions)
 
     def metric(logits: Tensor) -> Tensor:
-        logp = logits.float().log_softmax(-1)
-        return (logp.exp() * (logp - base)).sum(-1).sum(-1)
+        return kl_divergence(logits, base.expand_as(logits)).sum(-1)
 
     return metric
 
