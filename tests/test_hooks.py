@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+from model_factory import random_model
 
 from hookedcot import HOOKS, HookedCoT, HookError, HookNameError, ModelConfig, get_act_name
 from hookedcot.hook_names import spec_of
@@ -19,12 +20,7 @@ CFG = ModelConfig(
 
 @pytest.fixture(scope="module")
 def model() -> HookedCoT:
-    torch.manual_seed(0)
-    m = HookedCoT(CFG).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return m
+    return random_model(CFG)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from model_factory import random_model
 
 from hookedcot import HookedCoT, ModelConfig, get_act_name
 from hookedcot.interp import data as D
@@ -61,12 +62,7 @@ class CharTokenizer:
 
 @pytest.fixture(scope="module")
 def model() -> HookedCoT:
-    torch.manual_seed(0)
-    m = HookedCoT(CFG, tokenizer=CharTokenizer()).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return m
+    return random_model(CFG, tokenizer=CharTokenizer())
 
 
 @pytest.fixture(scope="module")

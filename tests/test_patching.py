@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_factory import random_model
 
 from hookedcot import HookedCoT, ModelConfig, get_act_name
 from hookedcot.interp.attribution import attribution_patch
@@ -19,12 +20,7 @@ CFG = ModelConfig(n_layers=4, d_model=64, n_heads=4, n_key_value_heads=2, d_head
 
 
 def _model(noise: float) -> HookedCoT:
-    torch.manual_seed(0)
-    m = HookedCoT(CFG).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * noise)
-    return m
+    return random_model(CFG, noise)
 
 
 @pytest.fixture(scope="module")

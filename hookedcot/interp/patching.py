@@ -11,7 +11,6 @@ Sweeps (by layer, layer × position, head, component, span) are thin callers of 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
