@@ -36,8 +36,8 @@ def test_batched_left_padded_generation_matches_transformers(smol_model, smol_hf
     model = smol_model
     tokens, mask = model.tokenize([chat(model, t) for t in PROMPTS])
     assert not bool(mask.all())
-    ours = model.generate(tokens, 48, attention_mask=mask)
-    theirs = smol_hf.generate(tokens, attention_mask=mask, max_new_tokens=48, do_sample=False,
+    ours = model.generate(tokens, 24, attention_mask=mask)
+    theirs = smol_hf.generate(tokens, attention_mask=mask, max_new_tokens=24, do_sample=False,
                               pad_token_id=model.tokenizer.pad_token_id)
     assert torch.equal(ours, theirs)
 
