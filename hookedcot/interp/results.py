@@ -126,7 +126,7 @@ def _short(labels: Sequence[str], width: int = 12) -> list[str]:
     """Readable tick labels: whitespace made visible, long tokens cut."""
     out = []
     for s in labels:
-        s = s.replace("\n", "\\n").replace("\t", "\\t")
+        s = s.replace("\n", "\\n").replace("\t", "\\t").replace("\r", "\\r")
         s = s if s.strip() else repr(s)
         out.append(s if len(s) <= width else s[: width - 1] + "…")
     return out
