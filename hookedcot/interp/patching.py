@@ -200,24 +200,46 @@ def run_sites(
     progress: bool = True,
     reuse_prefix: bool = True,
 ) -> Tensor:
-    """Metric value per site [len(sites)], each site patched alone into the corrupted run."""
+    """Metric value per site [len(sites)], each site patched alone into the corrupted run.
+
+    Sites are sorted by (layer, first position) and cut into batches whose rows need nearly the
+    same work: a batch recomputes every row from its lowest layer and earliest position on."""
     model = runs.model
     n_pos = runs.n_pos
     metric_pos = sorted({p % n_pos for p in metric_positions})
     order = sorted(range(len(sites)), key=lambda i: (sites[i].layer, _first_pos(sites[i], n_pos)))
     values = torch.empty(len(sites))
-    i = 0
     bar = tqdm(total=len(sites), disable=not progress, desc="patching", leave=False)
-    while i < len(order):
-        # Batch size depends on how many positions the next batch recomputes.
-        p_min = min(_first_pos(sites[order[i]], n_pos), metric_pos[0]) if reuse_prefix else 0
-        size = auto_batch_size(model, n_pos - p_min, n_pos, len(metric_pos), batch_size)
-        chunk = order[i : i + size]
+    for chunk in _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model):
         values[chunk] = _run_batch(runs, [sites[j] for j in chunk], metric, metric_pos, reuse_prefix).float().cpu()
         bar.update(len(chunk))
-        i += len(chunk)
     bar.close()
     return values
+
+
+def _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model, max_waste: float = 1.3):
+    """Consecutive runs of `order` (sorted by layer, position) cut so that what a batch computes —
+    every row from its lowest layer and earliest position on — stays within `max_waste` × the work
+    its rows need on their own, and within the memory budget."""
+    n_layers = model.cfg.n_layers
+    i = 0
+    while i < len(order):
+        l_min = max(0, sites[order[i]].layer)
+        p_min = min(_first_pos(sites[order[i]], n_pos), metric_pos[0]) if reuse_prefix else 0
+        size = auto_batch_size(model, n_pos - p_min, n_pos, len(metric_pos), batch_size)
+        need = (n_layers - l_min) * (n_pos - p_min)
+        j = i + 1
+        while j < len(order) and j - i < size:
+            site = sites[order[j]]
+            p = min(_first_pos(site, n_pos), metric_pos[0]) if reuse_prefix else 0
+            cost = (j - i + 1) * (n_layers - l_min) * (n_pos - min(p_min, p))
+            if isinstance(batch_size, str) and cost > max_waste * (need + (n_layers - max(0, site.layer)) * (n_pos - p)):
+                break
+            need += (n_layers - max(0, site.layer)) * (n_pos - p)
+            p_min = min(p_min, p)
+            j += 1
+        yield order[i:j]
+        i = j
 
 
 def _first_pos(site: Site, n_pos: int) -> int:
