@@ -1,0 +1,210 @@
+"""Question 4: loading the same checkpoint, each tool in a FRESH subprocess: wall time and peak
+memory (the child's own high-water RSS, VmHWM) as a ratio to the weight bytes in the target dtype.
+
+The child imports the tool first, then records its resident memory (the interpreter, torch and
+the tool's own modules), then loads. `load_x_weights` = (peak RSS - RSS before loading) / weight
+bytes: the memory the load itself costs. `peak_x_weights` = peak RSS / weight bytes, imports
+included. The checkpoint's files are read once beforehand, so every tool finds them in the page
+cache. Run a child by hand: `python -m benchmarks.loading --child ours FOLDER float32`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.common import (
+    log, short,
+    SMOLLM2, Settings, budget_verdict, checkpoint_folder, paired_ratio, result, stats,
+)
+from benchmarks.peers import LABELS
+
+NAME = "loading"
+ROUNDS = {"full": 2, "quick": 1, "tiny": 1}  # the random-shape models: 1 round in full too
+BUDGET = 1.05
+LABELS = {**LABELS, "hf_sdpa": "HF from_pretrained", "ours_gguf": "hookedcot (GGUF)", "hf_gguf": "HF (GGUF)"}
+_ELEM = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
+
+
+def weight_bytes_of_folder(folder: Path, dtype_bytes: int) -> int:
+    """Bytes of the floating-point tensors the folder stores, converted to the target dtype."""
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        with open(file, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(n))
+        for name, entry in header.items():
+            if name != "__metadata__" and entry["dtype"] in _ELEM:
+                numel = 1
+                for d in entry["shape"]:
+                    numel *= d
+                total += numel * dtype_bytes
+    return total
+
+
+def warm_page_cache(folder: Path) -> None:
+    for file in folder.iterdir():
+        if file.is_file():
+            with open(file, "rb") as f:
+                while f.read(1 << 24):
+                    pass
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak RSS. VmHWM, not ru_maxrss: on Linux, exec records the forked parent's
+    high-water mark into the child's ru_maxrss, so a child of a big benchmark process would
+    report the parent's size (seen: every tool at the parent's 2.8 GiB)."""
+    hwm = _status_bytes("VmHWM")
+    return hwm or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _child(tool: str, source: str, dtype_name: str, threads: int) -> dict:
+    """Runs in the fresh process: import, measure, load, measure."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dtype = getattr(torch, dtype_name)
+    t0 = time.perf_counter()
+    if tool in ("ours", "ours_gguf"):
+        from hookedcot import HookedCoT
+
+        load = lambda: HookedCoT.from_pretrained(source, dtype=dtype)  # noqa: E731
+    elif tool in ("hf_sdpa", "hf_gguf"):
+        from transformers import AutoModelForCausalLM
+
+        if tool == "hf_gguf":
+            path = Path(source)
+            load = lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)  # noqa: E731
+        else:
+            load = lambda: AutoModelForCausalLM.from_pretrained(source, dtype=dtype)  # noqa: E731
+    else:
+        from benchmarks.peers import load_tool
+
+        load = lambda: load_tool(tool, Path(source), dtype, "cpu")  # noqa: E731  (TL's path loads HF first)
+    import_s = time.perf_counter() - t0
+    before = _status_bytes("VmRSS")
+    t1 = time.perf_counter()
+    model = load()
+    load_s = time.perf_counter() - t1
+    peak = _peak_rss_bytes()
+    # transformers maps safetensors files and reads pages when the forward first touches them: its
+    # load-time RSS is low and the cost moves to the first forward. Measure through one forward.
+    t2 = time.perf_counter()
+    with torch.inference_mode():
+        _first_forward(model, torch.tensor([[5, 6, 7, 8]]))
+    forward_s = time.perf_counter() - t2
+    return {"import_s": import_s, "load_s": load_s, "first_forward_s": forward_s, "rss_before_load": before,
+            "peak_rss": peak, "peak_rss_after_forward": _peak_rss_bytes()}
+
+
+def _first_forward(model, tokens):
+    if hasattr(model, "last_logits"):  # a benchmarks.peers Tool
+        return model.last_logits(tokens)
+    if hasattr(model, "hook_names"):  # HookedCoT
+        return model(tokens)
+    return model(input_ids=tokens, use_cache=False).logits
+
+
+def spawn(tool: str, source: Path, settings: Settings) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.loading", "--child", tool, str(source), settings.dtype_name,
+           str(settings.threads or 0)]
+    env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=1800)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        return {"error": f"child exited {proc.returncode}: {tail[0][:200]}"}
+    return json.loads(lines[-1])
+
+
+def run(settings: Settings) -> dict:
+    rows, skipped, notes, budgets = [], [], [], []
+    if settings.device != "cpu":
+        notes.append("loading is measured on CPU (host RSS); --device does not apply")
+    import torch
+
+    elem = torch.finfo(settings.dtype).bits // 8
+    for model in settings.models_for():
+        folder = checkpoint_folder(model, settings.cache_dir)
+        warm_page_cache(folder)
+        weights = weight_bytes_of_folder(folder, elem)
+        tools = ["ours"] + [p for p in settings.peers_for(model, {"qwen2-0.5b-shape"}) if p in ("hf_sdpa", "tl", "bridge", "nnsight")]
+        sources = {t: folder for t in tools}
+        if model == SMOLLM2 and settings.size == "full":
+            from hookedcot.embedded import embedded_model_path
+
+            gguf = embedded_model_path(SMOLLM2)
+            sources["ours_gguf"] = gguf
+            if "hf_sdpa" in tools:
+                sources["hf_gguf"] = gguf
+        runs: dict[str, list[dict]] = {t: [] for t in sources}
+        rounds = ROUNDS[settings.size] if model == SMOLLM2 else 1
+        for r in range(rounds):
+            order = list(sources)[r % len(sources):] + list(sources)[: r % len(sources)]
+            for tool in order:
+                log(f"loading {short(model)} {tool}")
+                runs[tool].append(spawn(tool, sources[tool], settings))
+        ref_times = {name: [x["load_s"] + x["first_forward_s"] for x in runs.get(name, []) if "error" not in x]
+                     for name in ("hf_sdpa", "hf_gguf")}
+        for tool, samples in runs.items():
+            ok = [x for x in samples if "error" not in x]
+            if not ok:
+                skipped.append({"model": short(model), "tool": tool, "reason": samples[0]["error"]})
+                continue
+            peak = max(x["peak_rss"] for x in ok)
+            peak_fwd = max(x["peak_rss_after_forward"] for x in ok)
+            ready = [x["load_s"] + x["first_forward_s"] for x in ok]
+            before = min(x["rss_before_load"] for x in ok)
+            ref = ref_times["hf_gguf" if "gguf" in tool else "hf_sdpa"]  # GGUF rows against HF's GGUF load
+            rows.append({
+                "model": short(model), "tool": tool, "label": LABELS[tool], "source": "GGUF" if "gguf" in tool else "safetensors",
+                "weight_MiB": weights / 2**20, "load_time_s": stats([x["load_s"] for x in ok]),
+                "load_s": stats([x["load_s"] for x in ok])["median"],
+                "import_s": stats([x["import_s"] for x in ok])["median"],
+                "load_and_forward_s": stats(ready)["median"],
+                "x_hf_time": paired_ratio(ready, ref) if len(ref) == len(ok) else None,
+                "rss_before_MiB": before / 2**20, "peak_rss_MiB": peak / 2**20,
+                "load_x_weights": (peak - before) / weights, "peak_x_weights": peak / weights,
+                "with_forward_x_weights": (peak_fwd - before) / weights,
+            })
+            if tool == "ours":
+                ratio = (peak_fwd - before) / weights
+                budgets.append({"budget": "loading: peak RSS ≤ 1.05 × weight bytes (RSS added by load + first forward)",
+                                "model": short(model), "shape": settings.dtype_name, "ratio": ratio, "limit": BUDGET,
+                                "verdict": budget_verdict(ratio, BUDGET, False)})
+    notes.append("load_x_weights = (child's peak RSS right after loading − its RSS after imports) / weight bytes in "
+                 "the target dtype; with_forward_x_weights = the same through one 4-token forward (transformers maps "
+                 "the files and reads the pages only when a forward touches them, so its load-time RSS is not the "
+                 "memory the model costs); peak_x_weights = peak after loading, imports included. TL's load is "
+                 "TransformerLens' real path: transformers loads the model, then TL converts its state dict. "
+                 "x HF time: (load + first forward) over transformers' (load + first forward), median over rounds.")
+    return result(NAME, rows, skipped, notes, budgets)
+
+
+TABLE_COLUMNS = ["model", "label", "source", "weight_MiB", "load_s", "load_and_forward_s", "x_hf_time",
+                 "rss_before_MiB", "peak_rss_MiB", "load_x_weights", "with_forward_x_weights", "peak_x_weights"]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) >= 5 and sys.argv[1] == "--child":
+        print(json.dumps(_child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]) if len(sys.argv) > 5 else 0)))
+    else:
+        from benchmarks.__main__ import main
+
+        main(["--only", NAME, *sys.argv[1:]])
