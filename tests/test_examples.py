@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from hookedcot import HookedCoT, ModelConfig
+from model_factory import CharTokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 sys.path.insert(0, str(EXAMPLES))
@@ -26,34 +27,6 @@ import seed000_layer_criticality as seed000  # noqa: E402
 import seed001_layerwise_patching as seed001  # noqa: E402
 import seed002_position_patching as seed002  # noqa: E402
 import seed004_iterative_vs_parallel as seed004  # noqa: E402
-
-
-class CharTokenizer:
-    """One token per ASCII character (id = ord); no BOS, no EOS."""
-
-    eos_token_ids: list[int] = []
-    pad_token_id = 0
-
-    def tokenize(self, text, prepend_bos=None):
-        texts = [text] if isinstance(text, str) else list(text)
-        n = max(len(t) for t in texts)
-        tokens = torch.zeros(len(texts), n, dtype=torch.long)
-        mask = torch.zeros(len(texts), n, dtype=torch.long)
-        for i, t in enumerate(texts):
-            tokens[i, n - len(t):] = torch.tensor([ord(c) for c in t])
-            mask[i, n - len(t):] = 1
-        return tokens, mask
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def token_strings(self, ids):
-        return [chr(i) for i in ids]
-
-    def to_single_token(self, text):
-        if len(text) != 1:
-            raise ValueError(f"{text!r} is {len(text)} tokens")
-        return ord(text)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from model_factory import random_model
+from model_factory import CharTokenizer, random_model
 
 from hookedcot import HookedCoT, ModelConfig, get_act_name
 from hookedcot.interp import data as D
@@ -25,39 +25,6 @@ from hookedcot.interp.steering import add_vector, scale_direction, steer_generat
 
 CFG = ModelConfig(n_layers=3, d_model=32, n_heads=4, n_key_value_heads=2, d_head=8, d_mlp=64, d_vocab=130,
                   qkv_bias=True, norm_eps=1e-6)
-
-
-class CharTokenizer:
-    """One token per ASCII character (id = ord), left padding with id 0: enough of the tokenizer
-    interface for labels, strings and chat prompts."""
-
-    eos_token_ids: list[int] = []
-    pad_token_id = 0
-
-    def tokenize(self, text, prepend_bos=None):
-        texts = [text] if isinstance(text, str) else list(text)
-        n = max(len(t) for t in texts)
-        tokens = torch.zeros(len(texts), n, dtype=torch.long)
-        mask = torch.zeros(len(texts), n, dtype=torch.long)
-        for i, t in enumerate(texts):
-            tokens[i, n - len(t):] = torch.tensor([ord(c) for c in t])
-            mask[i, n - len(t):] = 1
-        return tokens, mask
-
-    def decode(self, ids):
-        return "".join(chr(i) for i in ids)
-
-    def token_strings(self, ids):
-        return [chr(i) for i in ids]
-
-    def to_single_token(self, text):
-        if len(text) != 1:
-            raise ValueError(f"{text!r} is {len(text)} tokens")
-        return ord(text)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
-        body = "".join(f"<{m['role']}>{m['content']}\n" for m in messages)
-        return body + ("<assistant>" if add_generation_prompt else "")
 
 
 @pytest.fixture(scope="module")
