@@ -31,7 +31,8 @@ HARMLESS_KEYS = frozenset(
     output_attentions output_hidden_states return_dict torchscript use_bfloat16 tf_legacy_loss
     is_decoder is_encoder_decoder add_cross_attention cross_attention_hidden_size tie_encoder_decoder
     chunk_size_feed_forward finetuning_task id2label label2id num_labels problem_type tokenizer_class
-    prefix task_specific_params sep_token_id decoder_start_token_id
+    prefix task_specific_params sep_token_id decoder_start_token_id unk_token_id cls_token_id mask_token_id
+    _model_name_or_path
     max_length min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty
     temperature top_k top_p typical_p epsilon_cutoff eta_cutoff repetition_penalty length_penalty
     no_repeat_ngram_size encoder_no_repeat_ngram_size bad_words_ids num_return_sequences output_scores

@@ -190,3 +190,18 @@ def test_foreign_architecture_and_model_type():
         qwen2.config_from_hf(LLAMA_3_2_1B)
     with pytest.raises(ConversionError, match=r"model_type='mistral' .*supported model types: llama, qwen2"):
         family_for("mistral")
+
+
+def test_keys_transformers_writes_for_a_gguf_loaded_model_load_strictly(tiny_checkpoints, tmp_path):
+    """A folder saved by transformers after loading a GGUF file carries these keys."""
+    import json
+    import shutil
+
+    from hookedcot import HookedCoT
+
+    folder = tmp_path / "from_gguf"
+    shutil.copytree(tiny_checkpoints["smollm2_like"], folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(unk_token_id=0, _model_name_or_path="SmolLM2-135M-Instruct.Q4_1.gguf")
+    (folder / "config.json").write_text(json.dumps(cfg))
+    assert HookedCoT.from_pretrained(folder).cfg.n_layers == cfg["num_hidden_layers"]
