@@ -21,6 +21,7 @@ from hookedcot.config import ModelConfig
 from hookedcot.hook_names import all_hook_names, spec_of
 from hookedcot.hook_points import HookFn, HookRun, NameOrFilter, resolve_hooks, scoped_hooks
 from hookedcot.kv_cache import KVCache
+from hookedcot.memory import retain_freed_memory
 from hookedcot.model import Transformer
 
 TextOrTokens = Union[str, Sequence[str], Tensor]
@@ -34,6 +35,7 @@ class HookedCoT(Transformer):
 
     def __init__(self, cfg: ModelConfig, tokenizer: Any = None):
         super().__init__(cfg)
+        retain_freed_memory()  # repeated caches reuse the heap instead of page-faulting (memory.py)
         self.tokenizer = tokenizer
         self._persistent: dict[str, list[HookFn]] = {}
         self._hook_names = all_hook_names(cfg.n_layers)
