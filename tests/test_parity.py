@@ -47,6 +47,19 @@ def test_fp32_logits_match_transformers(tiny_checkpoints, hf_model, quirk, attn)
     assert rel_err(got[real], ref[real]) <= 1e-4
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@torch.no_grad()
+def test_logits_bit_identical_to_transformers_sdpa(tiny_checkpoints, hf_model, quirk, dtype):
+    """Where the op order is transformers' (SDPA, F.linear, the fused CPU RMSNorm that gives the
+    same bits), the logits are the same floats, padded batch included."""
+    model, hf = ours(tiny_checkpoints, quirk, dtype), hf_model(quirk, "sdpa", dtype)
+    tokens, mask = prompts(model.cfg.d_vocab, seed=5)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    real = mask.bool()
+    assert torch.equal(model(tokens[:1]), hf(tokens[:1]).logits)
+    assert torch.equal(model(tokens, attention_mask=mask)[real], hf(tokens, attention_mask=mask, position_ids=pos).logits[real])
+
+
 @torch.no_grad()
 def test_bf16_top1_agreement(tiny_checkpoints, hf_model, quirk):
     model, hf = ours(tiny_checkpoints, quirk, torch.bfloat16), hf_model(quirk, "sdpa", torch.bfloat16)

@@ -1,0 +1,56 @@
+"""The kernel choices in model.py: which inputs leave F.linear, and that they stay close to it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hookedcot import model as model_module
+from hookedcot.model import GEMV_MAX_ROWS, Linear
+
+needs_onednn = pytest.mark.skipif(model_module._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
+
+
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _layer(out_features: int = 300, in_features: int = 64, bias: bool = True) -> Linear:
+    torch.manual_seed(0)
+    return Linear(in_features, out_features, bias=bias)
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_rows_use_onednn_and_stay_within_float_noise(two_threads, bias):
+    layer = _layer(bias=bias)
+    x = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        assert model_module._use_onednn_gemv(x, layer.weight)
+        got, ref = layer(x), F.linear(x, layer.weight, layer.bias)
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@needs_onednn
+def test_prompts_gradients_and_one_thread_stay_on_f_linear(two_threads):
+    layer = _layer()
+    prompt = torch.randn(1, GEMV_MAX_ROWS + 1, 64)
+    step = torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        assert not model_module._use_onednn_gemv(prompt, layer.weight)
+        assert torch.equal(layer(prompt), F.linear(prompt, layer.weight, layer.bias))
+        assert not model_module._use_onednn_gemv(step.double(), layer.weight.double())
+    # with autograd on, F.linear: oneDNN's op has no backward (attribution patching needs one)
+    assert not model_module._use_onednn_gemv(step, layer.weight)
+    out = layer(step.requires_grad_())
+    out.sum().backward()
+    assert step.grad is not None
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        assert not model_module._use_onednn_gemv(step, layer.weight)
