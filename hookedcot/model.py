@@ -8,6 +8,10 @@ pattern; then the explicit path builds them. Architecture differences are config
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -21,15 +25,28 @@ from hookedcot.rope import apply_rotary, inv_freq, rotary_tables
 # oneDNN's matrix-vector product reads the weights with every thread; MKL's, which F.linear
 # calls on the CPU, with one. A decode step is a chain of such products over weights that do not
 # fit in cache: on SmolLM2 with 2 threads the unembedding takes 5.0 ms instead of 9.2 ms. The sum
-# order differs, so such logits differ from F.linear's by about 1e-6 relative; inputs with more
-# rows than this (every prompt, every sweep) stay on F.linear, bit-identical to transformers.
+# order differs, so such logits differ from F.linear's by about 1e-6 relative. Only generation's
+# steps take it (inside `decode_kernels()`); every other forward, lens and sweep stays on F.linear,
+# bit-identical to transformers.
 GEMV_MAX_ROWS = 4
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_DECODING: ContextVar[bool] = ContextVar("hookedcot_decoding", default=False)
+
+
+@contextmanager
+def decode_kernels() -> Iterator[None]:
+    """Within: decode-shaped products (at most GEMV_MAX_ROWS rows) may take oneDNN's GEMV."""
+    token = _DECODING.set(True)
+    try:
+        yield
+    finally:
+        _DECODING.reset(token)
 
 
 def _use_onednn_gemv(x: Tensor, weight: Tensor) -> bool:
     return (
-        _ONEDNN_LINEAR is not None
+        _DECODING.get()
+        and _ONEDNN_LINEAR is not None
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
@@ -41,8 +58,8 @@ def _use_onednn_gemv(x: Tensor, weight: Tensor) -> bool:
 
 class Linear(nn.Linear):
     """nn.Linear that skips random init on the meta device (loading fills it; initialising meta
-    tensors costs seconds of one-time torch imports and means nothing), and runs decode-shaped
-    inputs through oneDNN (see GEMV_MAX_ROWS)."""
+    tensors costs seconds of one-time torch imports and means nothing), and runs generation's
+    decode steps through oneDNN (see decode_kernels)."""
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:

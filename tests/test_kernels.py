@@ -1,4 +1,5 @@
-"""The kernel choices in model.py: which inputs leave F.linear, and that they stay close to it."""
+"""The kernel choices in model.py: which products leave F.linear (generation's decode steps only),
+and that they stay close to it."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hookedcot import model as model_module
-from hookedcot.model import GEMV_MAX_ROWS, Linear
+from hookedcot.model import GEMV_MAX_ROWS, Linear, decode_kernels
 
 needs_onednn = pytest.mark.skipif(model_module._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
 
@@ -31,6 +32,8 @@ def test_decode_rows_use_onednn_and_stay_within_float_noise(two_threads, bias):
     layer = _layer(bias=bias)
     x = torch.randn(1, 1, 64)
     with torch.inference_mode():
+        assert not model_module._use_onednn_gemv(x, layer.weight)  # only generation's steps
+    with torch.inference_mode(), decode_kernels():
         assert model_module._use_onednn_gemv(x, layer.weight)
         got, ref = layer(x), F.linear(x, layer.weight, layer.bias)
     assert got.shape == ref.shape
@@ -42,15 +45,15 @@ def test_prompts_gradients_and_one_thread_stay_on_f_linear(two_threads):
     layer = _layer()
     prompt = torch.randn(1, GEMV_MAX_ROWS + 1, 64)
     step = torch.randn(1, 1, 64)
-    with torch.inference_mode():
+    with torch.inference_mode(), decode_kernels():
         assert not model_module._use_onednn_gemv(prompt, layer.weight)
         assert torch.equal(layer(prompt), F.linear(prompt, layer.weight, layer.bias))
         assert not model_module._use_onednn_gemv(step.double(), layer.weight.double())
-    # with autograd on, F.linear: oneDNN's op has no backward (attribution patching needs one)
-    assert not model_module._use_onednn_gemv(step, layer.weight)
-    out = layer(step.requires_grad_())
-    out.sum().backward()
-    assert step.grad is not None
+    with decode_kernels():  # with autograd on, F.linear: oneDNN's op has no backward
+        assert not model_module._use_onednn_gemv(step, layer.weight)
+        out = layer(step.requires_grad_())
+        out.sum().backward()
+        assert step.grad is not None
     torch.set_num_threads(1)
-    with torch.inference_mode():
+    with torch.inference_mode(), decode_kernels():
         assert not model_module._use_onednn_gemv(step, layer.weight)
