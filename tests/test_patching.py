@@ -41,8 +41,29 @@ def test_patching_a_run_into_itself_changes_nothing(model, pair):
     exact = patch_layer_position(model, clean, clean, progress=False, batch_size=1000)
     assert torch.all(exact.values.abs() <= 1e-6)
     runs = prepare_runs(model, clean, clean, [get_act_name("resid_pre", 0)])
-    values = run_sites(runs, [Site(get_act_name("resid_pre", 0))], kl_metric(runs), progress=False, reuse_prefix=False)
+    values = run_sites(runs, [Site(get_act_name("resid_pre", 0))], kl_metric(runs), progress=False, reuse_prefix=False,
+                       skip_inert=False)
     assert values.item() == 0.0
+
+
+def test_sites_in_the_shared_prefix_are_not_run_and_equal_running_them(model, pair, monkeypatch):
+    from hookedcot.interp import patching
+
+    clean, corrupted = pair  # they first differ at position 4
+    runs = prepare_runs(model, clean, corrupted, [get_act_name("resid_pre", L) for L in range(CFG.n_layers)])
+    assert runs.shared_prefix == 4
+    sites = [Site(get_act_name("resid_pre", L), (p,)) for L in range(CFG.n_layers) for p in range(14)]
+    rows_run = []
+    real_run_batch = patching._run_batch
+    monkeypatch.setattr(patching, "_run_batch", lambda r, s, *a: rows_run.append(len(s)) or real_run_batch(r, s, *a))
+    skipped = run_sites(runs, sites, kl_metric(runs), progress=False)
+    assert sum(rows_run) == CFG.n_layers * (14 - 4)
+    run_all = run_sites(runs, sites, kl_metric(runs), progress=False, skip_inert=False)
+    torch.testing.assert_close(skipped, run_all, rtol=0, atol=1e-6)
+    # hooks shaping a run (noise, steering) void the shortcut
+    noisy = prepare_runs(model, clean, corrupted, [get_act_name("resid_pre", 0)],
+                         target_hooks=[(get_act_name("resid_pre", 0), lambda x, h: x)])
+    assert noisy.shared_prefix == 0
 
 
 def test_patching_all_of_layer0_resid_pre_gives_the_clean_run(model, pair):

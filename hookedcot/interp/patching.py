@@ -54,6 +54,9 @@ class PatchRuns:
     clean_final: Tensor  # residual after the last block [1, p, d]
     corrupted_final: Tensor
     target_hooks: list = field(default_factory=list)
+    # Positions before this one hold the same activations in both runs (same tokens, causal model,
+    # no hooks shaping either run), so patching there changes nothing: 0 when unknown.
+    shared_prefix: int = 0
 
     @property
     def n_pos(self) -> int:
@@ -111,11 +114,19 @@ def prepare_runs(
     corrupt_final, corrupt_cache = model.run_with_cache(
         corrupt_t, names_filter=resid_names, fwd_hooks=list(target_hooks), past_kv=kv, stop_at_layer=n
     )
+    plain_runs = not target_hooks and not source_hooks
     return PatchRuns(
         model, clean_t, corrupt_t, dict(clean_cache.items()),
         {layer: corrupt_cache["resid_pre", layer] for layer in range(n)},
         kv, clean_final, corrupt_final, list(target_hooks),
+        shared_prefix=_shared_prefix(clean_t, corrupt_t) if plain_runs else 0,
     )
+
+
+def _shared_prefix(a: Tensor, b: Tensor) -> int:
+    """Number of leading positions where the two token rows agree."""
+    differ = (a[0] != b[0]).nonzero()
+    return int(differ[0, 0]) if len(differ) else a.shape[1]
 
 
 def logits_at(model: Any, final_resid: Tensor, positions: Sequence[int]) -> Tensor:
@@ -199,17 +210,26 @@ def run_sites(
     batch_size: int | str | None = "auto",
     progress: bool = True,
     reuse_prefix: bool = True,
+    skip_inert: bool = True,
 ) -> Tensor:
     """Metric value per site [len(sites)], each site patched alone into the corrupted run.
 
     Sites are sorted by (layer, first position) and cut into batches whose rows need nearly the
-    same work: a batch recomputes every row from its lowest layer and earliest position on."""
+    same work: a batch recomputes every row from its lowest layer and earliest position on.
+    A site inside the prefix both runs share (`PatchRuns.shared_prefix`) patches in the value
+    that is already there: it gets the corrupted run's own metric without a forward
+    (`skip_inert=False` runs it anyway)."""
     model = runs.model
     n_pos = runs.n_pos
     metric_pos = sorted({p % n_pos for p in metric_positions})
-    order = sorted(range(len(sites)), key=lambda i: (sites[i].layer, _first_pos(sites[i], n_pos)))
     values = torch.empty(len(sites))
-    bar = tqdm(total=len(sites), disable=not progress, desc="patching", leave=False)
+    inert = [i for i, s in enumerate(sites) if skip_inert and _last_pos(s, n_pos) < runs.shared_prefix]
+    if inert:
+        values[inert] = metric(runs.logits("corrupted", metric_pos)).float().cpu()
+    inert_set = set(inert)
+    live = [i for i in range(len(sites)) if i not in inert_set]
+    order = sorted(live, key=lambda i: (sites[i].layer, _first_pos(sites[i], n_pos)))
+    bar = tqdm(total=len(order), disable=not progress, desc="patching", leave=False)
     for chunk in _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model):
         values[chunk] = _run_batch(runs, [sites[j] for j in chunk], metric, metric_pos, reuse_prefix).float().cpu()
         bar.update(len(chunk))
@@ -244,6 +264,10 @@ def _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model, m
 
 def _first_pos(site: Site, n_pos: int) -> int:
     return 0 if site.positions is None else min(p % n_pos for p in site.positions)
+
+
+def _last_pos(site: Site, n_pos: int) -> int:
+    return n_pos - 1 if site.positions is None else max(p % n_pos for p in site.positions)
 
 
 def _run_batch(runs: PatchRuns, sites: list[Site], metric: Metric, metric_pos: list[int], reuse_prefix: bool) -> Tensor:
