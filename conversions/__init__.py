@@ -21,6 +21,7 @@ hookedcot's parameter names (shapes in torch's [out, in] Linear layout):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -51,3 +52,23 @@ class ConvertedCheckpoint:
 
 class ConversionError(ValueError):
     """A checkpoint cannot be converted: unsupported architecture, bad tensors, corrupt file."""
+
+
+def read_into(file: Path, offset: int, out: Any, name: str) -> None:
+    """Fill the byte buffer `out` from `file` at `offset`, or say the file is too short.
+
+    Both formats read their tensors this way rather than through a memory map: mapped pages the
+    conversion touches would count as the process's memory until the map is closed."""
+    view, done = memoryview(out).cast("B"), 0  # bytes, whatever the buffer's shape
+    try:
+        with open(file, "rb", buffering=0) as f:
+            f.seek(offset)
+            while done < len(view):
+                n = f.readinto(view[done:])
+                if not n:
+                    break
+                done += n
+    except OSError as err:
+        raise ConversionError(f"could not read tensor {name!r} from {file}: {err}") from err
+    if done != len(view):
+        raise ConversionError(f"{file} ended while reading tensor {name!r}; the file is truncated - re-download it")

@@ -3,8 +3,10 @@
 A GGUF carries its own config (metadata under llama.cpp's key names), the tokenizer, and the
 weights, usually quantised. We read it with the `gguf` package (the reference reader and
 dequantisers from llama.cpp's repository), translate the metadata into a `ModelConfig`, and hand
-out one `TensorRef` per parameter: `load(dtype)` dequantises just that tensor to float32 and casts
-it, so loading holds about one copy of the weights plus one tensor in flight.
+out one `TensorRef` per parameter: `load(dtype)` reads that tensor's bytes from the file a few rows
+at a time and dequantises each chunk straight into the returned tensor, so loading holds one copy
+of the weights plus a chunk in flight (the reader and its memory map are closed before any weight
+is read).
 
 Two llama.cpp transforms are undone here: shapes are stored innermost-first (we reverse them to
 torch's [out, in]), and for the LLaMA architecture the rows of attn_q / attn_k are permuted to
@@ -17,13 +19,14 @@ from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from conversions import ConversionError, ConvertedCheckpoint, TensorRef
+from conversions import ConversionError, ConvertedCheckpoint, TensorRef, read_into
 from hookedcot.config import ConfigError, ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -45,6 +48,24 @@ _LAYER_NAMES = {
 }
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 _ROPE_FREQS = "rope_freqs.weight"
+_CHUNK_VALUES = 1 << 18  # values dequantised per step: 1 MiB of float32 (gguf's temporaries are ~2x that)
+
+
+@dataclass(frozen=True)
+class StoredTensor:
+    """Where one tensor's bytes lie in the file, copied out of the reader's index so the reader
+    (its per-string numpy objects and its memory map) can be dropped before any weight is read."""
+
+    name: str
+    qtype: Any  # gguf.GGMLQuantizationType
+    shape: tuple[int, ...]  # torch order: the innermost (block-quantised) dimension last
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+    @classmethod
+    def of(cls, tensor: Any) -> "StoredTensor":
+        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+        return cls(tensor.name, tensor.tensor_type, shape, int(tensor.data_offset), int(tensor.n_bytes))
 
 
 def convert_gguf(path: str | Path) -> ConvertedCheckpoint:
@@ -65,12 +86,14 @@ def convert_gguf(path: str | Path) -> ConvertedCheckpoint:
             f"{path.name}: GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
             "(LLaMA-3.x, SmolLM2 and R1-Distill-Llama files are 'llama'; Qwen2 / Qwen2.5 / R1-Distill-Qwen are 'qwen2')"
         )
-    by_name = {t.name: t for t in reader.tensors}
-    _check_tensor_types(path, reader.tensors)
-    shapes = {name: tuple(int(d) for d in reversed(t.shape.tolist())) for name, t in by_name.items()}
-    cfg = config_from_gguf(meta, shapes, source=str(path), rope_freqs=_rope_freqs(by_name))
+    stored = {t.name: StoredTensor.of(t) for t in reader.tensors}
+    del reader  # its per-string numpy objects (SmolLM2: ~70 MiB) and its memory map go before the tokenizer
+    _check_tensor_types(path, list(stored.values()))
+    shapes = {name: t.shape for name, t in stored.items()}
+    rope_freqs = read_dequantised(path, stored[_ROPE_FREQS]).numpy().reshape(-1) if _ROPE_FREQS in stored else None
+    cfg = config_from_gguf(meta, shapes, source=str(path), rope_freqs=rope_freqs)
     names = _map_tensor_names(path, cfg, shapes)
-    tensors = {ours: _tensor_ref(by_name[src], ours, cfg, permute=(arch == "llama")) for ours, src in names.items()}
+    tensors = {ours: _tensor_ref(path, stored[src], ours, cfg, permute=(arch == "llama")) for ours, src in names.items()}
     tokenizer, tokenizer_error = _build_tokenizer(meta)
     return ConvertedCheckpoint(
         config=cfg,
@@ -82,7 +105,7 @@ def convert_gguf(path: str | Path) -> ConvertedCheckpoint:
             "format": "gguf",
             "architecture": arch,
             "metadata": {k: v for k, v in meta.items() if k not in _BULKY_KEYS},
-            "tensor_types": {ours: by_name[src].tensor_type.name for ours, src in names.items()},
+            "tensor_types": {ours: stored[src].qtype.name for ours, src in names.items()},
             "tokenizer_error": tokenizer_error,
         },
     )
@@ -221,15 +244,6 @@ def config_from_gguf(
         raise ConversionError(f"{source}: {exc}") from exc
 
 
-def _rope_freqs(by_name: dict[str, Any]) -> np.ndarray | None:
-    tensor = by_name.get(_ROPE_FREQS)
-    if tensor is None:
-        return None
-    from gguf.quants import dequantize
-
-    return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float64).reshape(-1)
-
-
 def _rope_scaling(
     meta: dict[str, Any], arch: str, rope_freqs: np.ndarray | None, d_head: int, theta: float, source: str
 ) -> dict[str, Any] | None:
@@ -293,18 +307,18 @@ def llama3_scaling_from_rope_freqs(freqs: np.ndarray, d_head: int, theta: float,
     )
 
 
-def _check_tensor_types(path: Path, tensors: list[Any]) -> None:
+def _check_tensor_types(path: Path, tensors: list[StoredTensor]) -> None:
     """Reject, before any data is read, tensor types the installed gguf package cannot dequantise."""
     from gguf.constants import GGML_QUANT_SIZES
     from gguf.quants import dequantize
 
     bad: dict[str, list[str]] = {}
-    for qtype in {t.tensor_type for t in tensors}:
+    for qtype in {t.qtype for t in tensors}:
         block, size = GGML_QUANT_SIZES[qtype]
         try:
             dequantize(np.zeros((1, size), dtype=np.uint8), qtype)
         except NotImplementedError:
-            bad[qtype.name] = [t.name for t in tensors if t.tensor_type == qtype]
+            bad[qtype.name] = [t.name for t in tensors if t.qtype == qtype]
     if bad:
         import gguf
 
@@ -358,25 +372,50 @@ def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _tensor_ref(tensor: Any, ours: str, cfg: ModelConfig, permute: bool) -> TensorRef:
+def _tensor_ref(path: Path, tensor: StoredTensor, ours: str, cfg: ModelConfig, permute: bool) -> TensorRef:
     heads = None
     if permute and ".attn.q_proj." in ours:
         heads = cfg.n_heads
     elif permute and ".attn.k_proj." in ours:
         heads = cfg.n_key_value_heads
-    shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
+    return TensorRef(tensor.name, tensor.shape, lambda dtype: read_dequantised(path, tensor, dtype, heads))
 
-    def load(dtype: torch.dtype) -> torch.Tensor:
-        from gguf.quants import dequantize
 
-        array = dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-        if heads is not None:
-            array = unpermute_rows(array, heads)
-        if not (array.flags.writeable and array.flags.c_contiguous):
-            array = np.array(array, dtype=np.float32, order="C")  # F32 tensors come back as read-only mmap views
-        return torch.from_numpy(array).to(dtype)
+def read_dequantised(
+    path: Path, tensor: StoredTensor, dtype: torch.dtype = torch.float32, heads: int | None = None,
+    chunk_values: int = _CHUNK_VALUES,
+) -> torch.Tensor:
+    """The tensor dequantised into a new `dtype` tensor, about `chunk_values` values at a time,
+    with llama.cpp's q/k row permutation undone over `heads` heads when given.
 
-    return TensorRef(source_name=tensor.name, shape=shape, load=load)
+    Whole-tensor dequantisation keeps the raw bytes' mapped pages and float32 temporaries the size
+    of the tensor alive (SmolLM2's embedding: 108 MiB, twice), which put the GGUF load at 1.3x the
+    weights. Blocks are dequantised independently and the permutation stays inside a head, so
+    chunks of whole rows (whole heads when permuted) give the same values bit for bit."""
+    from gguf.quants import dequantize
+
+    out = torch.empty(tensor.shape, dtype=dtype)
+    if out.numel() == 0:
+        return out
+    rows = out.view(-1, tensor.shape[-1])
+    row_bytes = tensor.nbytes // rows.shape[0]
+    group = rows.shape[0] // heads if heads else 1  # rows per head: a chunk holds whole heads
+    step = max(1, chunk_values // rows.shape[1] // group) * group
+    raw = np.empty((min(step, rows.shape[0]), row_bytes), dtype=np.uint8)
+    # float32 chunks are written by numpy: torch's copy_ wakes its thread pool on every call, which
+    # cost ~8 ms a chunk on a busy 2-core machine. Other dtypes need torch's cast.
+    as_numpy = rows.numpy() if dtype == torch.float32 else None
+    for start in range(0, rows.shape[0], step):
+        n = min(step, rows.shape[0] - start)
+        read_into(path, tensor.offset + start * row_bytes, raw[:n], tensor.name)
+        values = dequantize(raw[:n], tensor.qtype)
+        if heads:
+            values = unpermute_rows(values, n // group)
+        if as_numpy is not None:
+            as_numpy[start : start + n] = values
+        else:
+            rows[start : start + n].copy_(torch.from_numpy(values))
+    return out
 
 
 def _build_tokenizer(meta: dict[str, Any]) -> tuple[Any, str | None]:

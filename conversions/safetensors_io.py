@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from conversions import ConversionError
+from conversions import ConversionError, read_into
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -127,7 +127,7 @@ class SafetensorsCheckpoint:
         if not info.nbytes:
             return out
         if target == info.dtype:
-            _read_into(info.file, info.offset, out.view(-1).view(torch.uint8).numpy(), name)
+            read_into(info.file, info.offset, out.view(-1).view(torch.uint8).numpy(), name)
             return out
         # Convert through a small staging buffer: a whole source-dtype copy per tensor would be
         # freed at once, and such short-lived large blocks fragment the heap (RSS that never drops).
@@ -137,26 +137,9 @@ class SafetensorsCheckpoint:
         for start in range(0, info.numel, per_chunk):
             n = min(per_chunk, info.numel - start)
             chunk = staging[:n]
-            _read_into(info.file, info.offset + start * itemsize, chunk.view(torch.uint8).numpy(), name)
+            read_into(info.file, info.offset + start * itemsize, chunk.view(torch.uint8).numpy(), name)
             flat[start : start + n].copy_(chunk)
         return out
-
-
-def _read_into(file: Path, offset: int, out, name: str) -> None:
-    """Fill the byte buffer `out` from `file` at `offset`, or say the file is too short."""
-    view, done = memoryview(out), 0
-    try:
-        with open(file, "rb", buffering=0) as f:
-            f.seek(offset)
-            while done < len(view):
-                n = f.readinto(view[done:])
-                if not n:
-                    break
-                done += n
-    except OSError as err:
-        raise ConversionError(f"could not read tensor {name!r} from {file}: {err}") from err
-    if done != len(view):
-        raise ConversionError(f"{file} ended while reading tensor {name!r}; the file is truncated - re-download it")
 
 
 def read_header(file: Path) -> list[TensorInfo]:

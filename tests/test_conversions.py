@@ -61,13 +61,13 @@ def test_fixture_weights_are_not_defaults(tiny_checkpoints):
 def test_headers_only_until_load(tiny_checkpoints, monkeypatch):
     """convert_hf_folder reads no tensor data; each load reads exactly its tensor, once."""
     reads: list[str] = []
-    real_read = safetensors_io._read_into
+    real_read = safetensors_io.read_into
 
     def counting_read(file, offset, out, name):
         reads.append(name)
         return real_read(file, offset, out, name)
 
-    monkeypatch.setattr(safetensors_io, "_read_into", counting_read)
+    monkeypatch.setattr(safetensors_io, "read_into", counting_read)
     converted = convert_hf_folder(tiny_checkpoints["llama_sharded"])
     assert reads == []
     ref = converted.tensors["blocks.2.attn.k_proj.weight"]

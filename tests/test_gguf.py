@@ -205,6 +205,57 @@ def test_dequantise_only_types_on_random_bytes(tmp_path, qtype):
         np.testing.assert_array_equal(ref.load(torch.float32).numpy(), expected, err_msg=ours)  # NaNs compare equal
 
 
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so NaNs (random bytes make some) compare too."""
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # random fp16 scales include inf/nan
+@pytest.mark.parametrize("qtype", QUANTIZABLE + DEQUANT_ONLY, ids=lambda t: t.name)
+def test_chunked_dequantisation_equals_whole_tensor(tmp_path, qtype):
+    """Row chunks (smaller than a row, not dividing the row count, whole heads when un-permuting)
+    give the bits whole-tensor dequantisation gives, in float32 and after a cast to bfloat16."""
+    from conversions.gguf import StoredTensor, open_reader, read_dequantised, unpermute_rows
+
+    cols = max(256, gguf.GGML_QUANT_SIZES[qtype][0])
+    rng = np.random.default_rng(int(qtype))
+    raw = {name: rng.integers(0, 256, gguf.quants.quant_shape_to_byte_shape((rows, cols), qtype), dtype=np.uint8)
+           for name, rows in [("odd_rows", 37), ("heads", 24)]}
+    writer = gguf.GGUFWriter(str(tmp_path / "t.gguf"), "llama")
+    for name, data in raw.items():
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file(), writer.close()
+    stored = {t.name: StoredTensor.of(t) for t in open_reader(tmp_path / "t.gguf").tensors}
+
+    whole = torch.from_numpy(gguf.quants.dequantize(raw["odd_rows"], qtype))
+    for chunk in (cols // 2, cols * 5, cols * 64):  # under a row; 5 rows (37 = 7*5 + 2); the whole tensor
+        got = read_dequantised(tmp_path / "t.gguf", stored["odd_rows"], torch.float32, chunk_values=chunk)
+        assert torch.equal(_bits(got), _bits(whole)), chunk
+        got = read_dequantised(tmp_path / "t.gguf", stored["odd_rows"], torch.bfloat16, chunk_values=chunk)
+        assert torch.equal(_bits(got), _bits(whole.to(torch.bfloat16))), chunk
+
+    whole = torch.from_numpy(unpermute_rows(gguf.quants.dequantize(raw["heads"], qtype), 6))  # 6 heads of 4 rows
+    for chunk in (cols, cols * 5, cols * 9):  # 1 head, 1 head (not 5 rows), 2 heads
+        got = read_dequantised(tmp_path / "t.gguf", stored["heads"], torch.float32, heads=6, chunk_values=chunk)
+        assert torch.equal(_bits(got), _bits(whole)), chunk
+
+
+def test_no_map_of_the_file_outlives_the_conversion(tmp_path):
+    """Pages of a mapped file that loading touches count as the process's memory while the map is
+    open: reading the weights through the reader's map put the whole file on top of the weights."""
+    from pathlib import Path
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        pytest.skip("needs Linux's /proc/self/maps")
+    model = tiny_hf_model("llama", N_VOCAB)
+    path = write_gguf(tmp_path / "m.gguf", "llama", model.config, gguf_tensors(model, "llama"), VOCAB, T.Q8_0)
+    converted = convert_gguf(path)
+    assert str(path) not in maps.read_text()
+    converted.tensors["embed.weight"].load(torch.float32)
+    assert str(path) not in maps.read_text()
+
+
 # ---------------------------------------------------------------------- rope scaling
 @pytest.mark.parametrize("params", [(8.0, 1.0, 4.0, 8192), (32.0, 1.0, 4.0, 8192), (16.0, 2.0, 8.0, 4096)],
                          ids=["llama3.1", "llama3.2", "unusual"])
