@@ -46,7 +46,8 @@ def _second_pass_faults(env_value: str | None) -> tuple[bool, int]:
 def test_freed_memory_is_reused_without_page_faults():
     applied, faults = _second_pass_faults(None)
     assert applied
-    assert faults < 1000, f"{faults} minor faults re-allocating 192 MiB that was just freed"
+    # returned to the OS, 192 MiB is 49,152 faults of 4 KiB; kept, only stray first-use pages fault
+    assert faults < 5000, f"{faults} minor faults re-allocating 192 MiB that was just freed"
 
 
 @glibc_only
