@@ -23,19 +23,22 @@ from hookedcot.rope import apply_rotary, inv_freq, rotary_tables
 
 
 # oneDNN's matrix-vector product reads the weights with every thread; MKL's, which F.linear
-# calls on the CPU, with one. A decode step is a chain of such products over weights that do not
-# fit in cache: on SmolLM2 with 2 threads the unembedding takes 5.0 ms instead of 9.2 ms. The sum
-# order differs, so such logits differ from F.linear's by about 1e-6 relative. Only generation's
-# steps take it (inside `decode_kernels()`); every other forward, lens and sweep stays on F.linear,
-# bit-identical to transformers.
+# calls on the CPU, with one. For a weight that streams from memory that pays: SmolLM2's
+# unembedding takes 5.0 ms instead of 9.2 ms a step with 2 threads. But each oneDNN call costs
+# ~60 µs of its own, more than a small weight's whole product (a 30-layer model with d_model 64
+# decoded at 30 ms a token this way against transformers' 20), so only weights of at least
+# GEMV_MIN_WEIGHT elements take it. The sum order differs: such logits differ from F.linear's by
+# about 1e-6 relative. Only generation's steps take it (inside `decode_kernels()`); every other
+# forward, lens and sweep stays on F.linear, bit-identical to transformers.
 GEMV_MAX_ROWS = 4
+GEMV_MIN_WEIGHT = 1 << 20  # elements: 4 MiB in float32
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _DECODING: ContextVar[bool] = ContextVar("hookedcot_decoding", default=False)
 
 
 @contextmanager
 def decode_kernels() -> Iterator[None]:
-    """Within: decode-shaped products (at most GEMV_MAX_ROWS rows) may take oneDNN's GEMV."""
+    """Within: decode-shaped products (at most GEMV_MAX_ROWS rows) with big weights take oneDNN's GEMV."""
     token = _DECODING.set(True)
     try:
         yield
@@ -51,6 +54,7 @@ def _use_onednn_gemv(x: Tensor, weight: Tensor) -> bool:
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
+        and weight.numel() >= GEMV_MIN_WEIGHT
         and not torch.is_grad_enabled()
         and torch.get_num_threads() > 1
     )

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hookedcot import model as model_module
-from hookedcot.model import GEMV_MAX_ROWS, Linear, decode_kernels
+from hookedcot.model import GEMV_MAX_ROWS, GEMV_MIN_WEIGHT, Linear, decode_kernels
 
 needs_onednn = pytest.mark.skipif(model_module._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
 
@@ -21,7 +21,7 @@ def two_threads():
     torch.set_num_threads(before)
 
 
-def _layer(out_features: int = 300, in_features: int = 64, bias: bool = True) -> Linear:
+def _layer(out_features: int = GEMV_MIN_WEIGHT // 64, in_features: int = 64, bias: bool = True) -> Linear:
     torch.manual_seed(0)
     return Linear(in_features, out_features, bias=bias)
 
@@ -49,6 +49,8 @@ def test_prompts_gradients_and_one_thread_stay_on_f_linear(two_threads):
         assert not model_module._use_onednn_gemv(prompt, layer.weight)
         assert torch.equal(layer(prompt), F.linear(prompt, layer.weight, layer.bias))
         assert not model_module._use_onednn_gemv(step.double(), layer.weight.double())
+        small = _layer(out_features=GEMV_MIN_WEIGHT // 64 - 1)  # per-call overhead beats its read
+        assert not model_module._use_onednn_gemv(step, small.weight)
     with decode_kernels():  # with autograd on, F.linear: oneDNN's op has no backward
         assert not model_module._use_onednn_gemv(step, layer.weight)
         out = layer(step.requires_grad_())
