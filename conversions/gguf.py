@@ -397,6 +397,12 @@ def read_dequantised(
     out = torch.empty(tensor.shape, dtype=dtype)
     if out.numel() == 0:
         return out
+    if out.dim() == 1:  # norms and biases: small, read whole; q/k biases are permuted along their one axis
+        raw = np.empty(tensor.nbytes, dtype=np.uint8)
+        read_into(path, tensor.offset, raw, tensor.name)
+        values = dequantize(raw, tensor.qtype).reshape(-1)
+        out.copy_(torch.from_numpy(np.ascontiguousarray(unpermute_rows(values, heads) if heads else values)))
+        return out
     rows = out.view(-1, tensor.shape[-1])
     row_bytes = tensor.nbytes // rows.shape[0]
     group = rows.shape[0] // heads if heads else 1  # rows per head: a chunk holds whole heads

@@ -165,6 +165,21 @@ def test_tiny_gguf_every_quantisable_type(tiny_models, tmp_path, arch, qtype):
             assert torch.equal(torch.from_numpy(loaded), state[hf_name(ours)]), ours
 
 
+def test_llama_gguf_with_attention_biases_matches_the_source_model(tmp_path):
+    """llama.cpp permutes q/k biases like their weights; the 1-D path must undo it too."""
+    from hookedcot import HookedCoT
+
+    model = tiny_hf_model("llama", N_VOCAB, attention_bias=True)
+    path = write_gguf(tmp_path / "bias.gguf", "llama", model.config, gguf_tensors(model, "llama"), VOCAB, T.F32)
+    ours = HookedCoT.from_pretrained(path, dtype="float32")
+    assert torch.equal(ours.blocks[0].attn.q_proj.bias, model.model.layers[0].self_attn.q_proj.bias)
+    assert torch.equal(ours.blocks[1].attn.k_proj.bias, model.model.layers[1].self_attn.k_proj.bias)
+    tokens = torch.randint(0, N_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = ours(tokens), model(tokens).logits
+    assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("qtype", [T.F32, T.Q8_0], ids=lambda t: t.name)
 def test_tiny_gguf_matches_transformers_loader_and_logits(tiny_models, tmp_path, arch, qtype):
