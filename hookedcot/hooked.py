@@ -19,7 +19,7 @@ from torch import Tensor
 from hookedcot.cache import ActivationCache
 from hookedcot.config import ModelConfig
 from hookedcot.hook_names import all_hook_names, spec_of
-from hookedcot.hook_points import HookFn, HookRun, NameOrFilter, resolve_hooks, scoped_hooks
+from hookedcot.hook_points import HookFn, HookRun, NameOrFilter, no_positions, resolve_hooks, scoped_hooks
 from hookedcot.kv_cache import KVCache
 from hookedcot.memory import retain_freed_memory
 from hookedcot.model import Transformer
@@ -212,6 +212,11 @@ class HookedCoT(Transformer):
 
     def reset_hooks(self) -> None:
         self._persistent = {}
+
+    def active_hook_names(self) -> list[str]:
+        """Hook points a forward run here and now would call hooks on: persistent hooks plus
+        those scoped to this thread by enclosing `hooks()` blocks."""
+        return sorted(HookRun(self._persistent, no_positions(), None, None).active)
 
     def cache_names(self, names_filter: NamesFilter = None) -> list[str]:
         """The hook names a `names_filter` selects (None: everything but the opt-in hook_result)."""

@@ -254,3 +254,16 @@ def test_steering_during_generation_from_a_position(model):
     assert torch.equal(model.generate(prompt, 6, stop_at_eos=False, fwd_hooks=[("blocks.1.hook_resid_post", steer(0.0))]), base)
     steered = model.generate(prompt, 6, stop_at_eos=False, fwd_hooks=[("blocks.1.hook_resid_post", steer(1.0))])
     assert torch.equal(steered[:, :7], base[:, :7]) and not torch.equal(steered, base)
+
+
+def test_active_hook_names_sees_persistent_and_scoped_hooks(model):
+    a, b = "blocks.0.hook_resid_pre", "blocks.1.hook_mlp_out"
+    assert model.active_hook_names() == []
+    model.add_hook(a, lambda x, h: None)
+    try:
+        with model.hooks([(b, lambda x, h: None)]):
+            assert model.active_hook_names() == sorted([a, b])
+        assert model.active_hook_names() == [a]
+    finally:
+        model.reset_hooks()
+    assert model.active_hook_names() == []

@@ -56,14 +56,24 @@ def test_sites_in_the_shared_prefix_are_not_run_and_equal_running_them(model, pa
     rows_run = []
     real_run_batch = patching._run_batch
     monkeypatch.setattr(patching, "_run_batch", lambda r, s, *a: rows_run.append(len(s)) or real_run_batch(r, s, *a))
-    skipped = run_sites(runs, sites, kl_metric(runs), progress=False)
-    assert sum(rows_run) == CFG.n_layers * (14 - 4)
-    run_all = run_sites(runs, sites, kl_metric(runs), progress=False, skip_inert=False)
+    metric = kl_metric(runs)
+    straddling = Site(get_act_name("resid_pre", 1), (3, 4))  # reaches past the prefix: must run
+    skipped = run_sites(runs, sites + [straddling], metric, progress=False)
+    assert sum(rows_run) == CFG.n_layers * (14 - 4) + 1
+    inert = [i for i, s in enumerate(sites) if s.positions[0] < 4]
+    assert torch.equal(skipped[inert], metric(runs.logits("corrupted", [-1])).float().expand(len(inert)))
+    run_all = run_sites(runs, sites + [straddling], metric, progress=False, skip_inert=False)
     torch.testing.assert_close(skipped, run_all, rtol=0, atol=1e-6)
-    # hooks shaping a run (noise, steering) void the shortcut
-    noisy = prepare_runs(model, clean, corrupted, [get_act_name("resid_pre", 0)],
-                         target_hooks=[(get_act_name("resid_pre", 0), lambda x, h: x)])
-    assert noisy.shared_prefix == 0
+    # hooks shaping a run (noise, steering; given to prepare_runs, persistent or scoped) void the shortcut
+    name = get_act_name("resid_pre", 0)
+    assert prepare_runs(model, clean, corrupted, [name], target_hooks=[(name, lambda x, h: x)]).shared_prefix == 0
+    with model.hooks([(name, lambda x, h: x)]):
+        assert prepare_runs(model, clean, corrupted, [name]).shared_prefix == 0
+    model.add_hook(name, lambda x, h: x)
+    try:
+        assert prepare_runs(model, clean, corrupted, [name]).shared_prefix == 0
+    finally:
+        model.reset_hooks()
 
 
 def test_patching_all_of_layer0_resid_pre_gives_the_clean_run(model, pair):

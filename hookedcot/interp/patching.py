@@ -55,7 +55,8 @@ class PatchRuns:
     corrupted_final: Tensor
     target_hooks: list = field(default_factory=list)
     # Positions before this one hold the same activations in both runs (same tokens, causal model,
-    # no hooks shaping either run), so patching there changes nothing: 0 when unknown.
+    # no hooks of any kind — target, source, persistent or scoped — shaping either run), so
+    # patching there changes nothing: 0 when unknown.
     shared_prefix: int = 0
 
     @property
@@ -114,7 +115,7 @@ def prepare_runs(
     corrupt_final, corrupt_cache = model.run_with_cache(
         corrupt_t, names_filter=resid_names, fwd_hooks=list(target_hooks), past_kv=kv, stop_at_layer=n
     )
-    plain_runs = not target_hooks and not source_hooks
+    plain_runs = not target_hooks and not source_hooks and not model.active_hook_names()
     return PatchRuns(
         model, clean_t, corrupt_t, dict(clean_cache.items()),
         {layer: corrupt_cache["resid_pre", layer] for layer in range(n)},
