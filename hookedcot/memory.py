@@ -5,7 +5,7 @@ its trim threshold (by default twice the largest block it recently mapped). A `r
 of every hook allocates gigabytes and frees them all when the cache goes, so the next call
 faults every page in again: measured on SmolLM2 at 8 × 128 tokens, about 49k minor faults and
 1.3–1.4 × the plain forward's time. With the thresholds fixed, the memory stays in the heap and
-is reused: 0 faults and 1.01–1.07 × (benchmarks, 2026-11-28). TransformerLens loses the same way on every forward (design §5).
+is reused: 0 faults and about the plain forward's time. TransformerLens loses the same way on every forward (design §5).
 
 The setting is process-wide and made once, when the first model is built. Opt out with
 HOOKEDCOT_RETAIN_FREED_MEMORY=0 (the process then returns freed memory to the OS at once, at

@@ -22,14 +22,6 @@ from hookedcot.kv_cache import KVCache
 from hookedcot.rope import apply_rotary, inv_freq, rotary_tables
 
 
-# oneDNN's matrix-vector product reads the weights with every thread; MKL's, which F.linear
-# calls on the CPU, with one. For a weight that streams from memory that pays: SmolLM2's
-# unembedding takes 5.0 ms instead of 9.2 ms a step with 2 threads. But each oneDNN call costs
-# ~60 µs of its own, more than a small weight's whole product (a 30-layer model with d_model 64
-# decoded at 30 ms a token this way against transformers' 20), so only weights of at least
-# GEMV_MIN_WEIGHT elements take it. The sum order differs: such logits differ from F.linear's by
-# about 1e-6 relative. Only generation's steps take it (inside `decode_kernels()`); every other
-# forward, lens and sweep stays on F.linear, bit-identical to transformers.
 GEMV_MAX_ROWS = 4
 GEMV_MIN_WEIGHT = 1 << 20  # elements: 4 MiB in float32
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
@@ -38,7 +30,14 @@ _DECODING: ContextVar[bool] = ContextVar("hookedcot_decoding", default=False)
 
 @contextmanager
 def decode_kernels() -> Iterator[None]:
-    """Within: decode-shaped products (at most GEMV_MAX_ROWS rows) with big weights take oneDNN's GEMV."""
+    """Within (generate runs its prefill, steps, hooks and callbacks here): products of at most
+    GEMV_MAX_ROWS rows with weights of GEMV_MIN_WEIGHT elements or more take oneDNN's GEMV on a
+    multi-threaded CPU in float32.
+
+    Why: oneDNN reads the weights with every thread, MKL's sgemv (F.linear's) with one; SmolLM2's
+    unembedding takes 5.0 ms instead of 9.2 ms with 2 threads. A oneDNN call costs ~60 µs of its
+    own, so small weights stay on MKL. The sum order differs: such logits differ from F.linear's by
+    ~1e-6 relative. Outside this context every product is F.linear, bit-identical to transformers."""
     token = _DECODING.set(True)
     try:
         yield

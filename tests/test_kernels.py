@@ -59,3 +59,18 @@ def test_prompts_gradients_and_one_thread_stay_on_f_linear(two_threads):
     torch.set_num_threads(1)
     with torch.inference_mode(), decode_kernels():
         assert not model_module._use_onednn_gemv(step, layer.weight)
+
+
+@needs_onednn
+def test_linear_calls_onednn_exactly_when_the_rule_says(two_threads, monkeypatch):
+    calls = []
+    real = model_module._ONEDNN_LINEAR
+    monkeypatch.setattr(model_module, "_ONEDNN_LINEAR", lambda *a: calls.append(1) or real(*a))
+    layer, step = _layer(), torch.randn(1, 1, 64)
+    with torch.inference_mode():
+        layer(step)
+        assert calls == []  # outside generate: F.linear
+        with decode_kernels():
+            layer(step)
+            layer(torch.randn(1, GEMV_MAX_ROWS + 1, 64))
+    assert calls == [1]
