@@ -197,3 +197,16 @@ def test_attribution_patching_correlates_with_exact_sweep_on_a_near_linear_model
 def test_unequal_lengths_rejected(model):
     with pytest.raises(ValueError, match="equal lengths"):
         patch_layers(model, torch.zeros(1, 5, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long), progress=False)
+
+
+def test_run_sites_takes_negative_positions_and_refuses_sites_outside_the_blocks(model, pair):
+    clean, corrupted = pair
+    runs = prepare_runs(model, clean, corrupted, [get_act_name("resid_pre", 1)])
+    metric = kl_metric(runs)
+    by_neg, by_pos = run_sites(runs, [Site(get_act_name("resid_pre", 1), (-10,)), Site(get_act_name("resid_pre", 1), (4,))],
+                               metric, progress=False)
+    assert by_neg == by_pos and by_pos > 1e-3  # position 4 of 14 is where the prompts differ
+    with pytest.raises(ValueError, match="blocks.0.hook_resid_pre"):
+        run_sites(runs, [Site("hook_embed", (4,))], metric, progress=False)
+    with pytest.raises(ValueError, match="outside the 14-token prompt"):
+        run_sites(runs, [Site(get_act_name("resid_pre", 1), (14,))], metric, progress=False)

@@ -11,7 +11,7 @@ Sweeps (by layer, layer × position, head, component, span) are thin callers of 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
@@ -222,6 +222,7 @@ def run_sites(
     (`skip_inert=False` runs it anyway)."""
     model = runs.model
     n_pos = runs.n_pos
+    sites = [_checked_site(s, n_pos) for s in sites]
     metric_pos = sorted({p % n_pos for p in metric_positions})
     values = torch.empty(len(sites))
     inert = [i for i, s in enumerate(sites) if skip_inert and _last_pos(s, n_pos) < runs.shared_prefix]
@@ -261,6 +262,19 @@ def _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model, m
             j += 1
         yield order[i:j]
         i = j
+
+
+def _checked_site(site: Site, n_pos: int) -> Site:
+    """The site with absolute positions; a hook outside the blocks or a position outside the
+    prompt is an error (the batched runs start at a block, so such a patch would silently do nothing)."""
+    if layer_of(site.hook) is None:
+        hint = " (patch blocks.0.hook_resid_pre instead: the same tensor)" if site.hook == "hook_embed" else ""
+        raise ValueError(f"run_sites patches hooks inside the blocks; {site.hook!r} is outside them{hint}")
+    if site.positions is None:
+        return site
+    if bad := [p for p in site.positions if not -n_pos <= p < n_pos]:
+        raise ValueError(f"site {site.hook!r}: positions {bad} fall outside the {n_pos}-token prompt")
+    return replace(site, positions=tuple(p % n_pos for p in site.positions))
 
 
 def _first_pos(site: Site, n_pos: int) -> int:
