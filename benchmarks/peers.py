@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from abc import ABC, abstractmethod
 import tempfile
 import warnings
 from pathlib import Path
@@ -47,14 +48,15 @@ def _hf_patch_pre_hook(pos: int, value: Tensor):
     return pre_hook
 
 
-class Tool:
+class Tool(ABC):
     """The interface; every method may return a reason string instead of a callable."""
 
     name = "tool"
     model: Any = None
 
+    @abstractmethod
     def forward_cases(self, tokens: Tensor) -> dict[str, Fn | str]:
-        raise NotImplementedError
+        """Case name -> a zero-argument callable running it (or the reason this tool cannot)."""
 
     def generate(self, tokens: Tensor, n_new: int, hook_layer: int | None) -> Fn | str:
         return "not implemented for this tool"
@@ -67,8 +69,9 @@ class Tool:
         """Last-position logits [vocab] with resid_pre of `layer` at `pos` replaced by `value` [d]."""
         return "not implemented for this tool"
 
+    @abstractmethod
     def last_logits(self, tokens: Tensor) -> Tensor:
-        raise NotImplementedError
+        """Logits [vocab] at the last position of a plain forward."""
 
 
 # ---------------------------------------------------------------- ours
