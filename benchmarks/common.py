@@ -24,10 +24,18 @@ import torch
 
 CACHE_DIR = Path(os.environ.get("HOOKEDCOT_BENCH_CACHE", "~/.cache/hookedcot-bench")).expanduser()
 SMOLLM2 = "smollm2-135m-instruct"
+# SmolLM2's exact shape with random weights: what a machine without the embedded GGUF runs (the GPU
+# machine: the 98 MB file does not travel there). Same FLOPs and bytes, so the same timings.
+SMOLLM2_SHAPE = "smollm2-135m-shape"
 
 # Random-weight checkpoints with the real shapes of the models the design's anchors used.
 # name -> (transformers config class, config kwargs). Written down here so a run can be repeated.
 RANDOM_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
+    SMOLLM2_SHAPE: ("LlamaConfig", dict(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, head_dim=64, rope_theta=1e5, rms_norm_eps=1e-5,
+        tie_word_embeddings=True, max_position_embeddings=8192, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+    )),
     "qwen2-0.5b-shape": ("Qwen2Config", dict(
         vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, rope_theta=1e6, rms_norm_eps=1e-6,
@@ -42,7 +50,7 @@ RANDOM_SPECS: dict[str, tuple[str, dict[str, Any]]] = {
         tie_word_embeddings=True, max_position_embeddings=131072, bos_token_id=128000, eos_token_id=128001,
     )),
 }
-DEFAULT_MODELS = [SMOLLM2, *RANDOM_SPECS]
+DEFAULT_MODELS = [SMOLLM2, *(m for m in RANDOM_SPECS if m != SMOLLM2_SHAPE)]
 ALL_PEERS = ("hf_sdpa", "hf_eager", "tl", "bridge", "nnsight")
 
 
@@ -67,9 +75,14 @@ class Settings:
         return [m for m in self.models if self.models_explicit or m not in skip_by_default]
 
     def peers_for(self, model: str, extra_models: set[str] = frozenset()) -> tuple[str, ...]:
-        if self.peers_everywhere or model == SMOLLM2 or model in extra_models or self.size == "tiny":
+        if self.peers_everywhere or is_smollm2(model) or model in extra_models or self.size == "tiny":
             return self.peers
         return tuple(p for p in self.peers if p == "hf_sdpa")
+
+    @property
+    def gpu(self) -> bool:
+        """A CUDA run: every model gets the CPU pass's SmolLM2 treatment (time is no object there)."""
+        return self.device.startswith("cuda")
 
     @property
     def quick(self) -> bool:
@@ -84,6 +97,11 @@ class Settings:
 
 
 # ---------------------------------------------------------------- checkpoints
+def is_smollm2(model: str) -> bool:
+    """SmolLM2, real or its random-weight twin: the model every tool and shape runs on."""
+    return model in (SMOLLM2, SMOLLM2_SHAPE)
+
+
 def checkpoint_folder(model: str, cache_dir: Path = CACHE_DIR) -> Path:
     """An HF safetensors folder for `model`, built once and reused: the embedded SmolLM2 GGUF as
     transformers dequantises it (plus its tokenizer), a RANDOM_SPECS entry with random weights, or

@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.common import (
     log, short,
-    SMOLLM2, Settings, budget_verdict, checkpoint_folder, free_memory, interleaved, paired_ratio,
+    Settings, budget_verdict, is_smollm2, checkpoint_folder, free_memory, interleaved, paired_ratio,
     random_tokens, result, stats,
 )
 from benchmarks.peers import LABELS, Unavailable, load_tool
@@ -24,6 +24,7 @@ NAME = "forward"
 # (batch, pos) per size; the big random-shape models run the design's anchor shape only on CPU.
 # 8 × 512 (about 35 s per call on one core) is left out of the default CPU pass.
 SHAPES = {"full": [(1, 128), (8, 128), (1, 512)], "quick": [(1, 128)], "tiny": [(1, 8)]}
+GPU_SHAPES = [(1, 128), (8, 128), (1, 512), (8, 512)]  # every model, in the full pass
 BIG_MODEL_SHAPES = {"full": [(1, 128)], "quick": [(1, 128)], "tiny": [(1, 8)]}
 # Interleaved rounds: as many as fit in TARGET_S per group and shape, within [MIN, MAX].
 TARGET_S = {"full": 40.0, "quick": 12.0, "tiny": 0.0}
@@ -37,7 +38,9 @@ BUDGETS = {  # case -> (what, ratio key, budget)
 
 
 def shapes_for(model: str, settings: Settings) -> list[tuple[int, int]]:
-    table = SHAPES if model == SMOLLM2 or settings.size == "tiny" else BIG_MODEL_SHAPES
+    if settings.gpu and settings.size == "full":
+        return GPU_SHAPES
+    table = SHAPES if is_smollm2(model) or settings.size == "tiny" else BIG_MODEL_SHAPES
     return table[settings.size]
 
 
@@ -98,7 +101,8 @@ def run(settings: Settings) -> dict:
                     continue
                 tools = {group_name: peer, **({"hf_sdpa": ref} if ref else {})}
             subjects = set(tools) if group_name == "ours" else {group_name}
-            diffs = {name: max_logit_diff(t, ref, random_tokens(1, 16, vocab, seed=1)) for name, t in tools.items()}
+            probe = random_tokens(1, 16, vocab, seed=1).to(settings.device)
+            diffs = {name: max_logit_diff(t, ref, probe) for name, t in tools.items()}
             for i, (batch, pos) in enumerate(shapes_for(model, settings)):
                 if i > 0 and group_name != "ours":
                     break  # peers: the first shape only (time); ours and the reference: every shape

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks.common import (
     log, short,
-    SMOLLM2, Settings, budget_verdict, checkpoint_folder, free_memory, interleaved, paired_ratio,
+    Settings, budget_verdict, is_smollm2, checkpoint_folder, free_memory, interleaved, paired_ratio,
     random_tokens, result, stats,
 )
 from benchmarks.peers import LABELS, Unavailable, load_tool
@@ -21,6 +21,7 @@ NAME = "generate"
 PROMPT_LEN = {"full": 32, "quick": 32, "tiny": 4}
 NEW_TOKENS = {"full": 32, "quick": 16, "tiny": 3}
 NEW_TOKENS_BIG = {"full": 8, "quick": 8, "tiny": 3}
+GPU_NEW_TOKENS = 32  # every model, full and quick
 REPS = {"full": 3, "quick": 2, "tiny": 1}
 BUDGET = 1.5
 SKIP_BY_DEFAULT = {"llama3.2-1b-shape"}  # minutes per call on a 2-core CPU; name it in --models to run it
@@ -28,12 +29,14 @@ SKIP_BY_DEFAULT = {"llama3.2-1b-shape"}  # minutes per call on a 2-core CPU; nam
 
 def run(settings: Settings) -> dict:
     rows, skipped, notes, budgets = [], [], [], []
-    for model in settings.models_for(SKIP_BY_DEFAULT):
+    for model in settings.models_for(set() if settings.gpu else SKIP_BY_DEFAULT):
         folder = checkpoint_folder(model, settings.cache_dir)
         ours = load_tool("ours", folder, settings.dtype, settings.device)
         cfg = ours.model.cfg
         mid = cfg.n_layers // 2
-        n_new = (NEW_TOKENS if model == SMOLLM2 else NEW_TOKENS_BIG)[settings.size]
+        n_new = (NEW_TOKENS if is_smollm2(model) else NEW_TOKENS_BIG)[settings.size]
+        if settings.gpu and settings.size != "tiny":
+            n_new = GPU_NEW_TOKENS
         prompt = random_tokens(1, PROMPT_LEN[settings.size], cfg.d_vocab, seed=2).to(settings.device)
         ref = None
         if settings.wants("hf_sdpa"):

@@ -1,5 +1,7 @@
 """Question 4: loading the same checkpoint, each tool in a FRESH subprocess: wall time and peak
 memory (the child's own high-water RSS, VmHWM) as a ratio to the weight bytes in the target dtype.
+With `--device cuda` each tool loads onto the GPU, and the GPU's peak allocation
+(`torch.cuda.max_memory_allocated`, load and first forward) is reported beside the host RSS.
 
 The child imports the tool first, then records its resident memory (the interpreter, torch and
 the tool's own modules), then loads. `load_x_weights` = (peak RSS - RSS before loading) / weight
@@ -21,7 +23,7 @@ from pathlib import Path
 
 from benchmarks.common import (
     log, short,
-    SMOLLM2, Settings, budget_verdict, checkpoint_folder, paired_ratio, result, stats,
+    SMOLLM2, Settings, budget_verdict, is_smollm2, checkpoint_folder, paired_ratio, result, stats,
 )
 from benchmarks.peers import LABELS
 
@@ -72,44 +74,54 @@ def _peak_rss_bytes() -> int:
     return hwm or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _child(tool: str, source: str, dtype_name: str, threads: int) -> dict:
+def _child(tool: str, source: str, dtype_name: str, threads: int, device: str = "cpu") -> dict:
     """Runs in the fresh process: import, measure, load, measure."""
     import torch
 
     if threads:
         torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
+    gpu = device.startswith("cuda")
+    if gpu:
+        torch.zeros(1, device=device)  # the CUDA context is not the load's cost
+    done = (lambda: torch.cuda.synchronize()) if gpu else (lambda: None)  # noqa: E731
     t0 = time.perf_counter()
     if tool in ("ours", "ours_gguf"):
         from hookedcot import HookedCoT
 
-        load = lambda: HookedCoT.from_pretrained(source, dtype=dtype)  # noqa: E731
+        load = lambda: HookedCoT.from_pretrained(source, dtype=dtype, device=device)  # noqa: E731
     elif tool in ("hf_sdpa", "hf_gguf"):
         from transformers import AutoModelForCausalLM
 
+        # device_map puts each tensor on the GPU as it is read: transformers' own lean path
+        to = {"device_map": device} if gpu else {}
         if tool == "hf_gguf":
             path = Path(source)
-            load = lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)  # noqa: E731
+            load = lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **to)  # noqa: E731
         else:
-            load = lambda: AutoModelForCausalLM.from_pretrained(source, dtype=dtype)  # noqa: E731
+            load = lambda: AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **to)  # noqa: E731
     else:
         from benchmarks.peers import load_tool
 
-        load = lambda: load_tool(tool, Path(source), dtype, "cpu")  # noqa: E731  (TL's path loads HF first)
+        load = lambda: load_tool(tool, Path(source), dtype, device)  # noqa: E731  (TL's path loads HF first)
     import_s = time.perf_counter() - t0
     before = _status_bytes("VmRSS")
     t1 = time.perf_counter()
     model = load()
+    done()
     load_s = time.perf_counter() - t1
     peak = _peak_rss_bytes()
+    gpu_peak = torch.cuda.max_memory_allocated() if gpu else None
     # transformers maps safetensors files and reads pages when the forward first touches them: its
     # load-time RSS is low and the cost moves to the first forward. Measure through one forward.
     t2 = time.perf_counter()
     with torch.inference_mode():
-        _first_forward(model, torch.tensor([[5, 6, 7, 8]]))
+        _first_forward(model, torch.tensor([[5, 6, 7, 8]], device=device))
+    done()
     forward_s = time.perf_counter() - t2
     return {"import_s": import_s, "load_s": load_s, "first_forward_s": forward_s, "rss_before_load": before,
-            "peak_rss": peak, "peak_rss_after_forward": _peak_rss_bytes()}
+            "peak_rss": peak, "peak_rss_after_forward": _peak_rss_bytes(), "gpu_peak_after_load": gpu_peak,
+            "gpu_peak_after_forward": torch.cuda.max_memory_allocated() if gpu else None}
 
 
 def _first_forward(model, tokens):
@@ -122,7 +134,7 @@ def _first_forward(model, tokens):
 
 def spawn(tool: str, source: Path, settings: Settings) -> dict:
     cmd = [sys.executable, "-m", "benchmarks.loading", "--child", tool, str(source), settings.dtype_name,
-           str(settings.threads or 0)]
+           str(settings.threads or 0), settings.device]
     env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=root, env=env, timeout=1800)
@@ -135,8 +147,6 @@ def spawn(tool: str, source: Path, settings: Settings) -> dict:
 
 def run(settings: Settings) -> dict:
     rows, skipped, notes, budgets = [], [], [], []
-    if settings.device != "cpu":
-        notes.append("loading is measured on CPU (host RSS); --device does not apply")
     import torch
 
     elem = torch.finfo(settings.dtype).bits // 8
@@ -144,7 +154,8 @@ def run(settings: Settings) -> dict:
         folder = checkpoint_folder(model, settings.cache_dir)
         warm_page_cache(folder)
         weights = weight_bytes_of_folder(folder, elem)
-        tools = ["ours"] + [p for p in settings.peers_for(model, {"qwen2-0.5b-shape"}) if p in ("hf_sdpa", "tl", "bridge", "nnsight")]
+        extra = set() if settings.gpu else {"qwen2-0.5b-shape"}
+        tools = ["ours"] + [p for p in settings.peers_for(model, extra) if p in ("hf_sdpa", "tl", "bridge", "nnsight")]
         sources = {t: folder for t in tools}
         if model == SMOLLM2 and settings.size == "full":
             from hookedcot.embedded import embedded_model_path
@@ -154,7 +165,7 @@ def run(settings: Settings) -> dict:
             if "hf_sdpa" in tools:
                 sources["hf_gguf"] = gguf
         runs: dict[str, list[dict]] = {t: [] for t in sources}
-        rounds = ROUNDS[settings.size] if model == SMOLLM2 else 1
+        rounds = ROUNDS[settings.size] if is_smollm2(model) and not settings.gpu else 1
         for r in range(rounds):
             order = list(sources)[r % len(sources):] + list(sources)[: r % len(sources)]
             for tool in order:
@@ -182,7 +193,14 @@ def run(settings: Settings) -> dict:
                 "rss_before_MiB": before / 2**20, "peak_rss_MiB": peak / 2**20,
                 "load_x_weights": (peak - before) / weights, "peak_x_weights": peak / weights,
                 "with_forward_x_weights": (peak_fwd - before) / weights,
+                "gpu_peak_x_weights": (max(x["gpu_peak_after_forward"] for x in ok) / weights
+                                       if ok[0].get("gpu_peak_after_forward") is not None else None),
             })
+            if tool == "ours" and rows[-1]["gpu_peak_x_weights"] is not None:
+                ratio = rows[-1]["gpu_peak_x_weights"]
+                budgets.append({"budget": "loading onto the GPU: peak GPU memory ≤ 1.05 × weight bytes (load + first forward)",
+                                "model": short(model), "shape": settings.dtype_name, "ratio": ratio, "limit": BUDGET,
+                                "verdict": budget_verdict(ratio, BUDGET, False)})
             if tool == "ours":
                 ratio = (peak_fwd - before) / weights
                 budgets.append({"budget": "loading: peak RSS ≤ 1.05 × weight bytes (RSS added by load + first forward)",
@@ -193,17 +211,21 @@ def run(settings: Settings) -> dict:
                  "the files and reads the pages only when a forward touches them, so its load-time RSS is not the "
                  "memory the model costs); peak_x_weights = peak after loading, imports included. TL's load is "
                  "TransformerLens' real path: transformers loads the model, then TL converts its state dict. "
-                 "x HF time: (load + first forward) over transformers' (load + first forward), median over rounds.")
+                 "x HF time: (load + first forward) over transformers' (load + first forward), median over rounds."
+                 + (" gpu_peak_x_weights: torch.cuda.max_memory_allocated through load and first forward / weight "
+                    "bytes; transformers loads with device_map (straight onto the GPU)." if settings.gpu else ""))
     return result(NAME, rows, skipped, notes, budgets)
 
 
 TABLE_COLUMNS = ["model", "label", "source", "weight_MiB", "load_s", "load_and_forward_s", "x_hf_time",
-                 "rss_before_MiB", "peak_rss_MiB", "load_x_weights", "with_forward_x_weights", "peak_x_weights"]
+                 "rss_before_MiB", "peak_rss_MiB", "load_x_weights", "with_forward_x_weights", "peak_x_weights",
+                 "gpu_peak_x_weights"]
 
 
 if __name__ == "__main__":
     if len(sys.argv) >= 5 and sys.argv[1] == "--child":
-        print(json.dumps(_child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]) if len(sys.argv) > 5 else 0)))
+        print(json.dumps(_child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]) if len(sys.argv) > 5 else 0,
+                                *sys.argv[6:7])))
     else:
         from benchmarks.__main__ import main
 

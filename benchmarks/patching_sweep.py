@@ -17,7 +17,7 @@ import torch
 
 from benchmarks.common import (
     log, short,
-    SMOLLM2, Settings, budget_verdict, checkpoint_folder, free_memory, random_tokens, result, stats, sync,
+    Settings, budget_verdict, is_smollm2, checkpoint_folder, free_memory, random_tokens, result, stats, sync,
 )
 from benchmarks.peers import LABELS, Unavailable, load_tool
 
@@ -89,16 +89,17 @@ def run(settings: Settings) -> dict:
 
     rows, skipped, notes, budgets = [], [], [], []
     size = settings.size
-    for model in settings.models_for(SKIP_BY_DEFAULT):
+    for model in settings.models_for(set() if settings.gpu else SKIP_BY_DEFAULT):
         folder = checkpoint_folder(model, settings.cache_dir)
         ours = load_tool("ours", folder, settings.dtype, settings.device)
         m = ours.model
         n_layers = m.cfg.n_layers
-        stride = (SMOL_LAYER_STRIDE if model == SMOLLM2 else LAYER_STRIDE)[size]
-        layers = list(range(0, n_layers, stride))
+        stride = (SMOL_LAYER_STRIDE if is_smollm2(model) else LAYER_STRIDE)[size]
+        every_site = settings.gpu or is_smollm2(model)  # a GPU sweeps the whole grid of every model
+        layers = list(range(0, n_layers, 1 if settings.gpu and size == "full" else stride))
         clean, corrupted = (t.to(settings.device) for t in make_pair(m.cfg.d_vocab, PROMPT_LEN[size]))
         n_pos = clean.shape[1]
-        positions = list(range(0, n_pos, 1 if model == SMOLLM2 else POS_STRIDE[size]))
+        positions = list(range(0, n_pos, 1 if every_site else POS_STRIDE[size]))
         n_sites = len(layers) * len(positions)
         gen = torch.Generator().manual_seed(4)
         pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731

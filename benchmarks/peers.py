@@ -360,15 +360,23 @@ def _load_hf(folder: Path, dtype: torch.dtype, device: str, attn: str) -> Any:
 
 
 def _any_tokenizer(folder: Path) -> Any:
-    """The checkpoint's tokenizer, else SmolLM2's (random-weight checkpoints have none; every
-    benchmark passes token ids, the tokenizer only satisfies the wrappers)."""
+    """The checkpoint's tokenizer, else the folder HOOKEDCOT_BENCH_TOKENIZER names, else SmolLM2's
+    (random-weight checkpoints have none; every benchmark passes token ids, the tokenizer only
+    satisfies the wrappers). None where none of them is at hand."""
     from transformers import AutoTokenizer
 
     from benchmarks.common import SMOLLM2, checkpoint_folder
 
-    for source in (folder, checkpoint_folder(SMOLLM2)):
-        if (Path(source) / "tokenizer.json").is_file() or (Path(source) / "tokenizer_config.json").is_file():
-            return AutoTokenizer.from_pretrained(source)
+    def smollm2() -> Path | None:
+        try:
+            return checkpoint_folder(SMOLLM2)
+        except FileNotFoundError:  # the embedded GGUF is not installed (the GPU machine)
+            return None
+
+    for source in (lambda: folder, lambda: os.environ.get("HOOKEDCOT_BENCH_TOKENIZER"), smollm2):
+        path = source()
+        if path and ((Path(path) / "tokenizer.json").is_file() or (Path(path) / "tokenizer_config.json").is_file()):
+            return AutoTokenizer.from_pretrained(path)
     return None
 
 

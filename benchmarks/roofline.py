@@ -13,13 +13,16 @@ import torch
 
 from benchmarks.common import (
     log, short,
-    Settings, SMOLLM2, budget_verdict, checkpoint_folder, free_memory, interleaved, random_tokens, result, stats,
+    Settings, budget_verdict, is_smollm2, checkpoint_folder, free_memory, interleaved, random_tokens, result, stats,
 )
 from benchmarks.peers import LABELS, Unavailable, load_tool
 
 NAME = "roofline"
 SHAPE = {"full": (8, 128), "quick": (2, 128), "tiny": (1, 8)}
 MATMUL_N = {"full": 2048, "quick": 2048, "tiny": 64}
+# A GPU needs far more tokens to be busy, and a far bigger product to reach its peak.
+GPU_SHAPE, GPU_MATMUL_N = {"full": (16, 1024), "quick": (8, 512), "tiny": (1, 8)}, {"full": 8192, "quick": 8192, "tiny": 64}
+GPU_REPS = 10
 REPS = {"full": 3, "quick": 3, "tiny": 1}
 BUDGET, AIM = 0.6, 0.85
 SKIP_BY_DEFAULT = {"llama3.2-1b-shape"}  # about a minute per 8×128 forward on 2 cores
@@ -37,17 +40,17 @@ def forward_flops(model: torch.nn.Module, batch: int, pos: int) -> float:
 
 def run(settings: Settings) -> dict:
     rows, skipped, notes, budgets = [], [], [], []
-    n = MATMUL_N[settings.size]
+    n = (GPU_MATMUL_N if settings.gpu else MATMUL_N)[settings.size]
     a = torch.randn(n, n, dtype=settings.dtype, device=settings.device)
     b_ = torch.randn(n, n, dtype=settings.dtype, device=settings.device)
     matmul_flops = 2.0 * n**3
-    models = settings.models_for(SKIP_BY_DEFAULT)
+    models = settings.models_for(set() if settings.gpu else SKIP_BY_DEFAULT)
     if settings.size == "quick" and not settings.models_explicit:
-        models = [m for m in models if m == SMOLLM2] or models[:1]
+        models = [m for m in models if is_smollm2(m)] or models[:1]
     for model in models:
         folder = checkpoint_folder(model, settings.cache_dir)
         ours = load_tool("ours", folder, settings.dtype, settings.device)
-        batch, pos = SHAPE[settings.size]
+        batch, pos = (GPU_SHAPE if settings.gpu else SHAPE)[settings.size]
         ref = None
         tokens = random_tokens(batch, pos, ours.model.cfg.d_vocab).to(settings.device)
         flops = forward_flops(ours.model, batch, pos)
@@ -59,7 +62,8 @@ def run(settings: Settings) -> dict:
             except Unavailable as why:
                 skipped.append({"model": short(model), "tool": "hf_sdpa", "reason": str(why)})
         log(f"roofline {short(model)} {batch}×{pos}")
-        times = interleaved(fns, reps=REPS[settings.size], warmup=1, device=settings.device)
+        reps = GPU_REPS if settings.gpu and settings.size != "tiny" else REPS[settings.size]
+        times = interleaved(fns, reps=reps, warmup=2 if settings.gpu else 1, device=settings.device)
         peak = [matmul_flops / t for t in times["matmul"]]
         rows.append({"model": short(model), "tool": "matmul", "label": f"torch.matmul {n}×{n}", "shape": f"{n}×{n}",
                      "time_s": stats(times["matmul"]), "gflops": stats(peak)["median"] / 1e9, "fraction_of_peak": 1.0})
