@@ -159,8 +159,7 @@ class Attention(nn.Module):
         if rep > 1:
             key, v = key.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         scores = torch.matmul(q, key.transpose(2, 3)) * self.scaling  # b h q s
-        allowed = mask.bool_mask if mask.bool_mask is not None else mask.dense(q.shape[2], key.shape[2], q.device)
-        scores = scores.masked_fill(~allowed, float("-inf"))
+        scores = scores.masked_fill(mask.blocked(q.shape[2], key.shape[2], q.device), float("-inf"))
         scores = run(self.n_scores, scores)
         pattern = run(self.n_pattern, torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
         return torch.matmul(pattern, v)
@@ -213,10 +212,18 @@ class AttentionMask:
         self.past_len, self.n_new = past_len, n_new
         self.key_valid = None if attention_mask is None else attention_mask.bool()
         self.is_causal = self.key_valid is None and past_len == 0 and n_new > 1
+        self._blocked: Tensor | None = None
         if self.key_valid is None and (self.is_causal or n_new == 1):
             self.bool_mask = None
         else:
             self.bool_mask = self.dense(n_new, past_len + n_new, device)
+
+    def blocked(self, n_q: int, n_k: int, device: torch.device) -> Tensor:
+        """Where attention is NOT allowed, for layers that materialise their scores; built once per
+        forward and shared (on a GPU each mask op is a kernel launch per layer otherwise)."""
+        if self._blocked is None:
+            self._blocked = ~(self.bool_mask if self.bool_mask is not None else self.dense(n_q, n_k, device))
+        return self._blocked
 
     def dense(self, n_q: int, n_k: int, device: torch.device) -> Tensor:
         """Boolean [b or 1, 1, q, s] mask, True where attention is allowed."""

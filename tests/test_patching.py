@@ -3,6 +3,8 @@ slow obvious loop (one hooked forward per site)."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from model_factory import random_model
@@ -99,6 +101,28 @@ def test_layer_position_sweep_equals_naive_loop(model, pair, batch_size):
     # Only the patched token positions (4 and 9) can matter for resid_pre at layer 0.
     assert torch.all(result.values[0, [i for i in range(14) if i not in (4, 9)]].abs() < 1e-5)
     assert result.values[0, 4] > 1e-3
+
+
+def test_launch_bound_batching_merges_positions_and_keeps_values(model, pair, monkeypatch):
+    """On a GPU (`free_tokens` > 0) rows starting at different positions share a batch: far fewer
+    forwards, the same values as the CPU's tight batches."""
+    from hookedcot.interp import patching
+
+    clean, corrupted = pair
+    batches: list[int] = []
+    real_run_batch = patching._run_batch
+    monkeypatch.setattr(patching, "_run_batch", lambda r, s, *a: batches.append(len(s)) or real_run_batch(r, s, *a))
+    tight = patch_layer_position(model, clean, corrupted, progress=False).values
+    n_tight, batches[:] = len(batches), []
+    monkeypatch.setattr(patching, "free_tokens", lambda m: 10**6)
+    merged = patch_layer_position(model, clean, corrupted, progress=False).values
+    assert len(batches) < n_tight and max(batches) > 14  # whole layers and more per batch
+    torch.testing.assert_close(merged, tight, rtol=1e-5, atol=1e-6)
+    monkeypatch.undo()
+    assert patching.free_tokens(model) == 0  # the real rule: nothing is free on a CPU
+    smollm2 = ModelConfig(n_layers=30, d_model=576, n_heads=9, n_key_value_heads=3, d_head=64, d_mlp=1536, d_vocab=49152)
+    on_gpu = patching.free_tokens(SimpleNamespace(device=torch.device("cuda"), cfg=smollm2))
+    assert 64 * 64 < on_gpu < 10**5  # a whole 64-position layer of SmolLM2 per batch
 
 
 @pytest.mark.parametrize("hook", ["z", "v", "pattern"])

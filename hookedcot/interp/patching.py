@@ -232,30 +232,50 @@ def run_sites(
     live = [i for i in range(len(sites)) if i not in inert_set]
     order = sorted(live, key=lambda i: (sites[i].layer, _first_pos(sites[i], n_pos)))
     bar = tqdm(total=len(order), disable=not progress, desc="patching", leave=False)
-    for chunk in _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model):
+    for chunk in _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model, free_tokens(model)):
         values[chunk] = _run_batch(runs, [sites[j] for j in chunk], metric, metric_pos, reuse_prefix).float().cpu()
         bar.update(len(chunk))
     bar.close()
     return values
 
 
-def _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model, max_waste: float = 1.3):
+# Work per layer below which a GPU's time is set by kernel launches, not arithmetic: about 0.5 ms
+# of an H100/H200's bf16 matmul rate, the launch floor of one layer of a small model measured there.
+LAUNCH_BOUND_FLOPS = 4e11
+
+
+def free_tokens(model: Any) -> int:
+    """Tokens per layer a batch may compute at no cost on this device. On a GPU a patching batch of
+    a small model is launch-bound, so rows that start at different positions share a batch until
+    its matmuls reach `LAUNCH_BOUND_FLOPS` per layer; on a CPU every FLOP costs time: 0."""
+    if model.device.type != "cuda":
+        return 0
+    c = model.cfg
+    params = c.d_model * (2 * c.n_heads * c.d_head + 2 * c.n_key_value_heads * c.d_head) + 3 * c.d_model * c.d_mlp
+    return int(LAUNCH_BOUND_FLOPS / (2 * params))
+
+
+def _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model, free: int = 0, max_waste: float = 1.3):
     """Consecutive runs of `order` (sorted by layer, position) cut so that what a batch computes —
     every row from its lowest layer and earliest position on — stays within `max_waste` × the work
-    its rows need on their own, and within the memory budget."""
+    its rows need on their own (unless it computes at most `free` tokens per layer: see
+    `free_tokens`), and within the memory budget."""
     n_layers = model.cfg.n_layers
     i = 0
     while i < len(order):
         l_min = max(0, sites[order[i]].layer)
         p_min = min(_first_pos(sites[order[i]], n_pos), metric_pos[0]) if reuse_prefix else 0
-        size = auto_batch_size(model, n_pos - p_min, n_pos, len(metric_pos), batch_size)
+        # rows may reach back to position 0 once waste is free: size the batch for that
+        size = auto_batch_size(model, n_pos - (0 if free else p_min), n_pos, len(metric_pos), batch_size)
         need = (n_layers - l_min) * (n_pos - p_min)
         j = i + 1
         while j < len(order) and j - i < size:
             site = sites[order[j]]
             p = min(_first_pos(site, n_pos), metric_pos[0]) if reuse_prefix else 0
-            cost = (j - i + 1) * (n_layers - l_min) * (n_pos - min(p_min, p))
-            if isinstance(batch_size, str) and cost > max_waste * (need + (n_layers - max(0, site.layer)) * (n_pos - p)):
+            tokens = (j - i + 1) * (n_pos - min(p_min, p))
+            cost = tokens * (n_layers - l_min)
+            wasteful = cost > max_waste * (need + (n_layers - max(0, site.layer)) * (n_pos - p))
+            if isinstance(batch_size, str) and wasteful and tokens > free:
                 break
             need += (n_layers - max(0, site.layer)) * (n_pos - p)
             p_min = min(p_min, p)
