@@ -23,21 +23,19 @@ from hookedcot.rope import apply_rotary, inv_freq, rotary_tables
 
 
 GEMV_MAX_ROWS = 4
-GEMV_MIN_WEIGHT = 1 << 20  # elements: 4 MiB in float32
-_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+GEMV_MIN_WEIGHT = 1 << 17  # elements (512 KiB in float32): below it the split's own ops cost more than it saves
 _DECODING: ContextVar[bool] = ContextVar("hookedcot_decoding", default=False)
 
 
 @contextmanager
 def decode_kernels() -> Iterator[None]:
     """Within (generate runs its prefill, steps, hooks and callbacks here): products of at most
-    GEMV_MAX_ROWS rows with weights of GEMV_MIN_WEIGHT elements or more take oneDNN's GEMV on a
+    GEMV_MAX_ROWS rows with weights of GEMV_MIN_WEIGHT elements or more run as `split_linear` on a
     multi-threaded CPU in float32.
 
-    Why: oneDNN reads the weights with every thread, MKL's sgemv (F.linear's) with one; SmolLM2's
-    unembedding takes 5.0 ms instead of 9.2 ms with 2 threads. A oneDNN call costs ~60 µs of its
-    own, so small weights stay on MKL. The sum order differs: such logits differ from F.linear's by
-    ~1e-6 relative. Outside this context every product is F.linear, bit-identical to transformers."""
+    Why: F.linear's matrix-vector product (MKL's sgemv) streams the weights from one thread, about
+    12 GB/s here, whatever the thread count; the split reads them with every thread (SmolLM2's
+    gate / up products: 294 → 179 µs, cold, 2 threads). The bits are F.linear's (tested)."""
     token = _DECODING.set(True)
     try:
         yield
@@ -45,32 +43,51 @@ def decode_kernels() -> Iterator[None]:
         _DECODING.reset(token)
 
 
-def _use_onednn_gemv(x: Tensor, weight: Tensor) -> bool:
-    return (
+def gemv_splits(x: Tensor, weight: Tensor) -> int:
+    """Row blocks to cut `weight` into for this product (see decode_kernels); 0: plain F.linear."""
+    threads = torch.get_num_threads()
+    if not (
         _DECODING.get()
-        and _ONEDNN_LINEAR is not None
+        and threads > 1
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
+        and weight.is_contiguous()
         and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
         and weight.numel() >= GEMV_MIN_WEIGHT
         and not torch.is_grad_enabled()
-        and torch.get_num_threads() > 1
-    )
+    ):
+        return 0
+    return next((n for n in (2 * threads, threads) if weight.shape[0] % n == 0), 0)
+
+
+def split_linear(x: Tensor, weight: Tensor, bias: Tensor | None, splits: int) -> Tensor:
+    """F.linear as one batched product over `splits` row blocks of the weight, which torch's bmm
+    spreads over its threads. Each output is still one dot product by the same kernel, so the
+    result equals F.linear's bit for bit (tests/test_kernels.py checks it on the real shapes)."""
+    n_out, d = weight.shape
+    rows = x.reshape(1, -1, d).expand(splits, -1, d)
+    blocks = weight.view(splits, n_out // splits, d).transpose(1, 2)
+    if bias is None:
+        y = torch.bmm(rows, blocks)
+    else:
+        y = torch.baddbmm(bias.view(splits, 1, n_out // splits), rows, blocks)
+    return y.transpose(0, 1).reshape(*x.shape[:-1], n_out)
 
 
 class Linear(nn.Linear):
     """nn.Linear that skips random init on the meta device (loading fills it; initialising meta
-    tensors costs seconds of one-time torch imports and means nothing), and runs generation's
-    decode steps through oneDNN (see decode_kernels)."""
+    tensors costs seconds of one-time torch imports and means nothing), and spreads generation's
+    decode-step products over the CPU's threads (see decode_kernels)."""
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:
             super().reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        if _use_onednn_gemv(x, self.weight):
-            return _ONEDNN_LINEAR(x, self.weight, self.bias, "none", [], "")
+        splits = gemv_splits(x, self.weight)
+        if splits:
+            return split_linear(x, self.weight, self.bias, splits)
         return F.linear(x, self.weight, self.bias)
 
 

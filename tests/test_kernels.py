@@ -1,5 +1,5 @@
-"""The kernel choices in model.py: which products leave F.linear (generation's decode steps only),
-and that they stay close to it."""
+"""The kernel choice in model.py: which products leave F.linear (generation's decode steps only),
+and that they give F.linear's bits exactly."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from hookedcot import model as model_module
-from hookedcot.model import GEMV_MAX_ROWS, GEMV_MIN_WEIGHT, Linear, decode_kernels
+from hookedcot.model import GEMV_MAX_ROWS, GEMV_MIN_WEIGHT, Linear, decode_kernels, gemv_splits, split_linear
 
-needs_onednn = pytest.mark.skipif(model_module._ONEDNN_LINEAR is None, reason="torch built without oneDNN")
+# (out, in) of the real models' products: SmolLM2, Qwen2-0.5B, Llama-3.2-1B (unembeddings last)
+REAL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (896, 896), (128, 896), (4864, 896),
+               (896, 4864), (2048, 2048), (512, 2048), (8192, 2048), (2048, 8192), (49152, 576)]
 
 
 @pytest.fixture
@@ -26,46 +28,52 @@ def _layer(out_features: int = GEMV_MIN_WEIGHT // 64, in_features: int = 64, bia
     return Linear(in_features, out_features, bias=bias)
 
 
-@needs_onednn
-@pytest.mark.parametrize("bias", [False, True])
-def test_decode_rows_use_onednn_and_stay_within_float_noise(two_threads, bias):
-    layer = _layer(bias=bias)
+@pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_split_products_equal_f_linear_bit_for_bit(two_threads, shape):
+    gen = torch.Generator().manual_seed(sum(shape))
+    weight, bias = torch.randn(shape, generator=gen) * 0.05, torch.randn(shape[0], generator=gen)
+    with torch.inference_mode():
+        for rows in range(1, GEMV_MAX_ROWS + 1):
+            x = torch.randn(rows, 1, shape[1], generator=gen)
+            for b in (None, bias):
+                for splits in (2, 4):
+                    assert torch.equal(split_linear(x, weight, b, splits), F.linear(x, weight, b)), (rows, b is None, splits)
+
+
+def test_decode_rows_split_and_keep_the_bits(two_threads):
+    layer = _layer()
     x = torch.randn(1, 1, 64)
     with torch.inference_mode():
-        assert not model_module._use_onednn_gemv(x, layer.weight)  # only generation's steps
+        assert gemv_splits(x, layer.weight) == 0  # only generation's steps
     with torch.inference_mode(), decode_kernels():
-        assert model_module._use_onednn_gemv(x, layer.weight)
-        got, ref = layer(x), F.linear(x, layer.weight, layer.bias)
-    assert got.shape == ref.shape
-    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-5
+        assert gemv_splits(x, layer.weight) == 4  # two blocks per thread
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
 
-@needs_onednn
-def test_prompts_gradients_and_one_thread_stay_on_f_linear(two_threads):
+def test_prompts_gradients_small_weights_and_one_thread_stay_on_f_linear(two_threads):
     layer = _layer()
     prompt = torch.randn(1, GEMV_MAX_ROWS + 1, 64)
     step = torch.randn(1, 1, 64)
     with torch.inference_mode(), decode_kernels():
-        assert not model_module._use_onednn_gemv(prompt, layer.weight)
-        assert torch.equal(layer(prompt), F.linear(prompt, layer.weight, layer.bias))
-        assert not model_module._use_onednn_gemv(step.double(), layer.weight.double())
-        small = _layer(out_features=GEMV_MIN_WEIGHT // 64 - 1)  # per-call overhead beats its read
-        assert not model_module._use_onednn_gemv(step, small.weight)
-    with decode_kernels():  # with autograd on, F.linear: oneDNN's op has no backward
-        assert not model_module._use_onednn_gemv(step, layer.weight)
+        assert gemv_splits(prompt, layer.weight) == 0
+        assert gemv_splits(step.double(), layer.weight.double()) == 0
+        assert gemv_splits(step, _layer(out_features=GEMV_MIN_WEIGHT // 64 - 2).weight) == 0  # too small to pay
+        assert gemv_splits(step, _layer(out_features=GEMV_MIN_WEIGHT // 64 + 1).weight) == 0  # rows not divisible
+        assert gemv_splits(step, layer.weight.t().contiguous().t()) == 0  # not contiguous
+    with decode_kernels():  # with autograd on, F.linear
+        assert gemv_splits(step, layer.weight) == 0
         out = layer(step.requires_grad_())
         out.sum().backward()
         assert step.grad is not None
     torch.set_num_threads(1)
     with torch.inference_mode(), decode_kernels():
-        assert not model_module._use_onednn_gemv(step, layer.weight)
+        assert gemv_splits(step, layer.weight) == 0
 
 
-@needs_onednn
-def test_linear_calls_onednn_exactly_when_the_rule_says(two_threads, monkeypatch):
+def test_linear_splits_exactly_when_the_rule_says(two_threads, monkeypatch):
     calls = []
-    real = model_module._ONEDNN_LINEAR
-    monkeypatch.setattr(model_module, "_ONEDNN_LINEAR", lambda *a: calls.append(1) or real(*a))
+    real = model_module.split_linear
+    monkeypatch.setattr(model_module, "split_linear", lambda *a: calls.append(1) or real(*a))
     layer, step = _layer(), torch.randn(1, 1, 64)
     with torch.inference_mode():
         layer(step)
