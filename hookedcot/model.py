@@ -45,16 +45,16 @@ def decode_kernels() -> Iterator[None]:
 
 def gemv_splits(x: Tensor, weight: Tensor) -> int:
     """Row blocks to cut `weight` into for this product (see decode_kernels); 0: plain F.linear."""
+    if not _DECODING.get() or weight.numel() < GEMV_MIN_WEIGHT:  # the cheap tests first: this runs per product
+        return 0
     threads = torch.get_num_threads()
     if not (
-        _DECODING.get()
-        and threads > 1
+        threads > 1
+        and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and weight.is_contiguous()
-        and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
-        and weight.numel() >= GEMV_MIN_WEIGHT
         and not torch.is_grad_enabled()
     ):
         return 0
