@@ -93,13 +93,16 @@ def all_hook_names(n_layers: int) -> list[str]:
     return head + body + tail
 
 
+_SPEC_BY_GENERIC_NAME = {spec.full_name(): spec for spec in HOOKS}
+_LAYER_PREFIX = re.compile(r"^blocks\.\d+")
+
+
 def spec_of(name: str) -> HookSpec:
     """The table row for a full hook name (raises KeyError if it is not one)."""
-    generic = re.sub(r"^blocks\.\d+", "blocks.L", name)
-    for spec in HOOKS:
-        if spec.full_name() == generic:
-            return spec
-    raise KeyError(name)
+    spec = _SPEC_BY_GENERIC_NAME.get(_LAYER_PREFIX.sub("blocks.L", name))
+    if spec is None:
+        raise KeyError(name)
+    return spec
 
 
 def layer_of(name: str) -> int | None:

@@ -39,6 +39,7 @@ class HookedCoT(Transformer):
         self.tokenizer = tokenizer
         self._persistent: dict[str, list[HookFn]] = {}
         self._hook_names = all_hook_names(cfg.n_layers)
+        self._default_cache_names = [n for n in self._hook_names if not spec_of(n).opt_in]
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -221,7 +222,7 @@ class HookedCoT(Transformer):
     def cache_names(self, names_filter: NamesFilter = None) -> list[str]:
         """The hook names a `names_filter` selects (None: everything but the opt-in hook_result)."""
         if names_filter is None:
-            return [n for n in self._hook_names if not spec_of(n).opt_in]
+            return list(self._default_cache_names)
         if isinstance(names_filter, str):
             resolve_hooks([(names_filter, _noop)], self._hook_names)
             return [names_filter]
