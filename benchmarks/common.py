@@ -117,7 +117,11 @@ def checkpoint_folder(model: str, cache_dir: Path = CACHE_DIR) -> Path:
     partial = cache_dir / f".{model}.partial-{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    (_save_smollm2 if model == SMOLLM2 else lambda f: _save_random(model, f))(partial)
+    try:
+        (_save_smollm2 if model == SMOLLM2 else lambda f: _save_random(model, f))(partial)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # e.g. no embedded GGUF here: leave nothing behind
+        raise
     shutil.rmtree(folder, ignore_errors=True)
     partial.rename(folder)  # complete or absent, never half-written
     return folder

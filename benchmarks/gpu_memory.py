@@ -1,6 +1,8 @@
 """Where a GPU load's memory goes: the weights, then what the first forward adds (cuBLAS's
 workspace, taken through torch's allocator on the first matmul), for hookedcot and transformers.
-Run: python -m benchmarks.gpu_memory CHECKPOINT_FOLDER [dtype]"""
+The workspace is allocated once per process, so only the first tool measured in a process pays
+it: name one tool per run to see it for each.
+Run: python -m benchmarks.gpu_memory CHECKPOINT_FOLDER [dtype] [hookedcot,transformers]"""
 
 from __future__ import annotations
 
@@ -9,15 +11,17 @@ import sys
 import torch
 
 
-def report(folder: str, dtype_name: str = "bfloat16") -> None:
+def report(folder: str, dtype_name: str = "bfloat16", tools: str = "hookedcot,transformers") -> None:
     from transformers import AutoModelForCausalLM
 
     from hookedcot import HookedCoT
 
     dtype = getattr(torch, dtype_name)
     tokens = torch.tensor([[5, 6, 7, 8]], device="cuda")
-    for name, load in (("hookedcot", lambda: HookedCoT.from_pretrained(folder, dtype=dtype, device="cuda")),
-                       ("transformers", lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cuda"))):
+    loaders = {"hookedcot": lambda: HookedCoT.from_pretrained(folder, dtype=dtype, device="cuda"),
+               "transformers": lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, device_map="cuda")}
+    for name in tools.split(","):
+        load = loaders[name]
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()

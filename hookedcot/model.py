@@ -24,6 +24,8 @@ from hookedcot.rope import apply_rotary, inv_freq, rotary_tables
 
 GEMV_MAX_ROWS = 4
 GEMV_MIN_WEIGHT = 1 << 17  # elements (512 KiB in float32): below it the split's own ops cost more than it saves
+GEMV_SPLITS = (8, 4, 2)  # row blocks tried, most first; at most 2 per thread
+GEMV_BLOCK_MULTIPLE = 16  # rows per block: blocks of 9, 14 or 18 rows change the bits (seen at 16 and 32 threads)
 _DECODING: ContextVar[bool] = ContextVar("hookedcot_decoding", default=False)
 
 
@@ -58,13 +60,16 @@ def gemv_splits(x: Tensor, weight: Tensor) -> int:
         and not torch.is_grad_enabled()
     ):
         return 0
-    return next((n for n in (2 * threads, threads) if weight.shape[0] % n == 0), 0)
+    n_out = weight.shape[0]
+    fits = (n for n in GEMV_SPLITS if n <= 2 * threads and n_out % (n * GEMV_BLOCK_MULTIPLE) == 0)
+    return next(fits, 0)
 
 
 def split_linear(x: Tensor, weight: Tensor, bias: Tensor | None, splits: int) -> Tensor:
     """F.linear as one batched product over `splits` row blocks of the weight, which torch's bmm
     spreads over its threads. Each output is still one dot product by the same kernel, so the
-    result equals F.linear's bit for bit (tests/test_kernels.py checks it on the real shapes)."""
+    result equals F.linear's bit for bit when the blocks are whole multiples of 16 rows, as
+    `gemv_splits` picks them (tests/test_kernels.py checks the real shapes at 2–16 threads)."""
     n_out, d = weight.shape
     rows = x.reshape(1, -1, d).expand(splits, -1, d)
     blocks = weight.view(splits, n_out // splits, d).transpose(1, 2)

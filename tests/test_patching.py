@@ -114,15 +114,21 @@ def test_launch_bound_batching_merges_positions_and_keeps_values(model, pair, mo
     monkeypatch.setattr(patching, "_run_batch", lambda r, s, *a: batches.append(len(s)) or real_run_batch(r, s, *a))
     tight = patch_layer_position(model, clean, corrupted, progress=False).values
     n_tight, batches[:] = len(batches), []
-    monkeypatch.setattr(patching, "free_tokens", lambda m: 10**6)
+    monkeypatch.setattr(patching, "free_tokens", lambda *a: 10**6)
     merged = patch_layer_position(model, clean, corrupted, progress=False).values
     assert len(batches) < n_tight and max(batches) > 14  # whole layers and more per batch
     torch.testing.assert_close(merged, tight, rtol=1e-5, atol=1e-6)
     monkeypatch.undo()
-    assert patching.free_tokens(model) == 0  # the real rule: nothing is free on a CPU
+    assert patching.free_tokens(model, 14) == 0  # the real rule: nothing is free on a CPU
     smollm2 = ModelConfig(n_layers=30, d_model=576, n_heads=9, n_key_value_heads=3, d_head=64, d_mlp=1536, d_vocab=49152)
-    on_gpu = patching.free_tokens(SimpleNamespace(device=torch.device("cuda"), cfg=smollm2))
-    assert 64 * 64 < on_gpu < 10**5  # a whole 64-position layer of SmolLM2 per batch
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(multi_processor_count=132))
+    gpu = lambda dtype: SimpleNamespace(device=torch.device("cuda"), cfg=smollm2, dtype=dtype)  # noqa: E731
+    on_h200 = patching.free_tokens(gpu(torch.bfloat16), 64)
+    assert 64 * 64 < on_h200 < 10**5  # a whole 64-position layer of SmolLM2 per batch
+    assert patching.free_tokens(gpu(torch.float32), 64) == pytest.approx(on_h200 / 16, rel=0.01)
+    assert patching.free_tokens(gpu(torch.bfloat16), 4096) < on_h200 / 2  # long prompts: attention counts
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(multi_processor_count=33))
+    assert patching.free_tokens(gpu(torch.bfloat16), 64) == pytest.approx(on_h200 / 4, rel=0.01)
 
 
 @pytest.mark.parametrize("hook", ["z", "v", "pattern"])

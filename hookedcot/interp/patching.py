@@ -6,7 +6,8 @@ repeated along the batch, each row patching its own site. Nothing the patch cann
 recomputed: every row starts from the target's cached residual at the lowest patched layer of its
 batch (`start_at_layer`), and, attention being causal, positions before the earliest patched
 position keep the target's keys and values (a `KVCache` prefix) — only later positions are run.
-Sweeps (by layer, layer × position, head, component, span) are thin callers of `run_sites`.
+How sites are grouped into batches depends on the device (`run_sites`, `free_tokens`). Sweeps (by
+layer, layer × position, head, component, span) are thin callers of `run_sites`.
 """
 
 from __future__ import annotations
@@ -215,8 +216,10 @@ def run_sites(
 ) -> Tensor:
     """Metric value per site [len(sites)], each site patched alone into the corrupted run.
 
-    Sites are sorted by (layer, first position) and cut into batches whose rows need nearly the
-    same work: a batch recomputes every row from its lowest layer and earliest position on.
+    Sites are sorted by (layer, first position) and cut into batches: a batch recomputes every row
+    from its lowest layer and earliest position on, so on a CPU its rows need nearly the same work;
+    on a GPU, where small batches cost launches rather than FLOPs, rows share a batch more freely
+    (`free_tokens`).
     A site inside the prefix both runs share (`PatchRuns.shared_prefix`) patches in the value
     that is already there: it gets the corrupted run's own metric without a forward
     (`skip_inert=False` runs it anyway)."""
@@ -232,7 +235,7 @@ def run_sites(
     live = [i for i in range(len(sites)) if i not in inert_set]
     order = sorted(live, key=lambda i: (sites[i].layer, _first_pos(sites[i], n_pos)))
     bar = tqdm(total=len(order), disable=not progress, desc="patching", leave=False)
-    for chunk in _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model, free_tokens(model)):
+    for chunk in _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model, free_tokens(model, n_pos)):
         values[chunk] = _run_batch(runs, [sites[j] for j in chunk], metric, metric_pos, reuse_prefix).float().cpu()
         bar.update(len(chunk))
     bar.close()
@@ -240,19 +243,25 @@ def run_sites(
 
 
 # Work per layer below which a GPU's time is set by kernel launches, not arithmetic: about 0.5 ms
-# of an H100/H200's bf16 matmul rate, the launch floor of one layer of a small model measured there.
-LAUNCH_BOUND_FLOPS = 4e11
+# of an H100/H200's bf16 matmul rate (132 SMs), the launch floor of one layer of a small model
+# measured there. Scaled by the card's SM count; float32 matmuls run ~1/16 of that rate.
+LAUNCH_BOUND_FLOPS, REFERENCE_SMS, FP32_SLOWDOWN = 4e11, 132, 16
 
 
-def free_tokens(model: Any) -> int:
+def free_tokens(model: Any, n_ctx: int) -> int:
     """Tokens per layer a batch may compute at no cost on this device. On a GPU a patching batch of
     a small model is launch-bound, so rows that start at different positions share a batch until
-    its matmuls reach `LAUNCH_BOUND_FLOPS` per layer; on a CPU every FLOP costs time: 0."""
+    its work (matmuls, and attention over `n_ctx` keys) reaches `LAUNCH_BOUND_FLOPS` per layer;
+    on a CPU every FLOP costs time: 0."""
     if model.device.type != "cuda":
         return 0
     c = model.cfg
     params = c.d_model * (2 * c.n_heads * c.d_head + 2 * c.n_key_value_heads * c.d_head) + 3 * c.d_model * c.d_mlp
-    return int(LAUNCH_BOUND_FLOPS / (2 * params))
+    per_token = 2 * params + 4 * n_ctx * c.n_heads * c.d_head
+    budget = LAUNCH_BOUND_FLOPS * torch.cuda.get_device_properties(model.device).multi_processor_count / REFERENCE_SMS
+    if model.dtype not in (torch.bfloat16, torch.float16):
+        budget /= FP32_SLOWDOWN
+    return int(budget / per_token)
 
 
 def _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model, free: int = 0, max_waste: float = 1.3):
