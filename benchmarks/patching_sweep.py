@@ -69,7 +69,8 @@ def naive_peer(tool, clean, corrupted, sites, device) -> dict:
 
 @torch.inference_mode()
 def naive_ours(model, clean, corrupted, sites, device) -> dict:
-    from hookedcot.interp.patching import Site, naive_patch_loop
+    from hookedcot.interp.patching import Site
+    from hookedcot.interp.sweeps import naive_patch_loop
 
     base = model(corrupted)[:, -1:].float().log_softmax(-1)
 
@@ -85,7 +86,7 @@ def naive_ours(model, clean, corrupted, sites, device) -> dict:
 
 
 def run(settings: Settings) -> dict:
-    from hookedcot.interp.patching import patch_layer_position
+    from hookedcot.interp.sweeps import patch_layer_position
 
     rows, skipped, notes, budgets = [], [], [], []
     size = settings.size

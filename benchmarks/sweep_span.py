@@ -7,7 +7,8 @@ import time
 import torch
 
 from hookedcot import HookedCoT
-from hookedcot.interp.patching import Site, kl_metric, naive_patch_loop, patch_layer_position, prepare_runs
+from hookedcot.interp.patching import Site, kl_metric, prepare_runs
+from hookedcot.interp.sweeps import naive_patch_loop, patch_layer_position
 
 
 def main(n_pos: int = 128, span: int = 16, threads: int = 1) -> None:

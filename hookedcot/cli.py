@@ -44,7 +44,7 @@ def next_token_lens(model: Any, tokens: torch.Tensor, positions: list[int]) -> d
 
 def demo(args: argparse.Namespace) -> int:
     from hookedcot.interp.data import format_prompt, generate_pairs, same_length_pairs
-    from hookedcot.interp.patching import patch_layer_position
+    from hookedcot.interp.sweeps import patch_layer_position
     from hookedcot.interp.results import Result
 
     out = Path(args.out)
@@ -127,7 +127,7 @@ def lens_cmd(args: argparse.Namespace) -> int:
 
 def patch_cmd(args: argparse.Namespace) -> int:
     from hookedcot.interp.data import format_prompt, load_pairs
-    from hookedcot.interp.patching import patch_layer_position
+    from hookedcot.interp.sweeps import patch_layer_position
 
     model = _load(args.model, args.dtype, args.device)
     if args.pairs:

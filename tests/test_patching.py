@@ -12,9 +12,9 @@ from model_factory import random_model
 from hookedcot import HookedCoT, ModelConfig, get_act_name
 from hookedcot.interp.attribution import attribution_patch
 from hookedcot.interp.iterative import iterative_patch, parallel_patch
-from hookedcot.interp.patching import (
-    Site, kl_metric, naive_patch_loop, patch_components, patch_heads, patch_layer_position, patch_layers,
-    prepare_runs, run_sites,
+from hookedcot.interp.patching import Site, kl_metric, prepare_runs, run_sites
+from hookedcot.interp.sweeps import (
+    naive_patch_loop, patch_components, patch_heads, patch_layer_position, patch_layers,
 )
 from hookedcot.interp.tracing import restoration_sweep
 
@@ -36,6 +36,15 @@ def pair() -> tuple[torch.Tensor, torch.Tensor]:
     corrupted = clean.clone()
     corrupted[0, 4], corrupted[0, 9] = 7, 8
     return clean, corrupted
+
+
+def test_sweeps_still_import_from_their_old_module():
+    from hookedcot.interp import patching, sweeps
+    from hookedcot.interp.patching import patch_layer_position as old_home
+
+    assert old_home is sweeps.patch_layer_position and patching.naive_patch_loop is sweeps.naive_patch_loop
+    with pytest.raises(AttributeError):
+        patching.no_such_sweep
 
 
 def test_patching_a_run_into_itself_changes_nothing(model, pair):

@@ -17,9 +17,9 @@ from hookedcot.interp.metrics import (
     normalized_recovery, top1_changed,
 )
 from hookedcot.interp.neurons import neuron_trace, neuron_trace_generate
-from hookedcot.interp.patching import (
-    Site, kl_metric, naive_patch_loop, patch_components, patch_heads, patch_layer_position, patch_layers,
-    prepare_runs, run_sites,
+from hookedcot.interp.patching import Site, kl_metric, prepare_runs, run_sites
+from hookedcot.interp.sweeps import (
+    naive_patch_loop, patch_components, patch_heads, patch_layer_position, patch_layers,
 )
 from hookedcot.interp.results import Result
 from hookedcot.interp.steering import add_vector, scale_direction, steer_generate
