@@ -13,7 +13,8 @@ import torch
 
 import gguf
 from conversions import ConversionError
-from conversions.gguf import config_from_gguf, convert_gguf, llama3_scaling_from_rope_freqs
+from conversions.gguf import config_from_gguf, convert_gguf
+from conversions.gguf_config import llama3_scaling_from_rope_freqs
 from gguf_factory import (
     dequantizable_types, gguf_tensors, llama3_rope_freqs, quantizable_types, tiny_hf_model, tiny_vocab, write_gguf,
 )
