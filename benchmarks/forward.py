@@ -18,7 +18,7 @@ from benchmarks.common import (
     Settings, budget_verdict, is_smollm2, checkpoint_folder, free_memory, interleaved, paired_ratio,
     random_tokens, result, stats,
 )
-from benchmarks.peers import LABELS, Unavailable, load_tool
+from benchmarks.peers import LABELS, Unavailable, load_reference, load_tool
 
 NAME = "forward"
 # (batch, pos) per size; the big random-shape models run the design's anchor shape only on CPU.
@@ -83,12 +83,7 @@ def run(settings: Settings) -> dict:
         folder = checkpoint_folder(model, settings.cache_dir)
         ours = load_tool("ours", folder, settings.dtype, settings.device)
         vocab = ours.model.cfg.d_vocab
-        ref = None
-        if settings.wants("hf_sdpa"):
-            try:
-                ref = load_tool("hf_sdpa", folder, settings.dtype, settings.device)
-            except Unavailable as why:
-                skipped.append({"model": short(model), "tool": "hf_sdpa", "reason": str(why)})
+        ref = load_reference(folder, settings, model, skipped)
         peers = [p for p in settings.peers_for(model) if p != "hf_sdpa"]
         groups: list[tuple[str, dict]] = [("ours", {"ours": ours, **({"hf_sdpa": ref} if ref else {})})]
         groups += [(p, None) for p in peers]

@@ -15,7 +15,7 @@ from benchmarks.common import (
     Settings, budget_verdict, is_smollm2, checkpoint_folder, free_memory, interleaved, paired_ratio,
     random_tokens, result, stats,
 )
-from benchmarks.peers import LABELS, Unavailable, load_tool
+from benchmarks.peers import LABELS, Unavailable, load_reference, load_tool
 
 NAME = "generate"
 PROMPT_LEN = {"full": 32, "quick": 32, "tiny": 4}
@@ -38,12 +38,7 @@ def run(settings: Settings) -> dict:
         if settings.gpu and settings.size != "tiny":
             n_new = GPU_NEW_TOKENS
         prompt = random_tokens(1, PROMPT_LEN[settings.size], cfg.d_vocab, seed=2).to(settings.device)
-        ref = None
-        if settings.wants("hf_sdpa"):
-            try:
-                ref = load_tool("hf_sdpa", folder, settings.dtype, settings.device)
-            except Unavailable as why:
-                skipped.append({"model": short(model), "tool": "hf_sdpa", "reason": str(why)})
+        ref = load_reference(folder, settings, model, skipped)
         with torch.inference_mode():
             ours_tokens = ours.generate(prompt, n_new, None)()
             same = None if ref is None else bool(torch.equal(ours_tokens.cpu(), ref.generate(prompt, n_new, None)().cpu()))

@@ -19,7 +19,7 @@ from benchmarks.common import (
     log, short,
     Settings, budget_verdict, is_smollm2, checkpoint_folder, free_memory, random_tokens, result, stats, sync,
 )
-from benchmarks.peers import LABELS, Unavailable, load_tool
+from benchmarks.peers import LABELS, Unavailable, load_reference, load_tool
 
 NAME = "patching_sweep"
 PROMPT_LEN = {"full": 64, "quick": 64, "tiny": 6}
@@ -105,12 +105,7 @@ def run(settings: Settings) -> dict:
         gen = torch.Generator().manual_seed(4)
         pick = lambda xs: xs[int(torch.randint(len(xs), (1,), generator=gen))]  # noqa: E731
         sample = [(pick(layers), pick(positions)) for _ in range(N_SAMPLE[size])]
-        ref = None
-        if settings.wants("hf_sdpa"):
-            try:
-                ref = load_tool("hf_sdpa", folder, settings.dtype, settings.device)
-            except Unavailable as why:
-                skipped.append({"model": short(model), "tool": "hf_sdpa", "reason": str(why)})
+        ref = load_reference(folder, settings, model, skipped)
 
         log(f"patching sweep {short(model)}: {n_sites} sites")
         sweep_times: list[float] = []

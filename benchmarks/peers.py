@@ -401,3 +401,17 @@ def load_tool(name: str, folder: Path, dtype: torch.dtype, device: str, ref: HF 
     except Exception as err:  # a peer that cannot load this checkpoint: say why, go on
         raise Unavailable(f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from err
     raise ValueError(f"unknown tool {name!r}")
+
+
+def load_reference(folder: Path, settings: Any, model: str, skipped: list[dict]) -> HF | None:
+    """The reference (transformers sdpa) for this model if the run wants it, else None; a reference
+    that cannot load is recorded in `skipped` with its reason."""
+    if not settings.wants("hf_sdpa"):
+        return None
+    try:
+        return load_tool("hf_sdpa", folder, settings.dtype, settings.device)
+    except Unavailable as why:
+        from benchmarks.common import short
+
+        skipped.append({"model": short(model), "tool": "hf_sdpa", "reason": str(why)})
+        return None

@@ -15,7 +15,7 @@ from benchmarks.common import (
     log, short,
     Settings, budget_verdict, is_smollm2, checkpoint_folder, free_memory, interleaved, random_tokens, result, stats,
 )
-from benchmarks.peers import LABELS, Unavailable, load_tool
+from benchmarks.peers import LABELS, load_reference, load_tool
 
 NAME = "roofline"
 SHAPE = {"full": (8, 128), "quick": (2, 128), "tiny": (1, 8)}
@@ -51,16 +51,12 @@ def run(settings: Settings) -> dict:
         folder = checkpoint_folder(model, settings.cache_dir)
         ours = load_tool("ours", folder, settings.dtype, settings.device)
         batch, pos = (GPU_SHAPE if settings.gpu else SHAPE)[settings.size]
-        ref = None
         tokens = random_tokens(batch, pos, ours.model.cfg.d_vocab).to(settings.device)
         flops = forward_flops(ours.model, batch, pos)
         fns = {"matmul": lambda: torch.matmul(a, b_), "ours": lambda: ours.model(tokens)}
-        if settings.wants("hf_sdpa"):
-            try:
-                ref = load_tool("hf_sdpa", folder, settings.dtype, settings.device)
-                fns["hf_sdpa"] = lambda: ref.model(input_ids=tokens, use_cache=False).logits
-            except Unavailable as why:
-                skipped.append({"model": short(model), "tool": "hf_sdpa", "reason": str(why)})
+        ref = load_reference(folder, settings, model, skipped)
+        if ref is not None:
+            fns["hf_sdpa"] = lambda: ref.model(input_ids=tokens, use_cache=False).logits
         log(f"roofline {short(model)} {batch}×{pos}")
         reps = GPU_REPS if settings.gpu and settings.size != "tiny" else REPS[settings.size]
         times = interleaved(fns, reps=reps, warmup=2 if settings.gpu else 1, device=settings.device)
