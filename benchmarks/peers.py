@@ -48,6 +48,19 @@ def _hf_patch_pre_hook(pos: int, value: Tensor):
     return pre_hook
 
 
+def _hooked_forward_cases(m: Any, n_layers: int, tokens: Tensor) -> dict[str, Fn]:
+    """The four forward cases through the TransformerLens-style API hookedcot shares with TL:
+    run_with_hooks / run_with_cache with the same hook names."""
+    noops = [(f"blocks.{layer}.hook_resid_post", _noop) for layer in range(n_layers)]
+    resid_post = lambda name: name.endswith("hook_resid_post")  # noqa: E731
+    return {
+        "plain": lambda: m(tokens),
+        "noop_hook_every_layer": lambda: m.run_with_hooks(tokens, fwd_hooks=noops),
+        "cache_resid_post": lambda: m.run_with_cache(tokens, names_filter=resid_post),
+        "cache_all": lambda: m.run_with_cache(tokens),
+    }
+
+
 class Tool(ABC):
     """The interface; every method may return a reason string instead of a callable."""
 
@@ -85,15 +98,7 @@ class Ours(Tool):
         self.n_layers = self.model.cfg.n_layers
 
     def forward_cases(self, tokens: Tensor) -> dict[str, Fn | str]:
-        m = self.model
-        noops = [(f"blocks.{layer}.hook_resid_post", _noop) for layer in range(self.n_layers)]
-        resid_post = lambda name: name.endswith("hook_resid_post")  # noqa: E731
-        return {
-            "plain": lambda: m(tokens),
-            "noop_hook_every_layer": lambda: m.run_with_hooks(tokens, fwd_hooks=noops),
-            "cache_resid_post": lambda: m.run_with_cache(tokens, names_filter=resid_post),
-            "cache_all": lambda: m.run_with_cache(tokens),
-        }
+        return _hooked_forward_cases(self.model, self.n_layers, tokens)
 
     def generate(self, tokens: Tensor, n_new: int, hook_layer: int | None) -> Fn:
         hooks = [] if hook_layer is None else [(f"blocks.{hook_layer}.hook_resid_post", _noop)]
@@ -173,15 +178,7 @@ class _TLStyle(Tool):
     n_layers: int
 
     def forward_cases(self, tokens: Tensor) -> dict[str, Fn | str]:
-        m = self.model
-        noops = [(f"blocks.{layer}.hook_resid_post", _noop) for layer in range(self.n_layers)]
-        resid_post = lambda name: name.endswith("hook_resid_post")  # noqa: E731
-        return {
-            "plain": lambda: m(tokens),
-            "noop_hook_every_layer": lambda: m.run_with_hooks(tokens, fwd_hooks=noops),
-            "cache_resid_post": lambda: m.run_with_cache(tokens, names_filter=resid_post),
-            "cache_all": lambda: m.run_with_cache(tokens),
-        }
+        return _hooked_forward_cases(self.model, self.n_layers, tokens)
 
     def generate(self, tokens: Tensor, n_new: int, hook_layer: int | None) -> Fn:
         hooks = [] if hook_layer is None else [(f"blocks.{hook_layer}.hook_resid_post", _noop)]
