@@ -1,5 +1,8 @@
-"""Which positions, heads and units a hook-function edit touches — shared by ablation, steering
-and corruption.
+"""The one position grammar of every interp tool, and which heads and units an edit touches.
+
+Hook-function edits (ablation, steering, corruption) compile a spec with `Positions` and apply it
+to whatever positions a hook sees; tools that run one prompt (sweeps, lens, tracing, iterative
+patching) turn it into a list of indices with `resolve_positions`. Both accept the same forms.
 
 A *position spec* names absolute sequence indices (prompt + generated so far, left padding
 included), so one hook works the same in a full forward pass and during generation with a KV
@@ -14,6 +17,7 @@ cache, where a hook only sees the new positions (`hook.positions` says which the
 | `"from 37"` | position 37 and every later one (e.g. steer only the generated tokens) |
 | `"last 5"` | the last 5 positions of the sequence so far |
 | a callable | `fn(hook.positions) -> bool mask` (or a list of booleans) of the same length |
+| `model.find_positions(tokens, "text")` | the positions of that text (a list of ints) |
 
 The edit is applied where the spec selects and leaves every other entry bit-for-bit untouched.
 """
@@ -29,6 +33,11 @@ from hookedcot.hook_names import spec_of
 
 PositionSpec = Union[None, int, str, slice, Sequence[int], Tensor, Callable[[Tensor], Any]]
 HEAD_LETTERS = ("h", "g")  # query heads, key/value heads
+POSITION_LETTERS = ("p", "q")  # sequence positions; queries for attention scores and patterns
+ACCEPTED_FORMS = (
+    "None or 'all', an int (negative counts from the end), a list/range/LongTensor of ints, a slice, "
+    "'from N', 'last N', a callable fn(positions) -> bool mask, or a list from model.find_positions"
+)
 
 
 class Positions:
@@ -46,9 +55,7 @@ class Positions:
         if isinstance(spec, str):
             parts = spec.split()
             if not (len(parts) == 2 and parts[0] in ("from", "last") and parts[1].isdigit()):
-                raise ValueError(
-                    f"position spec {spec!r}: use 'all', 'from N', 'last N', an int, a list, a slice or a callable"
-                )
+                raise ValueError(f"position spec {spec!r} is not understood; accepted forms: {ACCEPTED_FORMS}")
             self.kind, self.a = parts[0], int(parts[1])
         elif isinstance(spec, slice):
             self.kind, self.a, self.b, self.step = "slice", spec.start or 0, spec.stop, spec.step or 1
@@ -60,11 +67,11 @@ class Positions:
             if not isinstance(spec, Tensor):
                 items = [spec] if isinstance(spec, int) else list(spec)
                 if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-                    raise ValueError(f"positions must be ints (a list, a range, a 1-d LongTensor), got {spec!r}")
+                    raise ValueError(f"position spec {spec!r} is not understood; accepted forms: {ACCEPTED_FORMS}")
                 spec = torch.tensor(items, dtype=torch.long)
             wanted = spec
             if wanted.dim() != 1 or wanted.is_floating_point() or wanted.dtype == torch.bool:
-                raise ValueError(f"positions must be ints (a list, a 1-d LongTensor), got {spec!r}")
+                raise ValueError(f"position spec {spec!r} is not understood; accepted forms: {ACCEPTED_FORMS}")
             self.kind, self.wanted = "index", wanted.long()
             self.has_negative = bool((self.wanted < 0).any())
 
@@ -104,9 +111,18 @@ def _length(positions: Tensor) -> int:
     return int(positions[-1]) + 1 if len(positions) else 0
 
 
-def position_mask(spec: PositionSpec, positions: Tensor) -> Tensor | None:
-    """Bool [n] over the positions a hook sees (`hook.positions`), or None for "all of them"."""
-    return (spec if isinstance(spec, Positions) else Positions(spec))(positions)
+def resolve_positions(spec: PositionSpec, n_pos: int) -> list[int]:
+    """The absolute positions of an `n_pos`-token prompt that `spec` selects: explicit ones in the
+    order given, every other form in increasing order. Explicit positions outside the prompt are
+    an error (a patch there would silently do nothing)."""
+    compiled = spec if isinstance(spec, Positions) else Positions(spec)
+    if compiled.kind == "index":
+        wanted = compiled.wanted.tolist()
+        if bad := [p for p in wanted if not -n_pos <= p < n_pos]:
+            raise ValueError(f"positions {bad} fall outside the {n_pos}-token prompt (valid: {-n_pos}..{n_pos - 1})")
+        return [p % n_pos for p in wanted]
+    mask = compiled(torch.arange(n_pos))
+    return list(range(n_pos)) if mask is None else mask.nonzero()[:, 0].tolist()
 
 
 def axis_of(name: str, letters: Sequence[str]) -> int | None:
@@ -115,6 +131,16 @@ def axis_of(name: str, letters: Sequence[str]) -> int | None:
         if letter in letters:
             return i
     return None
+
+
+def head_axis(name: str) -> int | None:
+    """The head axis of hook `name` (query or key/value heads), from its shape in the hook table."""
+    return axis_of(name, HEAD_LETTERS)
+
+
+def position_axis(name: str) -> int | None:
+    """The position axis of hook `name` (the query axis for attention scores and patterns)."""
+    return axis_of(name, POSITION_LETTERS)
 
 
 class Selection:
@@ -132,10 +158,6 @@ class Selection:
         self.units = _int_list(units, "neurons/units")
         self._masks: dict[tuple, Tensor] = {}
 
-    @property
-    def everywhere(self) -> bool:
-        return self.positions.all and self.heads is None and self.units is None
-
     def mask(self, x: Tensor, hook: Any) -> Tensor | None:
         mask: Tensor | None = None
         for axis, sel in self._parts(x, hook):
@@ -147,14 +169,14 @@ class Selection:
 
     def _parts(self, x: Tensor, hook: Any):
         if not self.positions.all:
-            axis = axis_of(hook.name, ("p", "q"))
+            axis = position_axis(hook.name)
             if axis is None:
                 raise ValueError(f"{hook.name} has no position axis; drop positions=")
             sel = self.positions(hook.positions.to(x.device))
             if sel is not None:
                 yield axis, sel
         if self.heads is not None:
-            axis = axis_of(hook.name, HEAD_LETTERS)
+            axis = head_axis(hook.name)
             if axis is None:
                 raise ValueError(f"{hook.name} has no head axis (heads live in hook_q/k/v/z/result/pattern/scores)")
             yield axis, self._index_mask(self.heads, x.shape[axis], "head", hook.name, x.device)
