@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from conversions import ConversionError, ConvertedCheckpoint, TensorRef, read_into
-from conversions.gguf_config import config_from_gguf, read_metadata
+from hookedcot.conversions import ConversionError, ConvertedCheckpoint, TensorRef, read_into
+from hookedcot.conversions.gguf_config import config_from_gguf, read_metadata
 from hookedcot.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -182,7 +182,7 @@ def _check_tensor_types(path: Path, tensors: list[StoredTensor]) -> None:
 
 def _map_tensor_names(path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
     """hookedcot name -> GGUF name, with every missing, unexpected and mis-shaped tensor reported."""
-    from conversions.registry import expected_parameter_shapes
+    from hookedcot.conversions.registry import expected_parameter_shapes
 
     mapping: dict[str, str] = {}
     unexpected = []

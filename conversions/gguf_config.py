@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from conversions import ConversionError
+from hookedcot.conversions import ConversionError
 from hookedcot.config import ConfigError, ModelConfig
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from conversions.hf_config import FamilySpec, decoder_tensor_table, translate
+from hookedcot.conversions.hf_config import FamilySpec, decoder_tensor_table, translate
 from hookedcot.config import ConfigError, ModelConfig
 
 _DEFAULTS: dict[str, Any] = {  # transformers' Qwen2Config defaults, for keys a config.json omits

@@ -14,9 +14,9 @@ from types import ModuleType
 
 import torch
 
-from conversions import ConversionError, ConvertedCheckpoint, TensorRef
-from conversions import llama, qwen2
-from conversions.safetensors_io import SafetensorsCheckpoint, TensorInfo
+from hookedcot.conversions import ConversionError, ConvertedCheckpoint, TensorRef
+from hookedcot.conversions import llama, qwen2
+from hookedcot.conversions.safetensors_io import SafetensorsCheckpoint, TensorInfo
 from hookedcot.config import ModelConfig
 
 # model_type (config.json) -> family module with config_from_hf(cfg, strict, source) and tensor_table(cfg)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from conversions import ConversionError, read_into
+from hookedcot.conversions import ConversionError, read_into
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

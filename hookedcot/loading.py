@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from conversions import ConversionError, ConvertedCheckpoint
+from hookedcot.conversions import ConversionError, ConvertedCheckpoint
 from hookedcot.rope import inv_freq
 
 _DTYPES = {
@@ -36,8 +36,8 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def convert_source(name_or_path: str | Path, strict_config: bool = True, revision: str | None = None) -> ConvertedCheckpoint:
     """Turn a GGUF file, an HF folder, an embedded model's name or a hub id into a checkpoint."""
-    from conversions.gguf import convert_gguf
-    from conversions.registry import convert_hf_folder
+    from hookedcot.conversions.gguf import convert_gguf
+    from hookedcot.conversions.registry import convert_hf_folder
     from hookedcot.embedded import embedded_model_path, is_embedded_name
 
     name = str(name_or_path)

@@ -338,7 +338,7 @@ def _gguf_metadata(source: Any) -> Mapping[str, Any]:
     if isinstance(source, Mapping):
         return source
     if isinstance(source, (str, Path)):
-        from conversions.gguf import open_reader
+        from hookedcot.conversions.gguf import open_reader
 
         source = open_reader(Path(source).expanduser())
     return {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}

@@ -160,7 +160,7 @@ def smol_path() -> Path:
 @pytest.fixture(scope="session")
 def smol(smol_path):
     """The converted checkpoint (config + tensor refs + tokenizer), read once per session."""
-    from conversions.gguf import convert_gguf
+    from hookedcot.conversions.gguf import convert_gguf
 
     return convert_gguf(smol_path)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import conversions.safetensors_io as safetensors_io
-from conversions import ConversionError
-from conversions.registry import convert_hf_folder, expected_parameter_shapes
+import hookedcot.conversions.safetensors_io as safetensors_io
+from hookedcot.conversions import ConversionError
+from hookedcot.conversions.registry import convert_hf_folder, expected_parameter_shapes
 
 
 def copy_checkpoint(src: Path, dst: Path, edit=None, dtype: torch.dtype | None = None) -> Path:

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import gguf
-from conversions import ConversionError
-from conversions.gguf import config_from_gguf, convert_gguf
-from conversions.gguf_config import llama3_scaling_from_rope_freqs
+from hookedcot.conversions import ConversionError
+from hookedcot.conversions.gguf import config_from_gguf, convert_gguf
+from hookedcot.conversions.gguf_config import llama3_scaling_from_rope_freqs
 from gguf_factory import (
     dequantizable_types, gguf_tensors, llama3_rope_freqs, quantizable_types, tiny_hf_model, tiny_vocab, write_gguf,
 )
@@ -231,7 +231,7 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 def test_chunked_dequantisation_equals_whole_tensor(tmp_path, qtype):
     """Row chunks (smaller than a row, not dividing the row count, whole heads when un-permuting)
     give the bits whole-tensor dequantisation gives, in float32 and after a cast to bfloat16."""
-    from conversions.gguf import StoredTensor, open_reader, read_dequantised, unpermute_rows
+    from hookedcot.conversions.gguf import StoredTensor, open_reader, read_dequantised, unpermute_rows
 
     cols = max(256, gguf.GGML_QUANT_SIZES[qtype][0])
     rng = np.random.default_rng(int(qtype))

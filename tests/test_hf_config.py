@@ -8,9 +8,9 @@ import warnings
 
 import pytest
 
-from conversions import ConversionError, llama, qwen2
-from conversions.hf_config import UnknownConfigKeysWarning
-from conversions.registry import convert_hf_folder, family_for
+from hookedcot.conversions import ConversionError, llama, qwen2
+from hookedcot.conversions.hf_config import UnknownConfigKeysWarning
+from hookedcot.conversions.registry import convert_hf_folder, family_for
 from hookedcot.config import ConfigError
 
 _LLAMA3_ROPE = {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conversions import ConversionError
+from hookedcot.conversions import ConversionError
 from hookedcot import HookedCoT
 from hookedcot.loading import parse_dtype
 

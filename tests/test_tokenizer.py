@@ -67,7 +67,7 @@ def smol_path():
 
 @pytest.fixture(scope="module")
 def smol_metadata(smol_path):
-    from conversions.gguf import open_reader, read_metadata
+    from hookedcot.conversions.gguf import open_reader, read_metadata
 
     return {k: v for k, v in read_metadata(open_reader(smol_path)).items() if k.startswith("tokenizer.")}
 
