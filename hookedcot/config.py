@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from hookedcot.rope import rope_scaling_problems
+
 
 class ConfigError(ValueError):
     """A checkpoint's configuration asks for something hookedcot does not implement."""
@@ -61,17 +63,9 @@ class ModelConfig:
             problems.append(f"d_head={self.d_head} must be even for rotary embeddings")
         if self.act_fn not in SUPPORTED_ACTIVATIONS:
             problems.append(f"act_fn={self.act_fn!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
+        problems += rope_scaling_problems(self.rope_scaling)
         if problems:
             raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
-        # Imported here: rope.py validates rope_scaling against its registry.
-        from hookedcot.rope import validate_rope_scaling
-
-        validate_rope_scaling(self.rope_scaling)
-
-    @property
-    def n_rep(self) -> int:
-        """Query heads per key/value head (1 without GQA)."""
-        return self.n_heads // self.n_key_value_heads
 
     @property
     def n_params(self) -> int:

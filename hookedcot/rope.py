@@ -53,20 +53,16 @@ ROPE_TYPES: dict[str, tuple[InvFreqInit, tuple[str, ...]]] = {
 }
 
 
-def validate_rope_scaling(scaling: dict[str, Any] | None) -> None:
-    from hookedcot.config import ConfigError
-
+def rope_scaling_problems(scaling: dict[str, Any] | None) -> list[str]:
+    """What is wrong with a rope_scaling dict (empty when it is usable): an unknown `rope_type`
+    or a key its init needs. ModelConfig raises these; rope.py itself imports nothing of ours."""
     if scaling is None:
-        return
+        return []
     rope_type = scaling.get("rope_type", "default")
     if rope_type not in ROPE_TYPES:
-        raise ConfigError(
-            f"rope_scaling.rope_type={rope_type!r} is not supported; supported rope types: "
-            f"{', '.join(sorted(ROPE_TYPES))}"
-        )
+        return [f"rope_scaling.rope_type={rope_type!r} is not supported; supported rope types: {', '.join(sorted(ROPE_TYPES))}"]
     missing = [key for key in ROPE_TYPES[rope_type][1] if key not in scaling]
-    if missing:
-        raise ConfigError(f"rope_scaling of type {rope_type!r} is missing {', '.join(missing)}")
+    return [f"rope_scaling of type {rope_type!r} is missing {', '.join(missing)}"] if missing else []
 
 
 def inv_freq(d_head: int, theta: float, scaling: dict[str, Any] | None) -> Tensor:

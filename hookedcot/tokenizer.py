@@ -98,7 +98,8 @@ class Tokenizer:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_gguf(cls, source: Any) -> "Tokenizer":
-        """From a GGUF file path, an open `gguf.GGUFReader`, or its metadata as a dict.
+        """From a GGUF file's metadata as a dict, or an open `gguf.GGUFReader`. (A file path goes
+        through `hookedcot.conversions.gguf.convert_gguf`, which reads the file and builds this.)
 
         Builds what transformers' GGUF converter builds: byte-level BPE over the file's tokens and
         merges, control tokens as special added tokens, user-defined ones as plain added tokens, the
@@ -337,10 +338,6 @@ class Tokenizer:
 def _gguf_metadata(source: Any) -> Mapping[str, Any]:
     if isinstance(source, Mapping):
         return source
-    if isinstance(source, (str, Path)):
-        from hookedcot.conversions.gguf import open_reader
-
-        source = open_reader(Path(source).expanduser())
     return {k: f.contents() for k, f in source.fields.items() if k.startswith("tokenizer.")}
 
 

@@ -292,8 +292,10 @@ def tiny_gguf(request, tmp_path_factory):
 def test_tiny_gguf_matches_transformers(tiny_gguf):
     from gguf import GGUFReader
 
+    from hookedcot.conversions.gguf import open_reader, read_metadata
+
     path, add_bos = tiny_gguf
-    ours = Tokenizer.from_gguf(path)
+    ours = Tokenizer.from_gguf(read_metadata(open_reader(path)))
     assert Tokenizer.from_gguf(GGUFReader(path)).backend.to_str() == ours.backend.to_str()
     theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     assert ours.add_bos is add_bos
