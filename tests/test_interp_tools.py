@@ -15,21 +15,31 @@ from model_factory import CharTokenizer, random_model
 from hookedcot import HookedCoT, ModelConfig, get_act_name
 from hookedcot.interp import data as D
 from hookedcot.interp import metrics as M
-from hookedcot.interp.ablation import (activation_mean, direction_ablation, head_ablation, mean_ablation,
-                                       neuron_ablation, resample_ablation, zero_ablation)
-from hookedcot.interp.corruption import gaussian_noise
-from hookedcot.interp.lens import logit_lens
-from hookedcot.interp.neurons import neuron_trace, neuron_trace_generate
+from hookedcot.interp.ablation import (ablate_direction, ablate_heads, ablate_mean, ablate_neurons, ablate_resample,
+                                       ablate_zero, activation_mean)
+from hookedcot.interp.corruption import add_noise
+from hookedcot.interp.lens import run_logit_lens
+from hookedcot.interp.neurons import trace_neurons, trace_neurons_generated
 from hookedcot.interp.positions import Positions
-from hookedcot.interp.steering import add_vector, scale_direction, steer_generate
+from hookedcot.interp.steering import add_vector, generate_steered, scale_direction
+from hookedcot.tokenizer import TokenizerError
 
 CFG = ModelConfig(n_layers=3, d_model=32, n_heads=4, n_key_value_heads=2, d_head=8, d_mlp=64, d_vocab=130,
                   qkv_bias=True, norm_eps=1e-6)
 
 
+class Tokenizer(CharTokenizer):
+    """CharTokenizer raising what hookedcot's tokenizer raises for a multi-token string."""
+
+    def to_single_token(self, text):
+        if len(text) != 1:
+            raise TokenizerError(f"{text!r} is {len(text)} tokens")
+        return ord(text)
+
+
 @pytest.fixture(scope="module")
 def model() -> HookedCoT:
-    return random_model(CFG, tokenizer=CharTokenizer())
+    return random_model(CFG, tokenizer=Tokenizer())
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +175,7 @@ def test_prompt_formats_and_same_length_filter(model):
         D.format_prompt(p.clean, "chat")
     longer = D.ProblemPair(p.clean, D.Problem(p.clean.question + " 1", 1))
     pairs = D.generate_pairs(12, seed=3)
-    assert D.same_length_pairs(model, pairs + [longer]) == pairs  # digit counts kept: equal lengths
+    assert D.keep_same_length_pairs(model, pairs + [longer]) == pairs  # digit counts kept: equal lengths
 
 
 # ---------------------------------------------------------------- logit lens
@@ -173,7 +183,7 @@ def test_logit_lens_last_row_is_the_model_and_rows_are_the_lens(model, tokens, t
     seq = tokens[:1]
     logits = model(seq)  # (a full cache would take the explicit-attention path: other rounding)
     _, cache = model.run_with_cache(seq, names_filter=lambda n: n.endswith(("resid_pre", "mlp_out")))
-    lens = logit_lens(model, seq, targets=[5, "a"], top_k=3)
+    lens = run_logit_lens(model, seq, targets=[5, "a"], top_k=3)
     assert lens.rows == [f"{i}_pre" for i in range(CFG.n_layers)] + ["final_post"]
     lp = logits[0].float().log_softmax(-1)
     assert torch.equal(lens.logit.values[:, -1], logits[0][:, [5, ord("a")]].T.float())
@@ -185,28 +195,28 @@ def test_logit_lens_last_row_is_the_model_and_rows_are_the_lens(model, tokens, t
         assert torch.equal(lens.logit.values[0, layer], by_hand[:, 5])
     ranks = lens.rank.values[0, -1]
     assert ranks.tolist() == [float((logits[0, i] > logits[0, i, 5]).sum()) for i in range(seq.shape[1])]
-    sub = logit_lens(model, seq, targets=5, positions=[2, -1], components=["resid", "mlp_out"])
+    sub = run_logit_lens(model, seq, targets=5, positions=[2, -1], sources=["resid", "mlp_out"])
     assert sub.positions == [2, 9] and sub.rows[:2] == ["0_pre", "0_mlp_out"] and sub.rows[-1] == "final_post"
     assert torch.equal(sub.logit.values[0, -1], logits[0, [2, 9], 5])
     mlp = model.unembed(model.ln_final(cache["mlp_out", 1][:, [2, 9]]))[0, :, 5]  # own-scale norm
     assert torch.equal(sub.logit.values[0, sub.rows.index("1_mlp_out")], mlp)
-    assert sub.position_labels[0] == f"2:{chr(int(seq[0, 2]))}" and len(sub.top_tokens[0][1]) == 5
+    assert sub.position_labels[0] == f"2 {chr(int(seq[0, 2]))!r}" and len(sub.top_tokens[0][1]) == 5
     lens.save(tmp_path); paths = sub.plot(tmp_path)
     assert (tmp_path / "lens_top_k.json").exists() and (tmp_path / "lens_prob.json").exists() and all(p.exists() for p in paths)
     with pytest.warns(UserWarning, match="first token"):
-        assert logit_lens(model, seq, targets="ab").targets == [ord("a")]
+        assert run_logit_lens(model, seq, targets="ab").targets == [ord("a")]
 
 
 # ---------------------------------------------------------------- ablation
-def test_neuron_ablation_equals_zeroing_down_proj_columns(model, tokens):
+def test_ablate_neurons_equals_zeroing_down_proj_columns(model, tokens):
     neurons = [3, 17, 40]
-    hooked = model.run_with_hooks(tokens, fwd_hooks=[neuron_ablation(1, neurons)])
+    hooked = model.run_with_hooks(tokens, fwd_hooks=[ablate_neurons(1, neurons)])
     edited = copy.deepcopy(model)
     with torch.no_grad():
         edited.blocks[1].mlp.down_proj.weight[:, neurons] = 0
     torch.testing.assert_close(hooked, edited(tokens), rtol=1e-6, atol=1e-6)
     acts = {}
-    model.run_with_hooks(tokens, fwd_hooks=[neuron_ablation(1, neurons, positions=[2, -1]),
+    model.run_with_hooks(tokens, fwd_hooks=[ablate_neurons(1, neurons, positions=[2, -1]),
                                            (get_act_name("post", 1), record(acts, "post"))])
     _, cache = model.run_with_cache(tokens, names_filter=get_act_name("post", 1))
     expected = cache["post", 1].clone()
@@ -214,23 +224,23 @@ def test_neuron_ablation_equals_zeroing_down_proj_columns(model, tokens):
     assert torch.equal(acts["post"], expected)
 
 
-def test_zero_and_head_ablation_touch_only_the_selection(model, tokens):
+def test_ablate_zero_and_ablate_heads_touch_only_the_selection(model, tokens):
     acts = {}
     name = get_act_name("z", 2)
-    model.run_with_hooks(tokens, fwd_hooks=[head_ablation(2, [1, 3], positions="from 6"), (name, record(acts, "z"))])
+    model.run_with_hooks(tokens, fwd_hooks=[ablate_heads(2, [1, 3], positions="from 6"), (name, record(acts, "z"))])
     _, cache = model.run_with_cache(tokens, names_filter=name)
     expected = cache[name].clone(); expected[:, 6:, [1, 3]] = 0
     assert torch.equal(acts["z"], expected)
     pat = get_act_name("pattern", 0)
-    model.run_with_hooks(tokens, fwd_hooks=[zero_ablation(pat, heads=2, positions=[4]), (pat, record(acts, "p"))])
+    model.run_with_hooks(tokens, fwd_hooks=[ablate_zero(pat, heads=2, positions=[4]), (pat, record(acts, "p"))])
     assert bool((acts["p"][:, 2, 4] == 0).all()) and bool((acts["p"][:, 2, 5] != 0).any())
-    assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[zero_ablation("blocks.0.hook_mlp_out", positions=[])]), model(tokens))
+    assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[ablate_zero("blocks.0.hook_mlp_out", positions=[])]), model(tokens))
 
 
-def test_direction_ablation_leaves_activations_orthogonal(model, tokens):
+def test_ablate_direction_leaves_activations_orthogonal(model, tokens):
     v = torch.randn(CFG.d_model, generator=torch.Generator().manual_seed(3))
     name, acts = get_act_name("resid_post", 1), {}
-    model.run_with_hooks(tokens, fwd_hooks=[direction_ablation(name, v, positions=[0, 1, 2]), (name, record(acts, "r"))])
+    model.run_with_hooks(tokens, fwd_hooks=[ablate_direction(name, v, positions=[0, 1, 2]), (name, record(acts, "r"))])
     _, cache = model.run_with_cache(tokens, names_filter=name)
     dots = acts["r"] @ (v / v.norm())
     assert dots[:, :3].abs().max() < 1e-5 and dots[:, 3:].abs().min() > 1e-3
@@ -238,14 +248,14 @@ def test_direction_ablation_leaves_activations_orthogonal(model, tokens):
     torch.testing.assert_close(acts["r"][:, :3], cache[name][:, :3] - (cache[name][:, :3] @ (v / v.norm()))[..., None] * (v / v.norm()))
 
 
-def test_mean_ablation_equals_the_manual_mean(model, tokens):
+def test_ablate_mean_equals_the_manual_mean(model, tokens):
     name = get_act_name("mlp_out", 0)
     texts = ["Q: 12 apples?", "Q: 3 pears and 4?", "hello"]  # different lengths: padding must be skipped
     rows = [model.run_with_cache(t, names_filter=name)[1][name][0] for t in texts]
     manual = torch.cat(rows).mean(0)
     torch.testing.assert_close(activation_mean(model, name, texts), manual, rtol=1e-5, atol=1e-6)
     acts = {}
-    model.run_with_hooks(tokens, fwd_hooks=[mean_ablation(model, name, texts, positions=[1]), (name, record(acts, "m"))])
+    model.run_with_hooks(tokens, fwd_hooks=[ablate_mean(model, name, texts, positions=[1]), (name, record(acts, "m"))])
     torch.testing.assert_close(acts["m"][:, 1], manual.expand(2, -1), rtol=1e-5, atol=1e-6)
     assert torch.equal(acts["m"][:, 2:], model.run_with_cache(tokens, names_filter=name)[1][name][:, 2:])
     same_len = tokens  # per-position: the mean over rows at each position
@@ -254,19 +264,19 @@ def test_mean_ablation_equals_the_manual_mean(model, tokens):
     acts.clear()
     prompt = tokens[:1, :4]
     model.generate(prompt, 8, stop_at_eos=False, fwd_hooks=[
-        mean_ablation(model, name, same_len, per_position=True), (name, lambda x, h: acts.setdefault(int(h.positions[-1]), x.clone()))])
+        ablate_mean(model, name, same_len, per_position=True), (name, lambda x, h: acts.setdefault(int(h.positions[-1]), x.clone()))])
     torch.testing.assert_close(acts[6][0, 0], per_pos[6])  # generation step at position 6
     torch.testing.assert_close(acts[10][0, 0], per_pos.mean(0))  # past the dataset: overall mean
 
 
-def test_resample_ablation_is_seeded_and_takes_sources_positions(model, tokens):
+def test_ablate_resample_is_seeded_and_takes_sources_positions(model, tokens):
     name = get_act_name("resid_pre", 2)
     sources = torch.randint(32, 127, (3, 10), generator=torch.Generator().manual_seed(9))
     src = model.run_with_cache(sources, names_filter=name)[1][name]
     acts = {}
-    model.run_with_hooks(tokens, fwd_hooks=[resample_ablation(model, name, sources, seed=4, positions=[5, 6]), (name, record(acts, "a"))])
+    model.run_with_hooks(tokens, fwd_hooks=[ablate_resample(model, name, sources, seed=4, positions=[5, 6]), (name, record(acts, "a"))])
     first = acts["a"].clone()
-    model.run_with_hooks(tokens, fwd_hooks=[resample_ablation(model, name, sources, seed=4, positions=[5, 6]), (name, record(acts, "a"))])
+    model.run_with_hooks(tokens, fwd_hooks=[ablate_resample(model, name, sources, seed=4, positions=[5, 6]), (name, record(acts, "a"))])
     assert torch.equal(first, acts["a"])
     for row in range(2):
         assert any(torch.equal(first[row, 5:7], src[s, 5:7]) for s in range(3))
@@ -278,7 +288,7 @@ def test_zero_steering_and_zero_noise_are_the_identity(model, tokens):
     base = model(tokens)
     v = torch.randn(CFG.d_model) * 10
     for pair in (add_vector("blocks.1.hook_resid_post", v, alpha=0.0), scale_direction("blocks.1.hook_resid_post", v, 1.0),
-                 gaussian_noise("hook_embed", 0.0, seed=1), gaussian_noise("blocks.0.hook_resid_post", 0.0, positions=[2])):
+                 add_noise("hook_embed", 0.0, seed=1), add_noise("blocks.0.hook_resid_post", 0.0, positions=[2])):
         assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[pair]), base)
 
 
@@ -296,14 +306,14 @@ def test_steering_during_generation(model):
     prompt = "Q: 7+5?\nA:"
     v = torch.randn(CFG.d_model, generator=torch.Generator().manual_seed(4)) * 20
     base = model.generate(prompt, 6, stop_at_eos=False)
-    assert steer_generate(model, prompt, add_vector("blocks.1.hook_resid_post", v, 0.0), max_new_tokens=6, stop_at_eos=False) == base
+    assert generate_steered(model, prompt, add_vector("blocks.1.hook_resid_post", v, 0.0), max_new_tokens=6, stop_at_eos=False) == base
     n = len(prompt)
-    steered = steer_generate(model, prompt, [add_vector("blocks.1.hook_resid_post", v, 1.0, positions=f"from {n}")],
+    steered = generate_steered(model, prompt, [add_vector("blocks.1.hook_resid_post", v, 1.0, positions=f"from {n}")],
                              max_new_tokens=6, stop_at_eos=False)
     assert steered != base and steered[: n + 1] == base[: n + 1]  # the first new token comes from the prompt
 
 
-def test_gaussian_noise_is_seeded_and_per_position(model, tokens):
+def test_add_noise_is_seeded_and_per_position(model, tokens):
     acts = {}
 
     def run(seq, pair):
@@ -311,13 +321,13 @@ def test_gaussian_noise_is_seeded_and_per_position(model, tokens):
         return acts["e"]
 
     clean = model.W_E[tokens]
-    a = run(tokens, gaussian_noise("hook_embed", 1.0, seed=3))
-    assert torch.equal(a, run(tokens, gaussian_noise("hook_embed", 1.0, seed=3)))
-    assert not torch.equal(a, run(tokens, gaussian_noise("hook_embed", 1.0, seed=4)))
-    assert torch.equal(run(tokens[:, :6], gaussian_noise("hook_embed", 1.0, seed=3)), a[:, :6])  # position t's noise is fixed
-    some = run(tokens, gaussian_noise("hook_embed", 1.0, positions=[1, 7], seed=3))
+    a = run(tokens, add_noise("hook_embed", 1.0, seed=3))
+    assert torch.equal(a, run(tokens, add_noise("hook_embed", 1.0, seed=3)))
+    assert not torch.equal(a, run(tokens, add_noise("hook_embed", 1.0, seed=4)))
+    assert torch.equal(run(tokens[:, :6], add_noise("hook_embed", 1.0, seed=3)), a[:, :6])  # position t's noise is fixed
+    some = run(tokens, add_noise("hook_embed", 1.0, positions=[1, 7], seed=3))
     assert torch.equal(some[:, [1, 7]], a[:, [1, 7]]) and torch.equal(some[:, [0, 2, 9]], clean[:, [0, 2, 9]])
-    rel = run(tokens, gaussian_noise("hook_embed", 2.0, seed=3, relative_to_embedding_std=True, model=model))
+    rel = run(tokens, add_noise("hook_embed", 2.0, seed=3, relative_to_embedding_std=True, model=model))
     torch.testing.assert_close(rel - clean, 2.0 * float(model.W_E.detach().std()) * (a - clean), rtol=1e-4, atol=1e-5)
 
 
@@ -325,12 +335,12 @@ def test_gaussian_noise_is_seeded_and_per_position(model, tokens):
 def test_neuron_traces(model, tokens):
     seq = tokens[:1]
     _, cache = model.run_with_cache(seq, names_filter=get_act_name("post", 2))
-    r = neuron_trace(model, seq, 2, 11)
+    r = trace_neurons(model, seq, 2, 11)
     assert r.axes == ("position",) and torch.equal(r.values, cache["post", 2][0, :, 11])
-    assert r.labels["position"][3] == f"3:{chr(int(seq[0, 3]))}"
-    both = neuron_trace(model, seq, 2, [11, 12])
+    assert r.labels["position"][3] == f"3 {chr(int(seq[0, 3]))!r}"
+    both = trace_neurons(model, seq, 2, [11, 12])
     assert both.values.shape == (2, 10) and torch.equal(both.values[0], r.values)
-    g = neuron_trace_generate(model, seq, 2, 11, max_new_tokens=5, stop_at_eos=False)
+    g = trace_neurons_generated(model, seq, 2, 11, max_new_tokens=5, stop_at_eos=False)
     full = torch.tensor(g.meta["tokens"])
     assert g.values.shape == (10 + 5 - 1,) and g.meta["prompt_len"] == 10
-    torch.testing.assert_close(g.values, neuron_trace(model, full[:-1], 2, 11).values, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(g.values, trace_neurons(model, full[:-1], 2, 11).values, rtol=1e-4, atol=1e-5)

@@ -1,18 +1,17 @@
 """Ablations as hook builders: each returns a `(hook_name, hook_fn)` pair for `fwd_hooks=`.
 
     model.run_with_hooks(tokens, fwd_hooks=[
-        zero_ablation("blocks.24.hook_mlp_out", positions="last 50"),   # seed 000's MLP ablation
-        neuron_ablation(24, [609]),                                     # one neuron, every position
-        head_ablation(3, [0, 5]),                                       # two heads' hook_z
+        ablate_zero("blocks.24.hook_mlp_out", positions="last 50"),   # an MLP's output, last 50 tokens
+        ablate_neurons(24, [609]),                                    # one neuron, every position
+        ablate_heads(3, [0, 5]),                                      # two heads' hook_z
     ])
-    with model.hooks([mean_ablation(model, "blocks.5.hook_resid_post", dataset_prompts)]):
+    with model.hooks([ablate_mean(model, "blocks.5.hook_resid_post", dataset_prompts)]):
         model.generate(prompt, max_new_tokens=64)
 
-What to edit: `positions` (absolute sequence indices — see `positions.py` for every spec, incl.
-"from N" and "last N"; they work during generation because they are matched against
-`hook.positions`), `heads` (axis 2 of hook_q/k/v/z/rot_q/rot_k/result, axis 1 of
-hook_pattern/hook_attn_scores) and `neurons` (the last axis: `mlp.hook_post` neurons, or any
-hook's last dimension). Everything not selected is returned bit-for-bit unchanged.
+What to edit: `positions` (absolute sequence indices, any form `positions.py` documents; they
+work during generation because they are matched against `hook.positions`), `heads` (the hook
+table's head axis: h or g) and `neurons` (the last axis: `mlp.hook_post` neurons, or any hook's
+last dimension). Everything not selected is returned bit-for-bit unchanged.
 
 - zero: the selected entries become 0.
 - mean: they become the mean of the same hook over a dataset you pass (`activation_mean`):
@@ -31,13 +30,15 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookedcot.hook_names import get_act_name, layer_of, spec_of
-from hookedcot.interp.positions import PositionSpec, Selection
+from hookedcot.interp.positions import PositionSpec, Selection, position_axis
+from hookedcot.interp.renamed import renamed
+from hookedcot.interp.steering import scale_direction
 
 HookPair = tuple[str, Any]
 Index = Sequence[int] | int | None
 
 
-def zero_ablation(name: str, positions: PositionSpec = None, heads: Index = None, neurons: Index = None) -> HookPair:
+def ablate_zero(name: str, positions: PositionSpec = None, heads: Index = None, neurons: Index = None) -> HookPair:
     """Set the selected entries of hook `name` to zero."""
     sel = Selection(positions, heads, neurons)
 
@@ -48,7 +49,7 @@ def zero_ablation(name: str, positions: PositionSpec = None, heads: Index = None
     return name, hook_fn
 
 
-def neuron_ablation(layer: int, neurons: Sequence[int] | int, positions: PositionSpec = None, value: float = 0.0) -> HookPair:
+def ablate_neurons(layer: int, neurons: Sequence[int] | int, positions: PositionSpec = None, value: float = 0.0) -> HookPair:
     """Set MLP neurons (`blocks.{layer}.mlp.hook_post[..., n]`, the input of down_proj) to `value`
     (0: the same as zeroing those columns of down_proj)."""
     sel = Selection(positions, None, neurons)
@@ -59,34 +60,17 @@ def neuron_ablation(layer: int, neurons: Sequence[int] | int, positions: Positio
     return get_act_name("post", layer), hook_fn
 
 
-def head_ablation(layer: int, heads: Sequence[int] | int, positions: PositionSpec = None, hook: str = "z") -> HookPair:
+def ablate_heads(layer: int, heads: Sequence[int] | int, positions: PositionSpec = None, hook: str = "z") -> HookPair:
     """Zero attention heads in `blocks.{layer}.attn.hook_{hook}` (hook_z by default: the head's
     output before o_proj, i.e. removing the head's contribution to the residual)."""
-    return zero_ablation(get_act_name(hook, layer), positions=positions, heads=heads)
+    return ablate_zero(get_act_name(hook, layer), positions=positions, heads=heads)
 
 
-def direction_ablation(name: str, v: Float[Tensor, " d"], positions: PositionSpec = None) -> HookPair:
+def ablate_direction(name: str, v: Float[Tensor, " d"], positions: PositionSpec = None) -> HookPair:
     """Project direction `v` out of the last axis of hook `name`: x − (x·v̂) v̂ (v̂ = v/‖v‖),
-    computed in float32; the result is orthogonal to v up to the activation dtype's rounding."""
-    unit = _unit(v)
-    sel = Selection(positions)
-
-    def hook_fn(x: Tensor, hook: Any) -> Tensor:
-        u = unit.to(x.device)
-        xf = x.float()
-        edited = xf - (xf @ u)[..., None] * u
-        mask = sel.mask(x, hook)
-        return edited.to(x.dtype) if mask is None else torch.where(mask, edited.to(x.dtype), x)
-
-    return name, hook_fn
-
-
-def _unit(v: Tensor) -> Tensor:
-    v = torch.as_tensor(v).detach().float().reshape(-1)
-    norm = torch.linalg.vector_norm(v)
-    if norm == 0 or not torch.isfinite(norm):
-        raise ValueError("the direction vector must be non-zero and finite")
-    return v / norm
+    computed in float32; the result is orthogonal to v up to the activation dtype's rounding.
+    It is `scale_direction` with factor 0, the same arithmetic."""
+    return scale_direction(name, v, 0.0, positions)
 
 
 # ---------------------------------------------------------------- dataset statistics
@@ -96,9 +80,9 @@ def _dataset_activations(
 ):
     """Yield (activation [b, p, ...] float32, mask [b, p] bool) for hook `name` over `dataset`
     (a list of strings, or token ids [n, pos] with an optional attention mask), batch by batch."""
-    if spec_of(name).shape.split()[1] != "p":
-        raise ValueError(f"{name} has no position axis at dim 1 (shape {spec_of(name).shape}); mean/resample "
-                         "ablation works on [batch, pos, ...] hooks")
+    if position_axis(name) != 1:
+        raise ValueError(f"{name} has no position axis at dim 1 (shape {spec_of(name).shape}); ablate_mean and "
+                         "ablate_resample work on [batch, pos, ...] hooks")
     if isinstance(dataset, str):
         dataset = [dataset]
     if isinstance(dataset, (list, tuple)):
@@ -144,7 +128,7 @@ def _means(model: Any, name: str, dataset: Any, attention_mask: Tensor | None, b
     return overall, torch.where(pos_count > 0, pos_total / pos_count.clamp(min=1), overall)
 
 
-def mean_ablation(
+def ablate_mean(
     model: Any, name: str, dataset: Any = None, per_position: bool = False, positions: PositionSpec = None,
     heads: Index = None, neurons: Index = None, attention_mask: Tensor | None = None, batch_size: int = 32,
     mean: Tensor | None = None,
@@ -154,7 +138,7 @@ def mean_ablation(
     With `per_position=True`, positions past the dataset's length get the overall mean."""
     if mean is None:
         if dataset is None:
-            raise ValueError("mean_ablation needs a dataset (strings or token ids) or a precomputed mean=")
+            raise ValueError("ablate_mean needs a dataset (strings or token ids) or a precomputed mean=")
         overall, by_pos = _means(model, name, dataset, attention_mask, batch_size)
         mean = by_pos if per_position else overall
     else:
@@ -177,7 +161,7 @@ def mean_ablation(
 
 
 @torch.no_grad()
-def resample_ablation(
+def ablate_resample(
     model: Any, name: str, sources: Any, seed: int = 0, positions: PositionSpec = None, heads: Index = None,
     neurons: Index = None, attention_mask: Tensor | None = None,
 ) -> HookPair:
@@ -194,7 +178,7 @@ def resample_ablation(
     def hook_fn(x: Tensor, hook: Any) -> Tensor:
         pos = hook.positions.to(acts.device)
         if len(pos) and int(pos.max()) >= acts.shape[1]:
-            raise ValueError(f"resample_ablation on {name}: position {int(pos.max())} is past the sources' "
+            raise ValueError(f"ablate_resample on {name}: position {int(pos.max())} is past the sources' "
                              f"length {acts.shape[1]}; restrict positions= or use longer sources")
         rows = perm[torch.arange(x.shape[0]) % acts.shape[0]]
         fill = acts[rows][:, pos].to(x.device, x.dtype)
@@ -202,3 +186,11 @@ def resample_ablation(
         return fill if mask is None else torch.where(mask, fill, x)
 
     return name, hook_fn
+
+
+zero_ablation = renamed(ablate_zero, "zero_ablation")
+mean_ablation = renamed(ablate_mean, "mean_ablation")
+resample_ablation = renamed(ablate_resample, "resample_ablation")
+neuron_ablation = renamed(ablate_neurons, "neuron_ablation")
+head_ablation = renamed(ablate_heads, "head_ablation")
+direction_ablation = renamed(ablate_direction, "direction_ablation")

@@ -1,9 +1,9 @@
 """Noise corruption for causal tracing / restoration: seeded Gaussian noise as a hook builder.
 
-    noisy = gaussian_noise("hook_embed", sigma=3.0, positions=range(4, 9), seed=0,
-                           relative_to_embedding_std=True, model=model)    # ROME-style: 3 × std(W_E)
+    noisy = add_noise("hook_embed", sigma=3.0, positions=range(4, 9), seed=0,
+                      relative_to_embedding_std=True, model=model)    # ROME-style: 3 × std(W_E)
     corrupted_logits = model.run_with_hooks(tokens, fwd_hooks=[noisy])
-    noisy0 = gaussian_noise("blocks.0.hook_resid_post", sigma=2.0)          # seed 000: σ = 2 on layer 0
+    noisy0 = add_noise("blocks.0.hook_resid_post", sigma=2.0)          # a fixed σ on a residual
 
 The noise is deterministic: the noise added at absolute position t depends only on (`seed`, t)
 and the activation's shape, not on which other positions the pass covers — so a full forward and
@@ -21,12 +21,13 @@ import torch
 from torch import Tensor
 
 from hookedcot.hook_names import spec_of
-from hookedcot.interp.positions import PositionSpec, Positions
+from hookedcot.interp.positions import PositionSpec, Positions, position_axis
+from hookedcot.interp.renamed import renamed
 
 _MIX = 0x9E3779B97F4A7C15  # golden-ratio multiplier: spreads (seed, position) over seed space
 
 
-def gaussian_noise(
+def add_noise(
     name: str,
     sigma: float,
     positions: PositionSpec = None,
@@ -35,10 +36,10 @@ def gaussian_noise(
     model: Any = None,
 ) -> tuple[str, Any]:
     """A (name, hook_fn) pair adding N(0, σ²) noise to hook `name` at `positions` (absolute
-    indices; see positions.py). With `relative_to_embedding_std=True`, σ is in units of the
+    indices, any form positions.py documents). With `relative_to_embedding_std=True`, σ is in units of the
     standard deviation of all entries of the embedding matrix `model.W_E` (pass `model`)."""
-    if spec_of(name).shape.split()[:2] != ["b", "p"]:
-        raise ValueError(f"gaussian_noise needs a [batch, pos, ...] hook; {name} is {spec_of(name).shape}")
+    if position_axis(name) != 1:
+        raise ValueError(f"add_noise needs a [batch, pos, ...] hook; {name} is {spec_of(name).shape}")
     if sigma < 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
     scale = float(sigma)
@@ -77,3 +78,6 @@ def _noise(shape: torch.Size, positions: Tensor, pos_mask: Tensor | None, seed: 
         gen = torch.Generator().manual_seed((seed * _MIX + pos_list[i]) % (2**63))
         noise[:, i] = torch.randn(per_pos, generator=gen)
     return noise
+
+
+gaussian_noise = renamed(add_noise, "gaussian_noise")

@@ -8,12 +8,12 @@ that the answer changes. Each problem carries its `answer` (int) and a chain-of-
 Patching needs clean and corrupted prompts of the *same token length* (position i must mean the
 same thing in both runs). The generator keeps every changed number's digit count, which gives equal
 lengths with digit-wise tokenizers (Qwen2, LLaMA-3's ≤3-digit chunks, SmolLM2); other tokenizers
-can merge digits differently, so filter with `same_length_pairs(model, pairs)` before patching.
+can merge digits differently, so filter with `keep_same_length_pairs(model, pairs)` before patching.
 
 JSON (`save_pairs` / `load_pairs`): a list of
 `{"id": ..., "clean": {"question": str, "answer": int, "reasoning": str?}, "corrupted": {...}}`.
-`load_pairs` also reads the flat seed-001 layout `{"clean_question", "clean_answer",
-"corrupted_question", "corrupted_answer", "pair_id"?}`; errors name the bad entry.
+`load_pairs` also reads a flat layout `{"clean_question", "clean_answer", "corrupted_question",
+"corrupted_answer", "pair_id"?}`; errors name the bad entry.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from hookedcot.interp.renamed import renamed
 
 
 @dataclass
@@ -210,7 +212,7 @@ def _corrupt(template: Template, numbers: dict[str, int], rng: random.Random, ma
 def format_prompt(problem: Problem | str, style: str = "qa", model: Any = None, system: str | None = None) -> str:
     """The prompt text for a problem.
 
-    "qa": `"Q: {question}\\nA:"` (seed 000); "plain": the question alone; "chat": the model's chat
+    "qa": `"Q: {question}\\nA:"`; "plain": the question alone; "chat": the model's chat
     template with the question as the user turn (and `system` if given), ending with the assistant
     prefix — needs `model` (its `apply_chat_template`)."""
     question = problem.question if isinstance(problem, Problem) else problem
@@ -226,17 +228,7 @@ def format_prompt(problem: Problem | str, style: str = "qa", model: Any = None, 
     raise ValueError(f"style must be 'qa', 'plain' or 'chat', got {style!r}")
 
 
-def answer_text(problem: Problem, style: str = "qa") -> str:
-    """The answer as the continuation of the prompt, for teacher forcing: " 42" after "A:"."""
-    return f" {problem.answer}" if style == "qa" else str(problem.answer)
-
-
-def pair_prompts(pairs: Sequence[ProblemPair], style: str = "qa", model: Any = None) -> tuple[list[str], list[str]]:
-    """(clean prompts, corrupted prompts) for a list of pairs."""
-    return ([format_prompt(p.clean, style, model) for p in pairs], [format_prompt(p.corrupted, style, model) for p in pairs])
-
-
-def same_length_pairs(model: Any, pairs: Sequence[ProblemPair], style: str = "qa") -> list[ProblemPair]:
+def keep_same_length_pairs(model: Any, pairs: Sequence[ProblemPair], style: str = "qa") -> list[ProblemPair]:
     """The pairs whose clean and corrupted prompts tokenize to the same number of tokens under
     `model`'s tokenizer (what position-wise patching needs)."""
     kept = []
@@ -245,6 +237,9 @@ def same_length_pairs(model: Any, pairs: Sequence[ProblemPair], style: str = "qa
         if int(mask[0].sum()) == int(mask[1].sum()):
             kept.append(pair)
     return kept
+
+
+same_length_pairs = renamed(keep_same_length_pairs, "same_length_pairs")
 
 
 # ---------------------------------------------------------------- JSON
@@ -256,7 +251,7 @@ def save_pairs(pairs: Sequence[ProblemPair], path: str | Path) -> Path:
 
 
 def load_pairs(path: str | Path) -> list[ProblemPair]:
-    """Read pairs from JSON (the nested layout or seed 001's flat one); raises ValueError naming
+    """Read pairs from JSON (the nested layout or the flat one); raises ValueError naming
     the first bad entry and what is wrong with it."""
     path = Path(path)
     try:

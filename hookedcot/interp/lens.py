@@ -1,11 +1,11 @@
 """Logit lens: what the model would predict if it stopped at each layer.
 
-    lens = logit_lens(model, "Q: 12*7?\\nA:", targets=[" 84", " 74"])
+    lens = run_logit_lens(model, "Q: 12*7?\\nA:", targets=[" 84", " 74"], positions="last 3")
     lens.prob            # Result [target, layer, position]: P(target) at each layer and position
     lens.top_tokens[L][i]  # the top-k decoded tokens at row L, position i (lens.top_probs: theirs)
     lens.save("out/lens"); lens.plot("out/lens")
 
-Rows for `components="resid"`: the residual entering each block (`"{L}_pre"`; row 0 is the
+Rows for `sources="resid"`: the residual entering each block (`"{L}_pre"`; row 0 is the
 embedding) and the residual after the last block (`"final_post"`). Each row goes through the final
 RMSNorm and the unembedding exactly as the model's own output does, so the `"final_post"` row *is*
 the model's logits (bit for bit). `"attn_out"` / `"mlp_out"` rows unembed each block's attention
@@ -35,10 +35,15 @@ import torch
 from torch import Tensor
 
 from hookedcot.hook_names import get_act_name
+from hookedcot.tokenizer import TokenizerError
+from hookedcot.interp.labels import token_labels
+from hookedcot.interp.positions import PositionSpec, resolve_positions
 from hookedcot.interp.results import Result
 
 Target = Union[int, str]
-COMPONENTS = ("resid", "attn_out", "mlp_out")
+# What a lens row can read. Not sweeps.COMPONENTS (hooks a patch writes): "resid" here means the
+# residual entering each block plus the final one, read through the final norm.
+LENS_SOURCES = ("resid", "attn_out", "mlp_out")
 
 
 @dataclass
@@ -99,33 +104,35 @@ class LogitLens:
 
 
 @torch.no_grad()
-def logit_lens(
+def run_logit_lens(
     model: Any,
     input: str | Tensor,
     targets: Target | Sequence[Target] | None = None,
-    positions: Sequence[int] | slice | None = None,
-    components: str | Sequence[str] = "resid",
+    positions: PositionSpec = None,
+    sources: str | Sequence[str] = "resid",
     top_k: int = 5,
     attention_mask: Tensor | None = None,
 ) -> LogitLens:
     """The logit lens of one sequence (a string, or token ids [pos] / [1, pos]).
 
-    `positions` (absolute indices, negative from the end; default: every non-padding position)
-    limits what is kept. `components`: "resid", "attn_out", "mlp_out" or a list; rows are in
-    firing order ("0_pre", "0_attn_out", "0_mlp_out", "1_pre", ..., "final_post")."""
+    `positions` (any form positions.py documents; default: every non-padding position) limits
+    what is kept. `sources`: "resid", "attn_out", "mlp_out" or a list (`LENS_SOURCES`); rows are
+    in firing order ("0_pre", "0_attn_out", "0_mlp_out", "1_pre", ..., "final_post")."""
     tokens, attention_mask = _one_sequence(model, input, attention_mask)
     n_pos = tokens.shape[1]
-    pos = _positions(n_pos, positions, attention_mask)
-    comps = [components] if isinstance(components, str) else list(components)
-    if bad := [c for c in comps if c not in COMPONENTS]:
-        raise ValueError(f"unknown components {bad}; choose from {list(COMPONENTS)}")
+    pos = resolve_positions(positions, n_pos)
+    if positions is None and attention_mask is not None:
+        pos = [p for p in pos if bool(attention_mask[0, p])]
+    chosen = [sources] if isinstance(sources, str) else list(sources)
+    if bad := [c for c in chosen if c not in LENS_SOURCES]:
+        raise ValueError(f"unknown lens sources {bad}; choose from {list(LENS_SOURCES)}")
     target_ids, target_labels = _targets(model, targets)
 
     names: list[tuple[str, str]] = []  # (row label, hook name) in firing order
     for layer in range(model.cfg.n_layers):
-        for comp in comps:
-            hook_short = "resid_pre" if comp == "resid" else comp
-            label = f"{layer}_pre" if comp == "resid" else f"{layer}_{comp}"
+        for source in chosen:
+            hook_short = "resid_pre" if source == "resid" else source
+            label = f"{layer}_pre" if source == "resid" else f"{layer}_{source}"
             names.append((label, get_act_name(hook_short, layer)))
     kept: dict[str, Tensor] = {}
     index = torch.tensor(pos, device=tokens.device)
@@ -135,8 +142,8 @@ def logit_lens(
 
     logits = model.run_with_hooks(tokens, attention_mask=attention_mask, fwd_hooks=[(n, keep) for _, n in names])
     rows = [label for label, _ in names]
-    sources: list[Tensor] = [kept[n] for _, n in names]
-    if "resid" in comps:
+    kept_rows: list[Tensor] = [kept[n] for _, n in names]
+    if "resid" in chosen:
         rows.append("final_post")
 
     n_rows, k = len(rows), min(top_k, model.cfg.d_vocab)
@@ -146,7 +153,7 @@ def logit_lens(
     tid = torch.tensor(target_ids, dtype=torch.long, device=logits.device)
     for r in range(n_rows):
         # The final row is the model's own output: its logits, not a recomputation.
-        row_logits = logits[0, index] if r == len(sources) else model.unembed(model.ln_final(sources[r]))[0]
+        row_logits = logits[0, index] if r == len(kept_rows) else model.unembed_resid(kept_rows[r])[0]
         logp = torch.log_softmax(row_logits.float(), dim=-1)  # [n_pos, vocab]
         values, ids = logp.topk(k, dim=-1)
         top_ids[r], top_p[r] = ids.cpu(), values.exp().cpu()
@@ -157,10 +164,10 @@ def logit_lens(
             stats[2, :, r] = (row_logits.float()[None] > picked[:, :, None]).sum(-1).float().cpu()
         del row_logits, logp
 
-    pos_labels = _position_labels(model, tokens, pos)
-    top_tokens = [[_decode_each(model, top_ids[r, i].tolist()) for i in range(len(pos))] for r in range(n_rows)]
+    pos_labels = token_labels(model, tokens, pos)
+    top_tokens = [[_token_strings(model, top_ids[r, i].tolist()) for i in range(len(pos))] for r in range(n_rows)]
     labels = {"target": target_labels, "layer": rows, "position": pos_labels}
-    meta = {"positions": pos, "targets": target_ids, "components": comps}
+    meta = {"positions": pos, "targets": target_ids, "sources": chosen}
     results: dict[str, Result | None] = {}
     for i, kind in enumerate(("prob", "logit", "rank")):
         results[kind] = Result(stats[i], ("target", "layer", "position"), labels, name=f"lens_{kind}", meta=meta) if target_ids else None
@@ -174,26 +181,15 @@ def _one_sequence(model: Any, input: str | Tensor, attention_mask: Tensor | None
     elif isinstance(input, Tensor) and not input.is_floating_point():
         tokens = (input[None] if input.dim() == 1 else input).to(model.device)
     else:
-        raise TypeError(f"logit_lens takes one string or token ids [pos] / [1, pos], got {type(input).__name__}")
+        raise TypeError(f"run_logit_lens takes one string or token ids [pos] / [1, pos], got {type(input).__name__}")
     if tokens.dim() != 2 or tokens.shape[0] != 1:
         raise ValueError(
-            f"logit_lens takes one sequence, got token ids of shape {tuple(tokens.shape)}; for a batch call it "
-            "per row: logit_lens(model, tokens[i], attention_mask=mask[i:i+1])"
+            f"run_logit_lens takes one sequence, got token ids of shape {tuple(tokens.shape)}; for a batch call it "
+            "per row: run_logit_lens(model, tokens[i], attention_mask=mask[i:i+1])"
         )
     if attention_mask is not None:
         attention_mask = (attention_mask[None] if attention_mask.dim() == 1 else attention_mask).to(tokens.device)
     return tokens, attention_mask
-
-
-def _positions(n_pos: int, positions: Sequence[int] | slice | None, mask: Tensor | None) -> list[int]:
-    if positions is None:
-        return [i for i in range(n_pos) if mask is None or bool(mask[0, i])]
-    if isinstance(positions, slice):
-        return list(range(n_pos))[positions]
-    positions = [positions] if isinstance(positions, int) else list(positions)
-    if bad := [p for p in positions if not -n_pos <= p < n_pos]:
-        raise ValueError(f"positions {bad} fall outside a {n_pos}-token sequence")
-    return [p % n_pos for p in positions]
 
 
 def _targets(model: Any, targets: Target | Sequence[Target] | None) -> tuple[list[int], list[str]]:
@@ -205,33 +201,46 @@ def _targets(model: Any, targets: Target | Sequence[Target] | None) -> tuple[lis
         if isinstance(t, str):
             try:
                 tid = model.to_single_token(t)
-            except Exception:  # several tokens (each tokenizer words this differently)
+            except TokenizerError:  # several tokens (or none)
                 ids_t = model.to_tokens(t, prepend_bos=False)[0].tolist()
                 if not ids_t:
                     raise ValueError(f"target {t!r} tokenizes to nothing") from None
                 tid = ids_t[0]
-                if len(ids_t) > 1:
-                    warnings.warn(f"target {t!r} is {len(ids_t)} tokens; the lens scores its first token "
-                                  f"{_decode_each(model, [tid])[0]!r} (id {tid})", stacklevel=3)
+                warnings.warn(f"target {t!r} is {len(ids_t)} tokens; the lens scores its first token "
+                              f"{_token_strings(model, [tid])[0]!r} (id {tid})", stacklevel=3)
             ids.append(int(tid)); labels.append(t)
         else:
             if not 0 <= int(t) < model.cfg.d_vocab:
                 raise ValueError(f"target id {t} is outside the vocabulary (0..{model.cfg.d_vocab - 1})")
-            ids.append(int(t)); labels.append(_decode_each(model, [int(t)])[0])
+            ids.append(int(t)); labels.append(_token_strings(model, [int(t)])[0])
     return ids, labels
 
 
-def _decode_each(model: Any, ids: list[int]) -> list[str]:
+def _token_strings(model: Any, ids: list[int]) -> list[str]:
+    """The tokens' text (predictions and targets, not position labels); the ids without a tokenizer."""
     try:
         return list(model.to_str_tokens(ids))
     except ValueError:  # no tokenizer
         return [str(i) for i in ids]
 
 
-def _position_labels(model: Any, tokens: Tensor, pos: list[int]) -> list[str]:
-    strs = _decode_each(model, tokens[0].tolist())
-    return [f"{p}:{strs[p]}" for p in pos]
-
-
 def _safe(label: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in label.strip()) or "tok"
+
+
+def logit_lens(*args: Any, components: str | Sequence[str] | None = None, **kwargs: Any) -> LogitLens:
+    """Deprecated: use `run_logit_lens` (where `components=` is called `sources=`)."""
+    warnings.warn("logit_lens is deprecated and will be removed in the next release; use "
+                  "hookedcot.interp.lens.run_logit_lens (components= is now sources=)", DeprecationWarning, stacklevel=2)
+    if components is not None:
+        kwargs["sources"] = components
+    return run_logit_lens(*args, **kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    """`lens.COMPONENTS`, the old name of LENS_SOURCES, for one release."""
+    if name == "COMPONENTS":
+        warnings.warn("hookedcot.interp.lens.COMPONENTS is deprecated and will be removed in the next release; use "
+                      "hookedcot.interp.lens.LENS_SOURCES", DeprecationWarning, stacklevel=2)
+        return LENS_SOURCES
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

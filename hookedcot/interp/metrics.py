@@ -13,12 +13,11 @@ is computed in float32 whatever the model's dtype.
 | `logit_difference(l, c, w)` | l[c] − l[w] |
 | `answer_logprob(l, ids)` | Σ_i log softmax(l_i)[ids_i] (teacher forcing) |
 | `answer_logit_difference` | answer_logprob(clean answer) − answer_logprob(corrupted answer) |
-| `mean_token_logit_difference` | mean_i l[clean_i] − mean_j l[corrupt_j] at one position (seeds 002/004) |
+| `mean_token_logit_difference` | mean_i l[clean_i] − mean_j l[corrupt_j] at one position |
 | `normalized_recovery(p, c, k)` | (p − c) / (k − c): 0 = corrupted, 1 = clean |
 | `cosine_similarity(a, b)` | a·b / (‖a‖ ‖b‖) |
 
-Seed 001's layer criticality is `kl_divergence(patched, baseline)` (direction "p||q" = KL(patched ‖
-baseline)), with `l2_distance` and `top1_changed(...).mean()` as secondary metrics.
+Metrics are nouns (the quantity they return); the tools that run things are verbs.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ def kl_divergence(
     direction "p||q": KL(P‖Q) = Σ_v P(v) (log P(v) − log Q(v)); "q||p" swaps them; "symmetric" is
     their sum. Computed from float32 log_softmax; entries where the first distribution is exactly 0
     (logit −inf) contribute 0. Always ≥ 0 (up to float rounding), 0 when the logits agree up to a
-    constant. Seed 001 uses KL(patched ‖ baseline): `kl_divergence(patched, baseline)`.
+    constant. How far a patch moved the output from a baseline: `kl_divergence(patched, baseline)`.
     """
     if p_logits.shape != q_logits.shape:
         raise ValueError(f"kl_divergence: logits shapes differ, {tuple(p_logits.shape)} vs {tuple(q_logits.shape)}")
@@ -145,8 +144,9 @@ def answer_logit_difference(
 def mean_token_logit_difference(
     logits: Float[Tensor, "... vocab"], clean_ids: Sequence[int] | Tensor, corrupted_ids: Sequence[int] | Tensor
 ) -> Float[Tensor, "..."]:
-    """Seeds 002/004's "answer logit difference": mean(logits[clean answer's token ids]) −
-    mean(logits[corrupted answer's token ids]) at the same position(s), ids shared by all rows."""
+    """mean(logits[clean answer's token ids]) − mean(logits[corrupted answer's token ids]) at the
+    same position(s), ids shared by all rows: an answer logit difference that needs no teacher
+    forcing, for answers that are several tokens."""
     logits = logits.float()
     clean = torch.as_tensor(clean_ids, device=logits.device, dtype=torch.long).reshape(-1)
     corrupt = torch.as_tensor(corrupted_ids, device=logits.device, dtype=torch.long).reshape(-1)

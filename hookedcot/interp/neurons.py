@@ -1,7 +1,7 @@
 """Neuron traces: one MLP neuron's activation at every position, labelled by token.
 
-    r = neuron_trace(model, text, layer=24, neuron=609)           # Result [position]
-    r = neuron_trace_generate(model, prompt, 24, 609, max_new_tokens=200)
+    r = trace_neurons(model, text, layer=24, neuron=609)           # Result [position]
+    r = trace_neurons_generated(model, prompt, 24, 609, max_new_tokens=200)
     r.plot("neuron_24_609.png"); r.to_pandas()
 
 A neuron is `blocks.{layer}.mlp.hook_post[..., neuron]` — act(gate) · up, the input of down_proj
@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 
 from hookedcot.hook_names import get_act_name
+from hookedcot.interp.labels import token_labels
+from hookedcot.interp.renamed import renamed
 from hookedcot.interp.results import Result
 
 
@@ -25,14 +27,6 @@ def _neuron_list(neuron: int | Sequence[int], d: int) -> list[int]:
     if bad := [n for n in items if not 0 <= n < d]:
         raise ValueError(f"neurons {bad} out of range: the layer has {d} neurons")
     return items
-
-
-def _labels(model: Any, ids: list[int]) -> list[str]:
-    try:
-        strs = model.to_str_tokens(ids)
-    except ValueError:  # no tokenizer
-        strs = [str(i) for i in ids]
-    return [f"{i}:{s}" for i, s in enumerate(strs)]
 
 
 def _result(values: list[Tensor], neurons: list[int], single: bool, labels: list[str], layer: int, hook: str,
@@ -46,14 +40,14 @@ def _result(values: list[Tensor], neurons: list[int], single: bool, labels: list
 
 
 @torch.no_grad()
-def neuron_trace(model: Any, input: str | Tensor, layer: int, neuron: int | Sequence[int], hook: str = "post",
+def trace_neurons(model: Any, input: str | Tensor, layer: int, neuron: int | Sequence[int], hook: str = "post",
                  fwd_hooks: Sequence = ()) -> Result:
     """The neuron's activation at every position of one sequence (a string or token ids [pos] /
-    [1, pos]), as a Result over positions labelled "i:token". The forward stops after `layer`.
+    [1, pos]), as a Result over positions labelled by `token_labels`. The forward stops after `layer`.
     `fwd_hooks` (e.g. steering) are active during the run."""
     tokens = model.to_tokens(input) if isinstance(input, str) else (input[None] if input.dim() == 1 else input).to(model.device)
     if tokens.shape[0] != 1:
-        raise ValueError(f"neuron_trace takes one sequence, got a batch of {tokens.shape[0]}; call it per row")
+        raise ValueError(f"trace_neurons takes one sequence, got a batch of {tokens.shape[0]}; call it per row")
     name = get_act_name(hook, layer)
     neurons = _neuron_list(neuron, model.cfg.d_mlp)
     seen: list[Tensor] = []
@@ -62,11 +56,11 @@ def neuron_trace(model: Any, input: str | Tensor, layer: int, neuron: int | Sequ
         seen.append(x[0, :, neurons].float().cpu())
 
     model.run_with_hooks(tokens, fwd_hooks=list(fwd_hooks) + [(name, record)], stop_at_layer=layer + 1)
-    return _result(seen, neurons, isinstance(neuron, int), _labels(model, tokens[0].tolist()), layer, name, {})
+    return _result(seen, neurons, isinstance(neuron, int), token_labels(model, tokens), layer, name, {})
 
 
 @torch.no_grad()
-def neuron_trace_generate(model: Any, prompt: str | Tensor, layer: int, neuron: int | Sequence[int],
+def trace_neurons_generated(model: Any, prompt: str | Tensor, layer: int, neuron: int | Sequence[int],
                           max_new_tokens: int = 64, hook: str = "post", **gen_kwargs: Any) -> Result:
     """Generate from `prompt` (one sequence) and record the neuron on the prompt and on each new
     token as it is fed back, with the KV cache. Labels are the prompt and generated tokens; the
@@ -80,7 +74,7 @@ def neuron_trace_generate(model: Any, prompt: str | Tensor, layer: int, neuron: 
 
     def record(x: Tensor, h: Any) -> None:
         if x.shape[0] != 1:
-            raise ValueError("neuron_trace_generate takes one prompt")
+            raise ValueError("trace_neurons_generated takes one prompt")
         seen.append(x[0, :, neurons].float().cpu())
         seen_pos.extend(h.positions.tolist())
 
@@ -90,6 +84,10 @@ def neuron_trace_generate(model: Any, prompt: str | Tensor, layer: int, neuron: 
     ids = out[0].tolist()
     n = len(seen_pos)
     if seen_pos != list(range(n)):
-        raise RuntimeError(f"neuron_trace_generate: the hook saw positions {seen_pos[:8]}..., not 0..{n - 1} in order")
-    meta = {"prompt_len": tokens.shape[1], "tokens": ids, "generated": _labels(model, ids)[n:] if n < len(ids) else []}
-    return _result(seen, neurons, isinstance(neuron, int), _labels(model, ids[:n]), layer, name, meta)
+        raise RuntimeError(f"trace_neurons_generated: the hook saw positions {seen_pos[:8]}..., not 0..{n - 1} in order")
+    meta = {"prompt_len": tokens.shape[1], "tokens": ids, "generated": token_labels(model, ids, range(n, len(ids)))}
+    return _result(seen, neurons, isinstance(neuron, int), token_labels(model, ids[:n]), layer, name, meta)
+
+
+neuron_trace = renamed(trace_neurons, "neuron_trace")
+neuron_trace_generate = renamed(trace_neurons_generated, "neuron_trace_generate")

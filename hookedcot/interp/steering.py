@@ -2,11 +2,11 @@
 
     v = cache["resid_post", 12][0, -1] - other_cache["resid_post", 12][0, -1]
     steer = add_vector("blocks.12.hook_resid_post", v, alpha=4.0, positions="from 37")
-    text = steer_generate(model, prompt, [steer], max_new_tokens=128)
+    text = generate_steered(model, prompt, [steer], max_new_tokens=128)
 
 Positions are absolute sequence indices matched against `hook.positions`, so the same hook steers
 a plain forward pass and every step of KV-cached generation (`"from N"` = only what is generated
-after a prompt of N tokens; all specs in `positions.py`). Entries outside the selected positions
+after a prompt of N tokens; every form in `positions.py`). Entries outside the selected positions
 are returned bit-for-bit unchanged, and α = 0 (or factor = 1) is the exact identity: the hook
 returns None and the model runs as if it were absent.
 
@@ -23,6 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookedcot.interp.positions import PositionSpec, Selection
+from hookedcot.interp.renamed import renamed
 
 HookPair = tuple[str, Any]
 
@@ -69,7 +70,7 @@ def scale_direction(name: str, v: Float[Tensor, " d"], factor: float, positions:
     return name, hook_fn
 
 
-def steer_generate(
+def generate_steered(
     model: Any, prompt: str | Sequence[str] | Tensor, hooks: HookPair | Sequence[HookPair], **gen_kwargs: Any
 ) -> Any:
     """`model.generate(prompt, fwd_hooks=hooks, **gen_kwargs)`; `hooks` is one (name, fn) pair or a
@@ -78,3 +79,6 @@ def steer_generate(
     pairs = [hooks] if isinstance(hooks, tuple) and len(hooks) == 2 and isinstance(hooks[0], str) else list(hooks)
     extra = list(gen_kwargs.pop("fwd_hooks", ()))
     return model.generate(prompt, fwd_hooks=extra + pairs, **gen_kwargs)
+
+
+steer_generate = renamed(generate_steered, "steer_generate")
