@@ -1,25 +1,14 @@
 """Per-family weight conversion: a source checkpoint -> (ModelConfig, named tensors).
 
-A family is a config translation plus a table from source tensor names to hookedcot's own
-parameter names with the few transforms needed. The model never learns where its weights came
-from: `hookedcot.loading` takes a `ConvertedCheckpoint` and fills a meta-device model from it.
-
-hookedcot's parameter names (shapes in torch's [out, in] Linear layout):
-    embed.weight                        [d_vocab, d_model]
-    blocks.{L}.ln1.weight / ln2.weight  [d_model]
-    blocks.{L}.attn.q_proj.weight       [n_heads * d_head, d_model]      (+ .bias if qkv_bias)
-    blocks.{L}.attn.k_proj.weight       [n_kv_heads * d_head, d_model]   (+ .bias if qkv_bias)
-    blocks.{L}.attn.v_proj.weight       [n_kv_heads * d_head, d_model]   (+ .bias if qkv_bias)
-    blocks.{L}.attn.o_proj.weight       [d_model, n_heads * d_head]      (+ .bias if o_bias)
-    blocks.{L}.mlp.gate_proj.weight     [d_mlp, d_model]                 (+ .bias if mlp_bias)
-    blocks.{L}.mlp.up_proj.weight       [d_mlp, d_model]                 (+ .bias if mlp_bias)
-    blocks.{L}.mlp.down_proj.weight     [d_model, d_mlp]                 (+ .bias if mlp_bias)
-    ln_final.weight                     [d_model]
-    unembed.weight                      [d_vocab, d_model]   (absent when tie_embeddings)
+A family is a config translation plus a rule from source tensor names to hookedcot's parameter
+names, with the few transforms needed. The model never learns where its weights came from:
+`hookedcot.loading` builds it on the meta device, checks a `ConvertedCheckpoint` against that
+model's parameters (the one list of them) and fills it in place.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -39,15 +28,62 @@ class TensorRef:
     source_name: str
     shape: tuple[int, ...]
     load: Callable[[torch.dtype], torch.Tensor]
+    file: str = ""  # the file holding it, when a checkpoint has several (for error messages)
+
+
+@dataclass(frozen=True)
+class TensorNames:
+    """A format's tensor names <-> hookedcot's parameter names, by rule rather than by list.
+
+    Whole-model tensors map by stem (`model.embed_tokens` -> `embed`), layer tensors by the part
+    after the layer prefix (`model.layers.3.self_attn.q_proj` -> `blocks.3.attn.q_proj`); the
+    `.weight` / `.bias` suffix carries over. Which names a model really has is the model's say."""
+
+    whole: dict[str, str]  # source stem -> our stem
+    layer: str  # the source's layer prefix, "{}" standing for the index: "model.layers.{}"
+    parts: dict[str, str]  # source part -> our part, inside a layer
+
+    def ours(self, name: str) -> str | None:
+        """Our name for a source tensor, or None when no rule fits it."""
+        stem, _, suffix = name.rpartition(".")
+        if suffix not in ("weight", "bias"):
+            return None
+        if stem in self.whole:
+            return f"{self.whole[stem]}.{suffix}"
+        match = re.fullmatch(re.escape(self.layer).replace(r"\{\}", r"(\d+)") + r"\.(.+)", stem)
+        if match and match[2] in self.parts:
+            return f"blocks.{int(match[1])}.{self.parts[match[2]]}.{suffix}"
+        return None
+
+    def source(self, ours: str) -> str:
+        """The source's name for one of our parameters (to name a missing tensor)."""
+        stem, _, suffix = ours.rpartition(".")
+        whole = {v: k for k, v in self.whole.items()}
+        if stem in whole:
+            return f"{whole[stem]}.{suffix}"
+        _, layer, part = stem.split(".", 2)  # blocks.{L}.{part}
+        parts = {v: k for k, v in self.parts.items()}
+        return f"{self.layer.format(layer)}.{parts[part]}.{suffix}"
+
+
+@dataclass(frozen=True)
+class SourceFormat:
+    """What the tensor check needs to word its errors for one source format."""
+
+    names: TensorNames
+    shapes_from: str  # what the expected shapes follow from: "the config", "the metadata"
+    fix: str  # what to do when the tensors do not fit
+    unexpected_hint: Callable[[list[str], ModelConfig], str] = lambda names, cfg: ""
 
 
 @dataclass
 class ConvertedCheckpoint:
     config: ModelConfig
-    tensors: dict[str, TensorRef]  # keyed by hookedcot parameter name
+    tensors: dict[str, TensorRef]  # keyed by hookedcot parameter name, one per source tensor a rule names
+    format: SourceFormat
+    unmapped: list[str] = field(default_factory=list)  # source tensors no rule names: unexpected
     tokenizer: Any = None  # a hookedcot.tokenizer.Tokenizer, when the source carries one
     source_dtype: torch.dtype | None = None  # the checkpoint's own dtype, the default target
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ConversionError(ValueError):

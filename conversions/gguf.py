@@ -17,7 +17,6 @@ llama3 parameters from it (and the rest of the config from the metadata) and che
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,30 +24,35 @@ from typing import Any
 import numpy as np
 import torch
 
-from hookedcot.conversions import ConversionError, ConvertedCheckpoint, TensorRef, read_into
+from hookedcot.conversions import ConversionError, ConvertedCheckpoint, SourceFormat, TensorNames, TensorRef, read_into
 from hookedcot.conversions.gguf_config import config_from_gguf, read_metadata
 from hookedcot.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
-# The tokenizer arrays are large (150k strings for Qwen2); `extra["metadata"]` leaves them out.
-_BULKY_KEYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
-
-_GLOBAL_NAMES = {"token_embd": "embed", "output_norm": "ln_final", "output": "unembed"}
-_LAYER_NAMES = {
-    "attn_norm": "ln1",
-    "ffn_norm": "ln2",
-    "attn_q": "attn.q_proj",
-    "attn_k": "attn.k_proj",
-    "attn_v": "attn.v_proj",
-    "attn_output": "attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+GGUF_NAMES = TensorNames(  # llama.cpp's names
+    whole={"token_embd": "embed", "output_norm": "ln_final", "output": "unembed"},
+    layer="blk.{}",
+    parts={
+        "attn_norm": "ln1",
+        "ffn_norm": "ln2",
+        "attn_q": "attn.q_proj",
+        "attn_k": "attn.k_proj",
+        "attn_v": "attn.v_proj",
+        "attn_output": "attn.o_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    },
+)
+GGUF_FORMAT = SourceFormat(
+    names=GGUF_NAMES,
+    shapes_from="the metadata",
+    fix="the file's tensors do not fit its own metadata: it is corrupt or written by a converter we do not know; "
+    "download it again, or convert the HuggingFace checkpoint with llama.cpp's convert_hf_to_gguf.py",
+)
 _ROPE_FREQS = "rope_freqs.weight"
-_CHUNK_VALUES = 1 << 18  # values dequantised per step: 1 MiB of float32 (gguf's temporaries are ~2x that)
+_CHUNK_VALUES = 1 << 18  # values dequantised per step: 1 MiB of float32
 
 
 @dataclass(frozen=True)
@@ -72,8 +76,8 @@ def convert_gguf(path: str | Path) -> ConvertedCheckpoint:
     """Read a GGUF file's metadata and tensor index; no weight is dequantised until `load`.
 
     Raises ConversionError for a missing, truncated or corrupt file, an architecture other than
-    llama / qwen2, a tensor type the `gguf` package cannot dequantise, or tensors that do not
-    match the metadata."""
+    llama / qwen2, or a tensor type the `gguf` package cannot dequantise. Whether the tensors fit
+    the model `hookedcot.loading` checks against the meta-device model before any is read."""
     path = Path(path).expanduser()
     reader = open_reader(path)
     try:
@@ -87,36 +91,35 @@ def convert_gguf(path: str | Path) -> ConvertedCheckpoint:
             "(LLaMA-3.x, SmolLM2 and R1-Distill-Llama files are 'llama'; Qwen2 / Qwen2.5 / R1-Distill-Qwen are 'qwen2')"
         )
     stored = {t.name: StoredTensor.of(t) for t in reader.tensors}
-    del reader  # its per-string numpy objects (SmolLM2: ~70 MiB) and its memory map go before the tokenizer
+    del reader  # its per-string numpy objects and its memory map go before the tokenizer is built
     _check_tensor_types(path, list(stored.values()))
     shapes = {name: t.shape for name, t in stored.items()}
     rope_freqs = read_dequantised(path, stored[_ROPE_FREQS]).numpy().reshape(-1) if _ROPE_FREQS in stored else None
     cfg = config_from_gguf(meta, shapes, source=str(path), rope_freqs=rope_freqs)
-    names = _map_tensor_names(path, cfg, shapes)
-    tensors = {ours: _tensor_ref(path, stored[src], ours, cfg, permute=(arch == "llama")) for ours, src in names.items()}
-    tokenizer, tokenizer_error = _build_tokenizer(meta)
+    tensors, unmapped = {}, []
+    for name, tensor in stored.items():
+        ours = GGUF_NAMES.ours(name)
+        if ours is not None:
+            tensors[ours] = _tensor_ref(path, tensor, ours, cfg, permute=(arch == "llama"))
+        elif name != _ROPE_FREQS:
+            unmapped.append(name)
     return ConvertedCheckpoint(
         config=cfg,
         tensors=tensors,
-        tokenizer=tokenizer,
+        format=GGUF_FORMAT,
+        unmapped=unmapped,
+        tokenizer=_build_tokenizer(meta),
         # Dequantised values are exact in float32 (transformers' GGUF loader also defaults to it).
         source_dtype=torch.float32,
-        extra={
-            "format": "gguf",
-            "architecture": arch,
-            "metadata": {k: v for k, v in meta.items() if k not in _BULKY_KEYS},
-            "tensor_types": {ours: stored[src].qtype.name for ours, src in names.items()},
-            "tokenizer_error": tokenizer_error,
-        },
     )
 
 
 def _fast_reader_class() -> type:
     """`gguf.GGUFReader`, parsing through a plain-ndarray view of its memory map.
 
-    The reader slices its `np.memmap` once per metadata item; each slice of a memmap builds a new
-    memmap object, which made reading SmolLM2's 98k tokenizer strings take ~20 s. A plain view of
-    the same mapping (no copy, same bytes) parses them several times faster."""
+    The reader slices its `np.memmap` once per metadata item and each slice of a memmap builds a new
+    memmap object, which makes large tokenizer vocabularies slow to read; a plain view of the same
+    mapping (no copy, same bytes) does not."""
     from gguf import GGUFReader
 
     class FastGGUFReader(GGUFReader):
@@ -180,42 +183,6 @@ def _check_tensor_types(path: Path, tensors: list[StoredTensor]) -> None:
         )
 
 
-def _map_tensor_names(path: Path, cfg: ModelConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, str]:
-    """hookedcot name -> GGUF name, with every missing, unexpected and mis-shaped tensor reported."""
-    from hookedcot.conversions.registry import expected_parameter_shapes
-
-    mapping: dict[str, str] = {}
-    unexpected = []
-    for name in shapes:
-        if name == _ROPE_FREQS:
-            continue
-        stem, _, suffix = name.rpartition(".")
-        match = _LAYER_RE.fullmatch(name)
-        if stem in _GLOBAL_NAMES and suffix == "weight":
-            mapping[f"{_GLOBAL_NAMES[stem]}.weight"] = name
-        elif match and match[2] in _LAYER_NAMES and int(match[1]) < cfg.n_layers:
-            mapping[f"blocks.{match[1]}.{_LAYER_NAMES[match[2]]}.{match[3]}"] = name
-        else:
-            unexpected.append(name)
-    expected = expected_parameter_shapes(cfg)
-    problems = []
-    if unexpected:
-        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    missing = sorted(set(expected) - set(mapping))
-    if missing:
-        problems.append(f"missing tensors (hookedcot names): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
-    for ours in sorted(set(expected) & set(mapping)):
-        shape = shapes[mapping[ours]]
-        if shape != expected[ours]:
-            problems.append(f"{mapping[ours]} has shape {list(shape)}, the metadata implies {list(expected[ours])}")
-    if problems:
-        raise ConversionError(
-            f"{path.name} does not match its metadata ({cfg.family}, {cfg.n_layers} layers, d_model={cfg.d_model}): "
-            + "; ".join(problems)
-        )
-    return {ours: mapping[ours] for ours in expected}
-
-
 def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's `permute` of q/k rows (per head, interleaved rotary halves -> split halves)."""
     rows = weight.shape[0]
@@ -238,10 +205,10 @@ def read_dequantised(
     """The tensor dequantised into a new `dtype` tensor, about `chunk_values` values at a time,
     with llama.cpp's q/k row permutation undone over `heads` heads when given.
 
-    Whole-tensor dequantisation keeps the raw bytes' mapped pages and float32 temporaries the size
-    of the tensor alive (SmolLM2's embedding: 108 MiB, twice), which put the GGUF load at 1.3x the
-    weights. Blocks are dequantised independently and the permutation stays inside a head, so
-    chunks of whole rows (whole heads when permuted) give the same values bit for bit."""
+    Chunks, because whole-tensor dequantisation keeps the raw bytes' mapped pages and float32
+    temporaries the size of the tensor alive, on top of the weights. Blocks are dequantised
+    independently and the permutation stays inside a head, so chunks of whole rows (whole heads
+    when permuted) give the same values bit for bit."""
     from gguf.quants import dequantize
 
     out = torch.empty(tensor.shape, dtype=dtype)
@@ -258,8 +225,8 @@ def read_dequantised(
     group = rows.shape[0] // heads if heads else 1  # rows per head: a chunk holds whole heads
     step = max(1, chunk_values // rows.shape[1] // group) * group
     raw = np.empty((min(step, rows.shape[0]), row_bytes), dtype=np.uint8)
-    # float32 chunks are written by numpy: torch's copy_ wakes its thread pool on every call, which
-    # cost ~8 ms a chunk on a busy 2-core machine. Other dtypes need torch's cast.
+    # float32 chunks are written by numpy: torch's copy_ wakes its thread pool on every call, slow
+    # on a busy machine. Other dtypes need torch's cast.
     as_numpy = rows.numpy() if dtype == torch.float32 else None
     for start in range(0, rows.shape[0], step):
         n = min(step, rows.shape[0] - start)
@@ -274,13 +241,13 @@ def read_dequantised(
     return out
 
 
-def _build_tokenizer(meta: dict[str, Any]) -> tuple[Any, str | None]:
-    """The file's tokenizer, or None and the reason (the weights still load without one)."""
+def _build_tokenizer(meta: dict[str, Any]) -> Any:
+    """The file's tokenizer, or None (the weights still load without one)."""
     if "tokenizer.ggml.tokens" not in meta:
-        return None, "the GGUF file has no tokenizer metadata"
+        return None
     from hookedcot.tokenizer import Tokenizer, TokenizerError
 
     try:
-        return Tokenizer.from_gguf(meta), None
-    except TokenizerError as exc:
-        return None, str(exc)
+        return Tokenizer.from_gguf(meta)
+    except TokenizerError:
+        return None

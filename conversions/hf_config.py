@@ -76,7 +76,7 @@ class FamilySpec:
     biases: Callable[[dict[str, Any]], dict[str, bool]] = lambda cfg: {}
 
 
-# Keys read by `translate` for every family.
+# Keys read by `config_from_hf` for every family.
 _READ_KEYS = frozenset(
     """
     vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads num_key_value_heads
@@ -87,8 +87,9 @@ _READ_KEYS = frozenset(
 _REQUIRED = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
-def translate(cfg: dict[str, Any], spec: FamilySpec, *, strict: bool = True, source: str = "") -> ModelConfig:
-    """A HuggingFace config dict -> ModelConfig, rejecting whatever we do not implement."""
+def config_from_hf(spec: FamilySpec, cfg: dict[str, Any], *, strict: bool = True, source: str = "") -> ModelConfig:
+    """A HuggingFace config dict -> ModelConfig for the family `spec` describes, rejecting whatever
+    we do not implement."""
     where = f" in {source}" if source else ""
     quantization = cfg.get("quantization_config")
     if quantization is not None:
@@ -241,22 +242,3 @@ def _model_name(cfg: dict[str, Any], source: str) -> str:
         return name
     return path.name if path is not None else "custom"
 
-
-def decoder_tensor_table(cfg: ModelConfig) -> dict[str, str]:
-    """HuggingFace LLaMA-style tensor names -> hookedcot names. Qwen2 and LLaMA share this layout
-    (`model.layers.L.self_attn.q_proj`, ...); biases appear only where the config has them."""
-    table = {"model.embed_tokens.weight": "embed.weight", "model.norm.weight": "ln_final.weight"}
-    if not cfg.tie_embeddings:
-        table["lm_head.weight"] = "unembed.weight"
-    projections = [("self_attn", "attn", p, cfg.qkv_bias) for p in ("q_proj", "k_proj", "v_proj")]
-    projections.append(("self_attn", "attn", "o_proj", cfg.o_bias))
-    projections += [("mlp", "mlp", p, cfg.mlp_bias) for p in ("gate_proj", "up_proj", "down_proj")]
-    for layer in range(cfg.n_layers):
-        hf, ours = f"model.layers.{layer}", f"blocks.{layer}"
-        table[f"{hf}.input_layernorm.weight"] = f"{ours}.ln1.weight"
-        table[f"{hf}.post_attention_layernorm.weight"] = f"{ours}.ln2.weight"
-        for hf_module, our_module, proj, has_bias in projections:
-            table[f"{hf}.{hf_module}.{proj}.weight"] = f"{ours}.{our_module}.{proj}.weight"
-            if has_bias:
-                table[f"{hf}.{hf_module}.{proj}.bias"] = f"{ours}.{our_module}.{proj}.bias"
-    return table

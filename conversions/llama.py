@@ -12,8 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hookedcot.conversions.hf_config import FamilySpec, decoder_tensor_table, translate
-from hookedcot.config import ModelConfig
+from hookedcot.conversions.hf_config import FamilySpec
 
 _DEFAULTS: dict[str, Any] = {  # transformers' LlamaConfig defaults, for keys a config.json omits
     "hidden_act": "silu",
@@ -49,10 +48,3 @@ SPEC = FamilySpec(
     biases=_biases,
 )
 
-
-def config_from_hf(cfg: dict[str, Any], strict: bool = True, source: str = "") -> ModelConfig:
-    return translate(cfg, SPEC, strict=strict, source=source)
-
-
-def tensor_table(cfg: ModelConfig) -> dict[str, str]:
-    return decoder_tensor_table(cfg)

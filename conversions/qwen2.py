@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hookedcot.conversions.hf_config import FamilySpec, decoder_tensor_table, translate
-from hookedcot.config import ConfigError, ModelConfig
+from hookedcot.conversions.hf_config import FamilySpec
+from hookedcot.config import ConfigError
 
 _DEFAULTS: dict[str, Any] = {  # transformers' Qwen2Config defaults, for keys a config.json omits
     "num_key_value_heads": 32,
@@ -67,10 +67,3 @@ SPEC = FamilySpec(
     biases=lambda cfg: {"qkv_bias": True, "o_bias": False, "mlp_bias": False},
 )
 
-
-def config_from_hf(cfg: dict[str, Any], strict: bool = True, source: str = "") -> ModelConfig:
-    return translate(cfg, SPEC, strict=strict, source=source)
-
-
-def tensor_table(cfg: ModelConfig) -> dict[str, str]:
-    return decoder_tensor_table(cfg)

@@ -1,73 +1,76 @@
-"""HuggingFace folders -> ConvertedCheckpoint: pick the family, translate, validate, defer reads.
+"""HuggingFace folders -> ConvertedCheckpoint: pick the family, translate, name the tensors, defer reads.
 
-`convert_hf_folder` does every check that can fail before a single weight byte is read: the
-config translates (or says exactly which field is unsupported), every parameter hookedcot expects
-is present, nothing unexpected is there, every shape is the one the config implies and every
-dtype is a float type. What it returns holds `TensorRef`s whose `load(dtype)` reads one tensor.
+`convert_hf_folder` reads config.json and the safetensors headers only: the config translates (or
+says exactly which field is unsupported) and every weight is a float type. Which parameters the
+model has, and their shapes, `hookedcot.loading` checks against the meta-device model before any
+weight is read. What it returns holds `TensorRef`s whose `load(dtype)` reads one tensor.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
-from hookedcot.conversions import ConversionError, ConvertedCheckpoint, TensorRef
+from hookedcot.conversions import ConversionError, ConvertedCheckpoint, SourceFormat, TensorNames, TensorRef
 from hookedcot.conversions import llama, qwen2
+from hookedcot.conversions.hf_config import FamilySpec, config_from_hf
 from hookedcot.conversions.safetensors_io import SafetensorsCheckpoint, TensorInfo
 from hookedcot.config import ModelConfig
 
-# model_type (config.json) -> family module with config_from_hf(cfg, strict, source) and tensor_table(cfg)
-FAMILIES: dict[str, ModuleType] = {"qwen2": qwen2, "llama": llama}
+# model_type (config.json) -> the family's config spec
+FAMILIES: dict[str, FamilySpec] = {"qwen2": qwen2.SPEC, "llama": llama.SPEC}
 
 # architectures -> model_type, for configs that omit model_type
-_ARCHITECTURES = {arch: mt for mt, fam in FAMILIES.items() for arch in fam.SPEC.architectures}
+_ARCHITECTURES = {arch: mt for mt, spec in FAMILIES.items() for arch in spec.architectures}
 
 # Buffers older transformers saved next to the weights; recomputed from the config, never read.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+# Qwen2 and LLaMA share transformers' LLaMA layout; conversion is a rename.
+HF_NAMES = TensorNames(
+    whole={"model.embed_tokens": "embed", "model.norm": "ln_final", "lm_head": "unembed"},
+    layer="model.layers.{}",
+    parts={
+        "input_layernorm": "ln1",
+        "post_attention_layernorm": "ln2",
+        **{f"self_attn.{p}": f"attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "o_proj")},
+        **{f"mlp.{p}": f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")},
+    },
+)
 
-def family_for(model_type: str | None) -> ModuleType:
-    """The family module for a config's model_type, or an error listing the ones we support."""
-    family = FAMILIES.get(model_type)  # type: ignore[arg-type]
-    if family is None:
+
+def _unexpected_hint(names: list[str], cfg: ModelConfig) -> str:
+    if any(n.endswith(".bias") for n in names):
+        return (
+            f"the config implies qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, mlp_bias={cfg.mlp_bias}; "
+            "check attention_bias / mlp_bias in config.json"
+        )
+    if "lm_head.weight" in names:
+        return "check tie_word_embeddings in config.json"
+    return ""
+
+
+HF_FORMAT = SourceFormat(
+    names=HF_NAMES,
+    shapes_from="the config",
+    fix="config.json and the weights must come from the same model; re-download the checkpoint folder",
+    unexpected_hint=_unexpected_hint,
+)
+
+
+def family_for(model_type: str | None) -> FamilySpec:
+    """The family spec for a config's model_type, or an error listing the ones we support."""
+    spec = FAMILIES.get(model_type)  # type: ignore[arg-type]
+    if spec is None:
         raise ConversionError(
             f"model_type={model_type!r} is not supported; supported model types: {', '.join(sorted(FAMILIES))} "
             "(Qwen2 / Qwen2.5 / R1-Distill-Qwen are 'qwen2'; LLaMA-3.x / SmolLM2 / R1-Distill-Llama are 'llama')"
         )
-    return family
-
-
-def expected_parameter_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every hookedcot parameter a model with this config has, with its [out, in] shape."""
-    d, v, m = cfg.d_model, cfg.d_vocab, cfg.d_mlp
-    q, kv = cfg.n_heads * cfg.d_head, cfg.n_key_value_heads * cfg.d_head
-    shapes: dict[str, tuple[int, ...]] = {"embed.weight": (v, d)}
-    linears = {
-        "attn.q_proj": ((q, d), cfg.qkv_bias),
-        "attn.k_proj": ((kv, d), cfg.qkv_bias),
-        "attn.v_proj": ((kv, d), cfg.qkv_bias),
-        "attn.o_proj": ((d, q), cfg.o_bias),
-        "mlp.gate_proj": ((m, d), cfg.mlp_bias),
-        "mlp.up_proj": ((m, d), cfg.mlp_bias),
-        "mlp.down_proj": ((d, m), cfg.mlp_bias),
-    }
-    for layer in range(cfg.n_layers):
-        prefix = f"blocks.{layer}"
-        shapes[f"{prefix}.ln1.weight"] = (d,)
-        shapes[f"{prefix}.ln2.weight"] = (d,)
-        for name, (shape, has_bias) in linears.items():
-            shapes[f"{prefix}.{name}.weight"] = shape
-            if has_bias:
-                shapes[f"{prefix}.{name}.bias"] = (shape[0],)
-    shapes["ln_final.weight"] = (d,)
-    if not cfg.tie_embeddings:
-        shapes["unembed.weight"] = (v, d)
-    return shapes
+    return spec
 
 
 def read_hf_config(folder: Path) -> dict:
@@ -89,111 +92,72 @@ def convert_hf_folder(path: str | Path, strict: bool = True) -> ConvertedCheckpo
     """A HuggingFace checkpoint folder (config.json + safetensors) -> ConvertedCheckpoint.
 
     Reads config.json and the safetensors headers only. Raises hookedcot.config.ConfigError for
-    a configuration we do not implement and ConversionError for files or tensors that do not
-    fit; `strict=False` downgrades unknown config keys to a warning, nothing else."""
+    a configuration we do not implement and ConversionError for files or weights we cannot read;
+    `strict=False` downgrades unknown config keys to a warning, nothing else."""
     folder = Path(path).expanduser()
     hf_cfg = read_hf_config(folder)
     model_type = hf_cfg.get("model_type")
     if model_type is None:  # very old configs; fall back to the architecture name
         model_type = next((_ARCHITECTURES[a] for a in hf_cfg.get("architectures") or [] if a in _ARCHITECTURES), None)
-    family = family_for(model_type)
-    cfg = family.config_from_hf(hf_cfg, strict=strict, source=str(folder))
+    cfg = config_from_hf(family_for(model_type), hf_cfg, strict=strict, source=str(folder))
     checkpoint = SafetensorsCheckpoint.from_folder(folder)
-    table = family.tensor_table(cfg)
-    infos = _validate(checkpoint.infos, table, cfg, folder)
+    infos, unmapped = _name_tensors(checkpoint.infos, cfg, folder)
 
     def reader(name: str):
         return lambda dtype: checkpoint.read(name, dtype)
 
-    tensors = {ours: TensorRef(info.name, info.shape, reader(info.name)) for ours, info in infos.items()}
-    tokenizer, tokenizer_error = _folder_tokenizer(folder)
     return ConvertedCheckpoint(
         config=cfg,
-        tensors=tensors,
-        tokenizer=tokenizer,
+        tensors={ours: TensorRef(i.name, i.shape, reader(i.name), i.file.name) for ours, i in infos.items()},
+        format=HF_FORMAT,
+        unmapped=unmapped,
+        tokenizer=_folder_tokenizer(folder),
         source_dtype=_majority_dtype(infos.values()),
-        extra={
-            "format": "safetensors",
-            "path": str(folder),
-            "family": cfg.family,
-            "hf_config": hf_cfg,
-            "files": [str(f) for f in checkpoint.files],
-            "tokenizer_error": tokenizer_error,
-        },
     )
 
 
 def _folder_tokenizer(folder: Path):
-    """The folder's tokenizer, or None and the reason (the weights still load without one)."""
+    """The folder's tokenizer, or None (the weights still load without one)."""
     from hookedcot.tokenizer import Tokenizer, TokenizerError
 
     if not (folder / "tokenizer.json").is_file():
-        return None, f"{folder} has no tokenizer.json"
+        return None
     try:
-        return Tokenizer.from_hf_folder(folder), None
-    except TokenizerError as exc:
-        return None, str(exc)
+        return Tokenizer.from_hf_folder(folder)
+    except TokenizerError:
+        return None
 
 
-def _validate(
-    infos: dict[str, TensorInfo], table: dict[str, str], cfg: ModelConfig, folder: Path
-) -> dict[str, TensorInfo]:
-    """Our name -> the checkpoint tensor behind it; every mismatch reported at once, by name."""
-    expected = expected_parameter_shapes(cfg)
-    table_targets = set(table.values())
-    if table_targets != set(expected):  # a family table out of step with the parameter list: our bug
-        raise AssertionError(f"tensor table and expected parameters differ: {sorted(table_targets ^ set(expected))}")
-    problems: list[str] = []
-    unexpected = [
-        name
-        for name in infos
-        if name not in table
-        and not name.endswith(_IGNORED_SUFFIXES)
-        and not (name == "lm_head.weight" and cfg.tie_embeddings)  # tied: a redundant copy of embed
-    ]
-    if unexpected:
-        hint = ""
-        if any(n.endswith(".bias") for n in unexpected):
-            hint = (
-                f" (the config implies qkv_bias={cfg.qkv_bias}, o_bias={cfg.o_bias}, mlp_bias={cfg.mlp_bias}; "
-                "check attention_bias / mlp_bias in config.json)"
-            )
-        elif "lm_head.weight" in unexpected:
-            hint = " (check tie_word_embeddings in config.json)"
-        problems.append(f"unexpected tensors{hint}: {_names(unexpected)}")
-    missing = [f"{hf} (-> {ours})" for hf, ours in table.items() if hf not in infos]
-    if missing:
-        problems.append(f"missing tensors: {_names(missing)}")
-    found: dict[str, TensorInfo] = {}
-    for hf, ours in table.items():
-        info = infos.get(hf)
-        if info is None:
-            continue
-        if info.shape != expected[ours]:
-            problems.append(
-                f"{hf} (-> {ours}) has shape {list(info.shape)} in {info.file.name}, but the config implies "
-                f"{list(expected[ours])}"
-            )
+def _name_tensors(infos: dict[str, TensorInfo], cfg: ModelConfig, folder: Path) -> tuple[dict[str, TensorInfo], list[str]]:
+    """Our name -> the checkpoint tensor behind it, and the tensors no rule names; every weight
+    that is not a float type reported at once."""
+    named: dict[str, TensorInfo] = {}
+    unmapped: list[str] = []
+    bad: list[str] = []
+    for name, info in infos.items():
+        if name.endswith(_IGNORED_SUFFIXES) or (name == "lm_head.weight" and cfg.tie_embeddings):
+            continue  # tied: lm_head is a redundant copy of the embedding
+        ours = HF_NAMES.ours(name)
+        if ours is None:
+            unmapped.append(name)
         elif info.dtype not in _FLOAT_DTYPES:
-            problems.append(
-                f"{hf} is stored as {info.header_dtype} in {info.file.name}; only float16/bfloat16/float32/"
-                "float64 weights are supported (quantized safetensors are not; use the original weights or a GGUF)"
-            )
-        found[ours] = info
-    if problems:
+            bad.append(f"{name} is stored as {info.header_dtype} in {info.file.name}")
+        else:
+            named[ours] = info
+    if bad:
         raise ConversionError(
-            f"the checkpoint in {folder} does not match its config ({cfg.family}, {cfg.n_layers} layers, "
-            f"d_model={cfg.d_model}): " + "; ".join(problems)
+            f"{folder}: {_names(bad)}; only float16/bfloat16/float32/float64 weights are supported (quantized "
+            "safetensors are not; use the original weights or a GGUF)"
         )
-    return found
+    return named, unmapped
 
 
-def _majority_dtype(infos) -> torch.dtype:
+def _majority_dtype(infos) -> torch.dtype | None:
     """The dtype most of the weights are stored in (a few checkpoints keep norms in float32)."""
     counts: dict[torch.dtype, int] = {}
     for info in infos:
         counts[info.dtype] = counts.get(info.dtype, 0) + info.numel
-    return max(counts, key=counts.__getitem__)
+    return max(counts, key=counts.__getitem__, default=None)
 
 
 def _names(names: list[str], n: int = 8) -> str:

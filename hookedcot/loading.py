@@ -1,8 +1,9 @@
 """from_pretrained: resolve a name to a source, convert it, fill a meta-device model in place.
 
-Source -> `conversions` (config + named tensor refs, validated before any data is read) ->
-parameters created on the meta device and replaced one by one by tensors read from the source in
-the target dtype. Peak memory is about one copy of the weights; a failed load leaves nothing.
+Source -> `hookedcot.conversions` (config + named tensor refs) -> a model built on the meta
+device, whose parameters the refs are checked against before any data is read -> each parameter
+replaced by its tensor, read from the source in the target dtype. Peak memory is about one copy
+of the weights; a failed load leaves nothing.
 """
 
 from __future__ import annotations
@@ -99,18 +100,14 @@ def _default_dtype(source: torch.dtype | None) -> torch.dtype:
 
 
 def build_model(cls: type, converted: ConvertedCheckpoint, dtype: torch.dtype, device: torch.device) -> Any:
-    """Create the model on the meta device and stream each tensor into place."""
+    """Create the model on the meta device, check the checkpoint against its parameters, and
+    stream each tensor into place."""
     cfg = converted.config
     with torch.device("meta"):
         model = cls(cfg, tokenizer=converted.tokenizer)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    check_tensors(expected, converted)
+    check_tensors(converted, {name: tuple(p.shape) for name, p in model.named_parameters()})
     for name, ref in converted.tensors.items():
         tensor = ref.load(dtype).to(device=device, dtype=dtype)
-        if tuple(tensor.shape) != expected[name]:
-            raise ConversionError(
-                f"tensor {ref.source_name!r} loaded with shape {tuple(tensor.shape)}; expected {expected[name]} for {name}"
-            )
         module_name, attr = name.rsplit(".", 1)
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
     if cfg.tie_embeddings:
@@ -119,22 +116,33 @@ def build_model(cls: type, converted: ConvertedCheckpoint, dtype: torch.dtype, d
     return model.eval()
 
 
-def check_tensors(expected: dict[str, tuple[int, ...]], converted: ConvertedCheckpoint) -> None:
-    """Missing, unexpected and mis-shaped tensors, all reported at once, before any data is read."""
-    got = converted.tensors
+def check_tensors(converted: ConvertedCheckpoint, expected: dict[str, tuple[int, ...]]) -> None:
+    """The one check of a checkpoint's tensors against the parameters the model has (`expected`,
+    from the meta-device model): missing, unexpected and mis-shaped tensors, all reported at once
+    in the source's own names, before any data is read."""
+    cfg, fmt, got = converted.config, converted.format, converted.tensors
     problems = []
-    missing = sorted(set(expected) - set(got))
-    unexpected = sorted(set(got) - set(expected))
-    if missing:
-        problems.append(f"missing tensors: {', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
+    unexpected = converted.unmapped + [ref.source_name for name, ref in got.items() if name not in expected]
     if unexpected:
-        srcs = [got[n].source_name for n in unexpected]
-        problems.append(f"unexpected tensors: {', '.join(srcs[:10])}{' ...' if len(srcs) > 10 else ''}")
-    for name in sorted(set(expected) & set(got)):
-        if tuple(got[name].shape) != expected[name]:
-            problems.append(f"{got[name].source_name} has shape {tuple(got[name].shape)}, the config implies {expected[name]}")
+        hint = fmt.unexpected_hint(unexpected, cfg)
+        problems.append(f"unexpected tensors{f' ({hint})' if hint else ''}: {_names(unexpected)}")
+    missing = [f"{fmt.names.source(name)} (-> {name})" for name in expected if name not in got]
+    if missing:
+        problems.append(f"missing tensors: {_names(missing)}")
+    for name, shape in expected.items():
+        ref = got.get(name)
+        if ref is not None and tuple(ref.shape) != shape:
+            where = f" in {ref.file}" if ref.file else ""
+            problems.append(
+                f"{ref.source_name} (-> {name}) has shape {list(ref.shape)}{where}, but {fmt.shapes_from} implies {list(shape)}"
+            )
     if problems:
         raise ConversionError(
-            f"checkpoint {converted.config.source or converted.config.model_name!r} does not match its config: "
-            + "; ".join(problems)
+            f"{cfg.source or cfg.model_name} does not match {fmt.shapes_from} ({cfg.family}, {cfg.n_layers} layers, "
+            f"d_model={cfg.d_model}): " + "; ".join([*problems, fmt.fix])
         )
+
+
+def _names(names: list[str], n: int = 8) -> str:
+    shown = ", ".join(names[:n])
+    return shown + (f" and {len(names) - n} more" if len(names) > n else "")

@@ -1,5 +1,6 @@
 """HF checkpoint folders -> ConvertedCheckpoint: tensors map onto transformers' own weights, reads
-are deferred, and broken folders fail before any data is read, naming the file or tensor."""
+are deferred, and broken folders fail before any data is read, naming the file or tensor (the
+tensors against the model's parameters when from_pretrained builds it on the meta device)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,13 @@ from safetensors.torch import load_file, save_file
 
 import hookedcot.conversions.safetensors_io as safetensors_io
 from hookedcot.conversions import ConversionError
-from hookedcot.conversions.registry import convert_hf_folder, expected_parameter_shapes
+from hookedcot.conversions.registry import convert_hf_folder
+from hookedcot import HookedCoT
+
+
+def parameter_shapes(cfg) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        return {name: tuple(p.shape) for name, p in HookedCoT(cfg).named_parameters()}
 
 
 def copy_checkpoint(src: Path, dst: Path, edit=None, dtype: torch.dtype | None = None) -> Path:
@@ -34,7 +41,7 @@ def copy_checkpoint(src: Path, dst: Path, edit=None, dtype: torch.dtype | None =
 def test_tensors_are_transformers_weights_renamed(tiny_checkpoint, quirk, hf_model):
     converted = convert_hf_folder(tiny_checkpoint)
     state = hf_model(quirk).state_dict()
-    expected = expected_parameter_shapes(converted.config)
+    expected = parameter_shapes(converted.config)
     assert set(converted.tensors) == set(expected)
     # every transformers parameter is used once, except lm_head when it is the tied embedding
     sources = {ref.source_name for ref in converted.tensors.values()}
@@ -43,8 +50,8 @@ def test_tensors_are_transformers_weights_renamed(tiny_checkpoint, quirk, hf_mod
         tensor = ref.load(torch.float32)
         assert ref.shape == expected[ours] == tuple(tensor.shape), ours
         assert torch.equal(tensor, state[ref.source_name]), ours
-    assert converted.source_dtype == torch.float32
-    assert converted.extra["format"] == "safetensors" and converted.config.source == str(tiny_checkpoint)
+    assert converted.source_dtype == torch.float32 and not converted.unmapped
+    assert converted.config.source == str(tiny_checkpoint)
 
 
 def test_fixture_weights_are_not_defaults(tiny_checkpoints):
@@ -145,8 +152,9 @@ def test_source_dtype_is_the_majority_dtype(tiny_checkpoints, tmp_path):
 )
 def test_mismatched_tensors_fail_naming_them(tiny_checkpoints, tmp_path, quirk_name, edit, match):
     folder = copy_checkpoint(tiny_checkpoints[quirk_name], tmp_path / "broken", edit)
-    with pytest.raises(ConversionError, match=match):
-        convert_hf_folder(folder)
+    with pytest.raises(ConversionError, match=match) as err:
+        HookedCoT.from_pretrained(folder)
+    assert "re-download the checkpoint" in str(err.value) or "use the original weights" in str(err.value)  # the fix
 
 
 def test_all_problems_reported_at_once(tiny_checkpoints, tmp_path):
@@ -156,7 +164,16 @@ def test_all_problems_reported_at_once(tiny_checkpoints, tmp_path):
 
     folder = copy_checkpoint(tiny_checkpoints["llama_bias"], tmp_path / "broken", break_two_ways)
     with pytest.raises(ConversionError, match=r"missing tensors: model\.layers\.0\.mlp\.down_proj.*model\.layers\.1\.mlp\.down_proj"):
-        convert_hf_folder(folder)
+        HookedCoT.from_pretrained(folder)
+
+
+def test_the_check_runs_before_any_weight_is_read(tiny_checkpoints, tmp_path, monkeypatch):
+    reads: list[str] = []
+    monkeypatch.setattr(safetensors_io, "read_into", lambda file, offset, out, name: reads.append(name))
+    folder = copy_checkpoint(tiny_checkpoints["qwen2"], tmp_path / "broken", lambda t: t.pop("model.norm.weight"))
+    with pytest.raises(ConversionError, match=r"missing tensors: model\.norm\.weight \(-> ln_final\.weight\)"):
+        HookedCoT.from_pretrained(folder)
+    assert reads == []
 
 
 def test_tolerated_extras(tiny_checkpoints, tmp_path):
@@ -165,9 +182,11 @@ def test_tolerated_extras(tiny_checkpoints, tmp_path):
         tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
         tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
 
-    converted = convert_hf_folder(copy_checkpoint(tiny_checkpoints["llama32"], tmp_path / "extras", add_extras))
-    assert "unembed.weight" not in converted.tensors
+    folder = copy_checkpoint(tiny_checkpoints["llama32"], tmp_path / "extras", add_extras)
+    converted = convert_hf_folder(folder)
+    assert "unembed.weight" not in converted.tensors and not converted.unmapped
     assert {ref.source_name for ref in converted.tensors.values()} >= {"model.embed_tokens.weight"}
+    assert HookedCoT.from_pretrained(folder).unembed.weight is not None
 
 
 def _sharded_copy(tiny_checkpoints, tmp_path) -> Path:
@@ -261,5 +280,5 @@ def test_folder_tokenizer_is_attached(tiny_checkpoints, tmp_path):
     backend.pre_tokenizer = Whitespace()
     backend.save(str(folder / "tokenizer.json"))
     converted = convert_hf_folder(folder)
-    assert converted.tokenizer is not None and converted.extra["tokenizer_error"] is None
+    assert converted.tokenizer is not None
     assert converted.tokenizer.encode("hello world", add_special_tokens=False) == [5, 7]

@@ -60,8 +60,7 @@ def test_smollm2_config(smol):
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (1, 2, 2)
     assert cfg.family == "llama"
     assert smol.source_dtype == torch.float32
-    assert sorted(set(smol.extra["tensor_types"].values())) == ["F32", "Q4_1", "Q8_0"]
-    assert smol.tokenizer is not None and smol.extra["tokenizer_error"] is None
+    assert smol.tokenizer is not None and not smol.unmapped
 
 
 def test_smollm2_config_matches_transformers(smol, smol_hf):
@@ -369,13 +368,23 @@ def _variant(tiny_file, tmp_path, edit, raw=None):
     return write_gguf(tmp_path / "v.gguf", "llama", model.config, tensors, VOCAB, raw=raw)
 
 
-def test_missing_unexpected_and_misshaped_tensors(tiny_file, tmp_path):
-    with pytest.raises(ConversionError, match=r"missing tensors.*blocks\.1\.mlp\.up_proj\.weight"):
-        convert_gguf(_variant(tiny_file, tmp_path, lambda t: t.pop("blk.1.ffn_up.weight")))
-    with pytest.raises(ConversionError, match=r"unexpected tensors: blk\.0\.attn_qkv\.weight"):
-        convert_gguf(_variant(tiny_file, tmp_path, lambda t: t.update({"blk.0.attn_qkv.weight": np.zeros((8, 64), np.float32)})))
-    with pytest.raises(ConversionError, match=r"blk\.0\.ffn_up\.weight has shape \[64, 64\]"):
-        convert_gguf(_variant(tiny_file, tmp_path, lambda t: t.update({"blk.0.ffn_up.weight": np.zeros((64, 64), np.float32)})))
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda t: t.pop("blk.1.ffn_up.weight"), r"missing tensors: blk\.1\.ffn_up\.weight \(-> blocks\.1\.mlp\.up_proj\.weight\)"),
+        (lambda t: t.update({"blk.0.attn_qkv.weight": np.zeros((8, 64), np.float32)}), r"unexpected tensors: blk\.0\.attn_qkv\.weight"),
+        (lambda t: t.update({"blk.2.attn_norm.weight": np.ones(64, np.float32)}), r"unexpected tensors: blk\.2\.attn_norm\.weight"),
+        (lambda t: t.update({"blk.0.ffn_up.weight": np.zeros((64, 64), np.float32)}),
+         r"blk\.0\.ffn_up\.weight \(-> blocks\.0\.mlp\.up_proj\.weight\) has shape \[64, 64\], but the metadata implies \[\d+, 64\]"),
+    ],
+    ids=["missing", "unexpected", "layer_past_the_last", "misshaped"],
+)
+def test_missing_unexpected_and_misshaped_tensors(tiny_file, tmp_path, edit, match):
+    from hookedcot import HookedCoT
+
+    with pytest.raises(ConversionError, match=match) as err:
+        HookedCoT.from_pretrained(_variant(tiny_file, tmp_path, edit))
+    assert "download it again" in str(err.value)
 
 
 def test_tensor_type_gguf_cannot_dequantise(tiny_file, tmp_path):

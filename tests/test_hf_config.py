@@ -10,6 +10,7 @@ import pytest
 
 from hookedcot.conversions import ConversionError, llama, qwen2
 from hookedcot.conversions.hf_config import UnknownConfigKeysWarning
+from hookedcot.conversions.hf_config import config_from_hf
 from hookedcot.conversions.registry import convert_hf_folder, family_for
 from hookedcot.config import ConfigError
 
@@ -79,7 +80,7 @@ def test_real_configs_translate_strictly(name):
     family, cfg, expected = REAL[name]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = family.config_from_hf(copy.deepcopy(cfg), strict=True)
+        out = config_from_hf(family.SPEC, copy.deepcopy(cfg), strict=True)
     got = {key: getattr(out, key) for key in expected}
     assert got == expected
     assert out.family == cfg["model_type"] and out.qkv_bias == (family is qwen2) and not out.o_bias
@@ -115,24 +116,24 @@ def test_old_and_new_rope_spellings_agree():
     new = {k: v for k, v in LLAMA_3_2_1B.items() if k not in ("rope_scaling", "rope_theta")}
     new["rope_parameters"] = {**_LLAMA3_ROPE, "rope_theta": 500000.0}
     legacy_type = {**LLAMA_3_2_1B, "rope_scaling": {"type": "linear", "factor": 4.0}}
-    assert llama.config_from_hf(old) == llama.config_from_hf(new)
-    assert llama.config_from_hf(legacy_type).rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    assert config_from_hf(llama.SPEC, old) == config_from_hf(llama.SPEC, new)
+    assert config_from_hf(llama.SPEC, legacy_type).rope_scaling == {"rope_type": "linear", "factor": 4.0}
     no_original = {**LLAMA_3_2_1B, "rope_scaling": {k: v for k, v in _LLAMA3_ROPE.items()
                                                     if k != "original_max_position_embeddings"}}
-    assert llama.config_from_hf(no_original).rope_scaling["original_max_position_embeddings"] == 131072
+    assert config_from_hf(llama.SPEC, no_original).rope_scaling["original_max_position_embeddings"] == 131072
     with pytest.raises(ConfigError, match="disagree"):
-        llama.config_from_hf({**LLAMA_3_2_1B, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
+        config_from_hf(llama.SPEC, {**LLAMA_3_2_1B, "rope_parameters": {"rope_type": "linear", "factor": 2.0}})
 
 
 def test_defaults_follow_transformers():
     """Keys a config.json omits take transformers' class defaults (parity means same defaults)."""
     minimal = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64,
                "num_hidden_layers": 1, "num_attention_heads": 4}
-    cfg = llama.config_from_hf(minimal)
+    cfg = config_from_hf(llama.SPEC, minimal)
     assert (cfg.n_key_value_heads, cfg.d_head, cfg.rope_theta, cfg.rope_scaling) == (4, 8, 10000.0, None)
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.n_ctx, cfg.norm_eps, cfg.tie_embeddings) == (1, 2, 2048, 1e-6, False)
-    assert llama.config_from_hf({**minimal, "bos_token_id": None}).bos_token_id is None
-    assert llama.config_from_hf({**minimal, "hidden_act": "swish"}).act_fn == "silu"
+    assert config_from_hf(llama.SPEC, {**minimal, "bos_token_id": None}).bos_token_id is None
+    assert config_from_hf(llama.SPEC, {**minimal, "hidden_act": "swish"}).act_fn == "silu"
 
 
 @pytest.mark.parametrize(
@@ -163,31 +164,31 @@ def test_defaults_follow_transformers():
 def test_unsupported_settings_are_refused(family, change, match):
     base = QWEN2_1_5B if family is qwen2 else LLAMA_3_2_1B
     with pytest.raises(ConfigError, match=match):
-        family.config_from_hf({**base, **change}, strict=False)  # strict=False relaxes none of these
+        config_from_hf(family.SPEC, {**base, **change}, strict=False)  # strict=False relaxes none of these
 
 
 def test_sliding_window_that_never_applies_is_accepted():
     cfg = {**QWEN2_1_5B, "use_sliding_window": True, "max_window_layers": 28}  # window starts past the last layer
-    assert qwen2.config_from_hf(cfg).n_layers == 28
+    assert config_from_hf(qwen2.SPEC, cfg).n_layers == 28
 
 
 def test_unknown_keys_listed_then_warned_with_strict_false():
     cfg = {**LLAMA_3_2_1B, "num_experts": 8, "qk_layernorm": True, "use_bfloat16": False}
     with pytest.raises(ConfigError, match=r"keys hookedcot does not know .*: num_experts, qk_layernorm\. .*strict=False"):
-        llama.config_from_hf(cfg)
+        config_from_hf(llama.SPEC, cfg)
     with pytest.warns(UnknownConfigKeysWarning, match="num_experts, qk_layernorm"):
-        assert llama.config_from_hf(cfg, strict=False).n_layers == 16
+        assert config_from_hf(llama.SPEC, cfg, strict=False).n_layers == 16
     with pytest.raises(ConfigError, match=r"rope settings .*: beta_fast"):
-        llama.config_from_hf({**LLAMA_3_2_1B, "rope_scaling": {**_LLAMA3_ROPE, "beta_fast": 32}})
+        config_from_hf(llama.SPEC, {**LLAMA_3_2_1B, "rope_scaling": {**_LLAMA3_ROPE, "beta_fast": 32}})
     with pytest.raises(ConfigError, match=r"attention_bias"):  # a llama key means nothing to Qwen2's code
-        qwen2.config_from_hf({**QWEN2_1_5B, "attention_bias": False})
+        config_from_hf(qwen2.SPEC, {**QWEN2_1_5B, "attention_bias": False})
 
 
 def test_foreign_architecture_and_model_type():
     with pytest.raises(ConfigError, match=r"Qwen2ForSequenceClassification.*Qwen2ForCausalLM"):
-        qwen2.config_from_hf({**QWEN2_1_5B, "architectures": ["Qwen2ForSequenceClassification"]})
+        config_from_hf(qwen2.SPEC, {**QWEN2_1_5B, "architectures": ["Qwen2ForSequenceClassification"]})
     with pytest.raises(ConfigError, match="model_type='llama'"):
-        qwen2.config_from_hf(LLAMA_3_2_1B)
+        config_from_hf(qwen2.SPEC, LLAMA_3_2_1B)
     with pytest.raises(ConversionError, match=r"model_type='mistral' .*supported model types: llama, qwen2"):
         family_for("mistral")
 
