@@ -1,8 +1,8 @@
 """Tiny GGUF files for tests, written with the `gguf` package the way llama.cpp's converter writes them.
 
 A tiny byte-level BPE vocabulary (trained here, ~330 tokens, with control and user-defined tokens,
-one of them spelled outside the byte alphabet as R1-Distill's are), tiny random LLaMA / Qwen2 models from transformers, and `write_gguf`,
-which stores a model's weights in any tensor type `gguf.quants` can quantise, with llama.cpp's q/k
+one of them spelled outside the byte alphabet as R1-Distill's are), tiny random LLaMA / Qwen2
+models from transformers, and `write_gguf`, which stores a model's weights in any tensor type `gguf.quants` can quantise, with llama.cpp's q/k
 row permutation for the LLaMA architecture and, optionally, a `rope_freqs` tensor for llama3 rope.
 """
 
