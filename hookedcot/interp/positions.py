@@ -24,6 +24,8 @@ The edit is applied where the spec selects and leaves every other entry bit-for-
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Iterable
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -64,15 +66,10 @@ class Positions:
         elif callable(spec) and not isinstance(spec, Tensor):
             self.kind = "callable"
         else:
-            if not isinstance(spec, Tensor):
-                items = [spec] if isinstance(spec, int) else list(spec)
-                if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
-                    raise ValueError(f"position spec {spec!r} is not understood; accepted forms: {ACCEPTED_FORMS}")
-                spec = torch.tensor(items, dtype=torch.long)
-            wanted = spec
-            if wanted.dim() != 1 or wanted.is_floating_point() or wanted.dtype == torch.bool:
+            wanted = spec if isinstance(spec, Tensor) else torch.tensor(_ints(spec), dtype=torch.long)
+            if wanted.dim() > 1 or wanted.is_floating_point() or wanted.is_complex() or wanted.dtype == torch.bool:
                 raise ValueError(f"position spec {spec!r} is not understood; accepted forms: {ACCEPTED_FORMS}")
-            self.kind, self.wanted = "index", wanted.long()
+            self.kind, self.wanted = "index", wanted.reshape(-1).long().cpu()
             self.has_negative = bool((self.wanted < 0).any())
 
     def __call__(self, positions: Tensor) -> Tensor | None:
@@ -104,6 +101,17 @@ class Positions:
         if self.b is not None:
             mask &= positions < self.b + (length if self.b < 0 else 0)
         return mask
+
+
+def _ints(spec: Any) -> list[int]:
+    """An int or an iterable of ints (numpy ints included; bools are not positions) as a list."""
+    items = [spec] if isinstance(spec, int) or not isinstance(spec, Iterable) else list(spec)
+    try:
+        if any(isinstance(i, bool) for i in items):
+            raise TypeError
+        return [operator.index(i) for i in items]
+    except TypeError:
+        raise ValueError(f"position spec {spec!r} is not understood; accepted forms: {ACCEPTED_FORMS}") from None
 
 
 def _length(positions: Tensor) -> int:
