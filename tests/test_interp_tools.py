@@ -5,6 +5,7 @@ Identities that must hold exactly, plus comparisons against the obvious hand-wri
 from __future__ import annotations
 
 import copy
+import warnings
 import json
 import math
 
@@ -344,3 +345,50 @@ def test_neuron_traces(model, tokens):
     full = torch.tensor(g.meta["tokens"])
     assert g.values.shape == (10 + 5 - 1,) and g.meta["prompt_len"] == 10
     torch.testing.assert_close(g.values, trace_neurons(model, full[:-1], 2, 11).values, rtol=1e-4, atol=1e-5)
+
+
+# ---------------------------------------------------------------- old names
+def _hooked(pair_of):
+    return lambda f, model, tokens: model.run_with_hooks(tokens, fwd_hooks=[pair_of(f, model, tokens)])
+
+
+_V = torch.randn(CFG.d_model, generator=torch.Generator().manual_seed(8))
+DEPRECATED = {  # old name -> (new name, how to call either and get something comparable)
+    "zero_ablation": ("ablate_zero", _hooked(lambda f, m, t: f("blocks.1.hook_mlp_out", positions=[2]))),
+    "mean_ablation": ("ablate_mean", _hooked(lambda f, m, t: f(m, "blocks.1.hook_mlp_out", t, positions="last 3"))),
+    "resample_ablation": ("ablate_resample", _hooked(lambda f, m, t: f(m, "blocks.1.hook_resid_pre", t.flip(0), seed=2))),
+    "neuron_ablation": ("ablate_neurons", _hooked(lambda f, m, t: f(1, [3, 4]))),
+    "head_ablation": ("ablate_heads", _hooked(lambda f, m, t: f(2, [0], positions="from 5"))),
+    "direction_ablation": ("ablate_direction", _hooked(lambda f, m, t: f("blocks.0.hook_resid_post", _V))),
+    "gaussian_noise": ("add_noise", _hooked(lambda f, m, t: f("hook_embed", 1.0, positions=[1, 2], seed=5))),
+    "steer_generate": ("generate_steered", lambda f, m, t: f(m, "Q: 1+1?", add_vector("blocks.1.hook_resid_post", _V),
+                                                             max_new_tokens=3, stop_at_eos=False)),
+    "neuron_trace": ("trace_neurons", lambda f, m, t: f(m, t[:1], 1, [5, 6]).values),
+    "neuron_trace_generate": ("trace_neurons_generated",
+                              lambda f, m, t: f(m, t[:1], 1, 5, max_new_tokens=3, stop_at_eos=False).values),
+    "logit_lens": ("run_logit_lens", lambda f, m, t: f(m, t[:1], targets=5, positions="last 2").logit.values),
+    "same_length_pairs": ("keep_same_length_pairs", lambda f, m, t: f(m, D.generate_pairs(4, seed=1))),
+}
+
+
+@pytest.mark.parametrize("old", list(DEPRECATED))
+def test_old_names_warn_with_the_new_name_and_give_the_same_result(old, model, tokens):
+    import hookedcot.interp as interp
+
+    new, call = DEPRECATED[old]
+    with pytest.warns(DeprecationWarning, match=new):
+        before = call(getattr(interp, old), model, tokens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        after = call(getattr(interp, new), model, tokens)
+    assert torch.equal(before, after) if isinstance(before, torch.Tensor) else before == after
+
+
+def test_lens_old_components_keyword_and_constant_still_work(model, tokens):
+    from hookedcot.interp import lens
+
+    with pytest.warns(DeprecationWarning, match="run_logit_lens"):
+        old = lens.logit_lens(model, tokens[:1], targets=5, components=["mlp_out"])
+    assert old.rows == run_logit_lens(model, tokens[:1], targets=5, sources=["mlp_out"]).rows == ["0_mlp_out", "1_mlp_out", "2_mlp_out"]
+    with pytest.warns(DeprecationWarning, match="LENS_SOURCES"):
+        assert lens.COMPONENTS == lens.LENS_SOURCES
