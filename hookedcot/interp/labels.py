@@ -10,6 +10,8 @@ from torch import Tensor
 def token_labels(model: Any, tokens: Tensor | Sequence[int], positions: Sequence[int] | None = None) -> list[str]:
     """`"9 ' 4'"` for each position: the index, then the token as Python writes a string (so a
     space, a newline or an empty token can be seen). Without a tokenizer, the index alone."""
+    if isinstance(tokens, Tensor) and tokens.dim() == 2 and tokens.shape[0] != 1:
+        raise ValueError(f"token_labels labels one sequence; got a batch of {tokens.shape[0]}: pass tokens[i]")
     ids = tokens.reshape(-1).tolist() if isinstance(tokens, Tensor) else list(tokens)
     positions = range(len(ids)) if positions is None else positions
     try:

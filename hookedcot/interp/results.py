@@ -122,7 +122,7 @@ class Result:
         return path
 
 
-def _short(labels: Sequence[str], width: int = 12) -> list[str]:
+def _short(labels: Sequence[str], width: int = 16) -> list[str]:
     """Readable tick labels: whitespace made visible, long tokens cut."""
     out = []
     for s in labels:
