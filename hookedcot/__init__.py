@@ -6,6 +6,7 @@ from hookedcot.hook_names import HOOKS, all_hook_names, get_act_name
 from hookedcot.hook_points import Hook, HookError, HookNameError
 from hookedcot.hooked import HookedCoT
 from hookedcot.kv_cache import KVCache
+from hookedcot.memory import retain_freed_memory
 
 __all__ = [
     "ActivationCache",
@@ -19,5 +20,6 @@ __all__ = [
     "ModelConfig",
     "all_hook_names",
     "get_act_name",
+    "retain_freed_memory",
 ]
 __version__ = "0.1.0"

@@ -110,7 +110,7 @@ class ActivationCache:
         norm = self.model.ln_final if layer is None or layer == self.model.cfg.n_layers else self.model.blocks[layer].ln1
         if recompute_ln:
             return norm(residual_stack)
-        scale_name = norm.name_scale
+        scale_name = norm.hook_scale
         if scale_name not in self.cache_dict:
             raise KeyError(f"apply_ln_to_stack needs {scale_name!r} in the cache (or recompute_ln=True)")
         scale = _slice_pos(self.cache_dict[scale_name], pos_slice)

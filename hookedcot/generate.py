@@ -15,7 +15,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hookedcot.kv_cache import KVCache
-from hookedcot.model import decode_kernels
+from hookedcot.kernels import decode_kernels
 
 if TYPE_CHECKING:
     from hookedcot.hooked import HookedCoT
@@ -103,7 +103,7 @@ def generate(
     stop_tensor = torch.tensor(stop_ids, device=model.device, dtype=torch.long)
     cache = KVCache(model.cfg, b, total, model.dtype, model.device) if use_cache else None
 
-    with model.hooks(fwd_hooks), decode_kernels():
+    with model.hooks(fwd_hooks), decode_kernels(model):
         logits = model(tokens, attention_mask=mask, past_kv=cache, last_logits_only=True)[:, -1]
         n = 0
         for step in tqdm(range(max_new_tokens), disable=not verbose, desc="generating", leave=False):

@@ -159,9 +159,5 @@ class HookRun:
         return x
 
 
-def any_scoped() -> bool:
-    return bool(_SCOPED.get())
-
-
 def no_positions(device: torch.device | str = "cpu") -> Tensor:
     return torch.zeros(0, dtype=torch.long, device=device)

@@ -21,7 +21,6 @@ from hookedcot.config import ModelConfig
 from hookedcot.hook_names import all_hook_names, spec_of
 from hookedcot.hook_points import HookFn, HookRun, NameOrFilter, no_positions, resolve_hooks, scoped_hooks
 from hookedcot.kv_cache import KVCache
-from hookedcot.memory import retain_freed_memory
 from hookedcot.model import Transformer
 
 TextOrTokens = Union[str, Sequence[str], Tensor]
@@ -29,13 +28,11 @@ ReturnType = Literal["logits", "loss", "both", None]
 NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 
-
 class HookedCoT(Transformer):
     """A Qwen2 / LLaMA-family decoder whose every activation has a named hook point."""
 
     def __init__(self, cfg: ModelConfig, tokenizer: Any = None):
         super().__init__(cfg)
-        retain_freed_memory()  # repeated caches reuse the heap instead of page-faulting (memory.py)
         self.tokenizer = tokenizer
         self._persistent: dict[str, list[HookFn]] = {}
         self._hook_names = all_hook_names(cfg.n_layers)
@@ -85,9 +82,10 @@ class HookedCoT(Transformer):
         `attention_mask` (1 = token, 0 = left padding) covers the cached prefix too when
         `past_kv` is given; position ids follow from it so a padded row equals the row run alone.
         `last_logits_only` unembeds only the last position (generation: hooks still see them all).
+        This method prepares the inputs, the hooks and the loss; `Transformer.forward` computes.
         """
-        tokens, resid, attention_mask = self._prepare_input(input, inputs_embeds, attention_mask, start_at_layer)
-        b, p = resid.shape[:2]
+        tokens, x, attention_mask = self._prepare_input(input, inputs_embeds, attention_mask, start_at_layer)
+        b, p = x.shape[:2]
         past_len = past_kv.length if past_kv is not None else 0
         if attention_mask is not None:
             if attention_mask.shape != (b, past_len + p):
@@ -99,38 +97,29 @@ class HookedCoT(Transformer):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
             if bool(attention_mask.all()):
                 attention_mask = None
-        positions = torch.arange(past_len, past_len + p, device=resid.device)
+        positions = torch.arange(past_len, past_len + p, device=x.device)
         if position_ids is None:
             position_ids = positions[None].expand(b, p)
-        run = HookRun(self._persistent, positions, position_ids, attention_mask)
-        start = self._layer_index(start_at_layer, "start_at_layer") if start_at_layer is not None else 0
-        if start_at_layer is None:
-            resid = run("hook_embed", resid)
-        stop = self._layer_index(stop_at_layer, "stop_at_layer") if stop_at_layer is not None else None
-        resid = self.run_layers(resid, run, position_ids, attention_mask, past_kv, start, stop)
-        if past_kv is not None:
-            past_kv.advance(p)
-        if stop is not None:
-            return resid
-        if return_type is None:
-            if self.ln_final.name_scale in run.active or self.ln_final.name_normalized in run.active:
-                self.ln_final(resid, run)
-            return None
-        normed = self.ln_final(resid, run)
-        logits = self.unembed(normed[:, -1:] if last_logits_only else normed)
-        if return_type == "logits":
-            return logits
-        if tokens is None:
+        if return_type not in ("logits", "loss", "both", None):
+            raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        if return_type in ("loss", "both") and tokens is None and stop_at_layer is None:
             raise ValueError("return_type='loss' needs token ids (the targets); it cannot be computed from embeddings")
-        loss = self._next_token_loss(logits, tokens, attention_mask, per_token=loss_per_token)
-        if return_type == "loss":
-            return loss
-        if return_type == "both":
-            return logits, loss
-        raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
+        run = HookRun(self._persistent, positions, position_ids, attention_mask)
+        out = super().forward(
+            x, run, position_ids, attention_mask, past_kv,
+            start_at_layer=None if start_at_layer is None else self._layer_index(start_at_layer, "start_at_layer"),
+            stop_at_layer=None if stop_at_layer is None else self._layer_index(stop_at_layer, "stop_at_layer"),
+            last_logits_only=last_logits_only,
+            logits=return_type is not None,
+        )
+        if stop_at_layer is not None or return_type in ("logits", None):
+            return out
+        loss = self._next_token_loss(out, tokens, attention_mask, per_token=loss_per_token)
+        return loss if return_type == "loss" else (out, loss)
 
     def _prepare_input(self, input, inputs_embeds, attention_mask, start_at_layer):
-        """-> (token ids or None, the first residual [b p d], attention mask or None)."""
+        """-> (token ids or None, what the model runs on: token ids, embeddings or a residual,
+        attention mask or None)."""
         if start_at_layer is not None:
             if not (isinstance(input, Tensor) and input.is_floating_point() and input.dim() == 3):
                 raise ValueError("with start_at_layer, pass the residual [batch, pos, d_model] as the input")
@@ -165,7 +154,7 @@ class HookedCoT(Transformer):
             raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}); got min {int(tokens.min())}, max {int(tokens.max())}")
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
-        return tokens, self.embed(tokens), attention_mask
+        return tokens, tokens, attention_mask
 
     def _layer_index(self, layer: int, what: str) -> int:
         n = self.cfg.n_layers

@@ -27,10 +27,6 @@ class KVCache:
         self.max_len = max_len
         self.length = 0  # positions already stored (the same for every layer between forwards)
 
-    @property
-    def batch(self) -> int:
-        return self.keys.shape[1]
-
     def write(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Store `key`/`value` [b g p k] after the cached prefix; return prefix + new, [b g s k]."""
         end = self.length + key.shape[2]

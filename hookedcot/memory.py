@@ -1,15 +1,11 @@
-"""Keep freed activation memory inside the process, so repeated forwards do not page-fault it in.
+"""An opt-in allocator setting: keep freed activation memory in the process.
 
-glibc hands a large freed block back to the OS as soon as the top of the heap holds more than
-its trim threshold (by default twice the largest block it recently mapped). A `run_with_cache`
-of every hook allocates gigabytes and frees them all when the cache goes, so the next call
-faults every page in again: measured on SmolLM2 at 8 × 128 tokens, about 49k minor faults and
-1.3–1.4 × the plain forward's time. With the thresholds fixed, the memory stays in the heap and
-is reused: 0 faults and about the plain forward's time. TransformerLens loses the same way on every forward (design §5).
-
-The setting is process-wide and made once, when the first model is built. Opt out with
-HOOKEDCOT_RETAIN_FREED_MEMORY=0 (the process then returns freed memory to the OS at once, at
-the cost of the faults). Outside glibc (macOS, musl) this does nothing.
+glibc hands a large freed block back to the OS once the top of the heap exceeds its trim
+threshold, so a process that repeatedly builds and drops a big activation cache page-faults the
+same memory in again on every call. Fixing the thresholds keeps that memory in the heap for
+reuse. The setting is process-wide and cannot be undone, so hookedcot never applies it by itself:
+call `hookedcot.retain_freed_memory()` (the CLI and the benchmarks do). The environment variable
+HOOKEDCOT_RETAIN_FREED_MEMORY=0 turns the call into a no-op. Outside glibc it does nothing.
 """
 
 from __future__ import annotations
@@ -28,7 +24,8 @@ _applied: bool | None = None
 
 
 def retain_freed_memory() -> bool:
-    """Fix glibc's trim and mmap thresholds once per process; True when they are in force."""
+    """Keep freed memory in this process so repeated large caches reuse it instead of faulting it
+    back in (process-wide, for good). Returns True when the setting is in force."""
     global _applied
     if _applied is None:
         _applied = _apply()

@@ -1,19 +1,27 @@
-"""The kernel choice in model.py: which products leave F.linear (generation's decode steps only),
-and that they give F.linear's bits exactly."""
+"""The decode kernels (kernels.py): which products leave F.linear (generation's decode steps
+only), that they give F.linear's bits exactly, and that the swap is undone and per-thread."""
 
 from __future__ import annotations
+
+import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
+from model_factory import random_model
 
-from hookedcot import model as model_module
-from hookedcot.model import GEMV_MAX_ROWS, GEMV_MIN_WEIGHT, Linear, decode_kernels, gemv_splits, split_linear
+from hookedcot import ModelConfig
+from hookedcot import kernels
+from hookedcot.kernels import GEMV_MAX_ROWS, GEMV_MIN_WEIGHT, DecodeLinear, decode_kernels, gemv_splits, split_linear
+from hookedcot.model import Linear
 
 # (out, in) of the real models' products: SmolLM2, Qwen2-0.5B, Llama-3.2-1B
 REAL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (896, 896), (128, 896), (4864, 896),
                (896, 4864), (2048, 2048), (512, 2048), (8192, 2048), (2048, 8192)]
 UNEMBEDDINGS = [(49152, 576), (151936, 896), (128256, 2048)]
+THREADS = (2, 3, 4, 8, 16)
+# d_mlp 2048 x d_model 64: the MLP's weights are big enough to split, the attention's are not
+CFG = ModelConfig(n_layers=2, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=2048, d_vocab=97)
 
 
 @pytest.fixture
@@ -24,17 +32,22 @@ def two_threads():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def split_calls(monkeypatch):
+    calls: list[int] = []
+    real = kernels.split_linear
+    monkeypatch.setattr(kernels, "split_linear", lambda *a: calls.append(1) or real(*a))
+    return calls
+
+
 def _layer(out_features: int = GEMV_MIN_WEIGHT // 64, in_features: int = 64, bias: bool = True) -> Linear:
     torch.manual_seed(0)
     return Linear(in_features, out_features, bias=bias)
 
 
-THREADS = (2, 3, 4, 8, 16)
-
-
 @pytest.mark.parametrize("shape", REAL_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_split_products_equal_f_linear_bit_for_bit(shape):
-    """At every thread count, through Linear itself: the split the rule picks keeps F.linear's bits."""
+    """At every thread count, through the swapped layer itself: the split the rule picks keeps F.linear's bits."""
     gen = torch.Generator().manual_seed(sum(shape))
     layer = Linear(shape[1], shape[0], bias=True)
     with torch.no_grad():
@@ -44,7 +57,8 @@ def test_split_products_equal_f_linear_bit_for_bit(shape):
     try:
         for threads in THREADS:
             torch.set_num_threads(threads)
-            with torch.inference_mode(), decode_kernels():
+            with torch.inference_mode(), decode_kernels(layer):
+                assert type(layer) is DecodeLinear
                 chosen = gemv_splits(torch.zeros(1, shape[1]), layer.weight)
                 assert (chosen > 0) == (layer.weight.numel() >= GEMV_MIN_WEIGHT), threads
                 splits = chosen or 2  # k / v weights stay on F.linear; their split is checked anyway
@@ -65,7 +79,7 @@ def test_split_unembeddings_equal_f_linear_bit_for_bit(shape):
     x = torch.randn(GEMV_MAX_ROWS, shape[1], generator=torch.Generator().manual_seed(2))
     before = torch.get_num_threads()
     try:
-        with torch.inference_mode(), decode_kernels():
+        with torch.inference_mode():
             for threads in THREADS:
                 torch.set_num_threads(threads)
                 splits = gemv_splits(x, weight)
@@ -77,7 +91,7 @@ def test_split_unembeddings_equal_f_linear_bit_for_bit(shape):
 
 
 def test_blocks_are_whole_multiples_of_sixteen_rows(two_threads):
-    with torch.inference_mode(), decode_kernels():
+    with torch.inference_mode():
         torch.set_num_threads(16)
         assert gemv_splits(torch.zeros(1, 576), torch.zeros(576, 576)) == 4  # 8 blocks of 72 rows would not be whole multiples of 16
         assert gemv_splits(torch.zeros(1, 576), torch.zeros(1536, 576)) == 8
@@ -87,9 +101,7 @@ def test_blocks_are_whole_multiples_of_sixteen_rows(two_threads):
 def test_decode_rows_split_and_keep_the_bits(two_threads):
     layer = _layer()
     x = torch.randn(1, 1, 64)
-    with torch.inference_mode():
-        assert gemv_splits(x, layer.weight) == 0  # only generation's steps
-    with torch.inference_mode(), decode_kernels():
+    with torch.inference_mode(), decode_kernels(layer):
         assert gemv_splits(x, layer.weight) == 4  # two blocks per thread, 512 rows each
         assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
 
@@ -98,31 +110,74 @@ def test_prompts_gradients_small_weights_and_one_thread_stay_on_f_linear(two_thr
     layer = _layer()
     prompt = torch.randn(1, GEMV_MAX_ROWS + 1, 64)
     step = torch.randn(1, 1, 64)
-    with torch.inference_mode(), decode_kernels():
+    with torch.inference_mode():
         assert gemv_splits(prompt, layer.weight) == 0
         assert gemv_splits(step.double(), layer.weight.double()) == 0
         assert gemv_splits(step, _layer(out_features=GEMV_MIN_WEIGHT // 64 - 2).weight) == 0  # too small to pay
         assert gemv_splits(step, _layer(out_features=GEMV_MIN_WEIGHT // 64 + 8).weight) == 0  # no whole 16-row blocks
         assert gemv_splits(step, layer.weight.t().contiguous().t()) == 0  # not contiguous
-    with decode_kernels():  # with autograd on, F.linear
+    with decode_kernels(layer):  # with autograd on, F.linear
         assert gemv_splits(step, layer.weight) == 0
         out = layer(step.requires_grad_())
         out.sum().backward()
         assert step.grad is not None
     torch.set_num_threads(1)
-    with torch.inference_mode(), decode_kernels():
+    with torch.inference_mode():
         assert gemv_splits(step, layer.weight) == 0
 
 
-def test_linear_splits_exactly_when_the_rule_says(two_threads, monkeypatch):
-    calls = []
-    real = model_module.split_linear
-    monkeypatch.setattr(model_module, "split_linear", lambda *a: calls.append(1) or real(*a))
+def test_a_layer_splits_only_inside_decode_kernels(two_threads, split_calls):
     layer, step = _layer(), torch.randn(1, 1, 64)
     with torch.inference_mode():
         layer(step)
-        assert calls == []  # outside generate: F.linear
-        with decode_kernels():
+        assert split_calls == []  # outside generate: F.linear
+        with decode_kernels(layer):
             layer(step)
             layer(torch.randn(1, GEMV_MAX_ROWS + 1, 64))
-    assert calls == [1]
+    assert split_calls == [1]
+
+
+def test_generation_swaps_the_layers_in_and_back_also_on_error(two_threads, split_calls):
+    model = random_model(CFG)
+    linears = {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    tokens = torch.randint(0, CFG.d_vocab, (1, 6), generator=torch.Generator().manual_seed(0))
+    model.generate(tokens, max_new_tokens=3, stop_at_eos=False)
+    assert split_calls  # the MLP's decode-step products
+    assert {name: type(m) for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)} == linears
+
+    def fail(step, tokens):
+        raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError, match="stop"):
+        model.generate(tokens, max_new_tokens=3, on_token=fail)
+    assert all(type(m) is Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert kernels._SWAPPED == {}
+
+
+def test_nested_blocks_share_one_swap_and_the_last_out_restores(two_threads):
+    layer = _layer()
+    with decode_kernels(layer):
+        with decode_kernels(layer):
+            assert type(layer) is DecodeLinear
+        assert type(layer) is DecodeLinear
+    assert type(layer) is Linear
+
+
+def test_another_threads_forward_during_generation_runs_f_linear(two_threads, split_calls):
+    """The swap is visible to every thread; the split is not: it belongs to generate's own context."""
+    layer, step = _layer(), torch.randn(1, 1, 64)
+    seen: list[tuple[int, bool]] = []
+
+    def other_thread():
+        with torch.inference_mode():
+            out = layer(step)
+        seen.append((len(split_calls), torch.equal(out, F.linear(step, layer.weight, layer.bias))))
+
+    with torch.inference_mode(), decode_kernels(layer):
+        assert type(layer) is DecodeLinear
+        worker = threading.Thread(target=other_thread)
+        worker.start()
+        worker.join()
+        layer(step)
+    assert seen == [(0, True)]  # no split in the other thread
+    assert split_calls == [1]  # only this thread's own product
