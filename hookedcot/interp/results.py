@@ -82,8 +82,10 @@ class Result:
         center: float | None = 0.0,
         value_label: str | None = None,
         max_ticks: int = 80,
+        caption: str | None = None,
     ) -> Path:
-        """A heatmap PNG of a 2-d result (1-d: a line plot), token labels on the x axis."""
+        """A heatmap PNG of a 2-d result (1-d: a line plot), token labels on the x axis;
+        `caption` is a line under the figure saying what it shows."""
         import matplotlib
 
         matplotlib.use("Agg")
@@ -116,7 +118,11 @@ class Result:
         else:
             raise ValueError(f"plot() draws 1-d or 2-d results; {self.name} has axes {self.axes} — index it first")
         ax.set_title(title or self.name)
-        fig.tight_layout()
+        if caption:
+            fig.text(0.01, 0.005, caption, fontsize=8, ha="left", va="bottom", wrap=True)
+            fig.tight_layout(rect=(0, 0.06, 1, 1))
+        else:
+            fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
