@@ -10,13 +10,13 @@ import torch
 from model_factory import random_model
 
 from hookedcot import HookedCoT, ModelConfig, get_act_name
-from hookedcot.interp.attribution import attribution_patch
-from hookedcot.interp.iterative import iterative_patch, parallel_patch
+from hookedcot.interp.attribution import patch_by_attribution
+from hookedcot.interp.iterative import patch_in_parallel, patch_iteratively
 from hookedcot.interp.patching import Site, kl_metric, prepare_runs, run_sites
 from hookedcot.interp.sweeps import (
-    naive_patch_loop, patch_components, patch_heads, patch_layer_position, patch_layers,
+    patch_components, patch_heads, patch_layer_position, patch_layers, patch_naively,
 )
-from hookedcot.interp.tracing import restoration_sweep
+from hookedcot.interp.tracing import trace_restoration
 
 CFG = ModelConfig(n_layers=4, d_model=64, n_heads=4, n_key_value_heads=2, d_head=16, d_mlp=128, d_vocab=300, qkv_bias=True)
 
@@ -36,15 +36,6 @@ def pair() -> tuple[torch.Tensor, torch.Tensor]:
     corrupted = clean.clone()
     corrupted[0, 4], corrupted[0, 9] = 7, 8
     return clean, corrupted
-
-
-def test_sweeps_still_import_from_their_old_module():
-    from hookedcot.interp import patching, sweeps
-    from hookedcot.interp.patching import patch_layer_position as old_home
-
-    assert old_home is sweeps.patch_layer_position and patching.naive_patch_loop is sweeps.naive_patch_loop
-    with pytest.raises(AttributeError):
-        patching.no_such_sweep
 
 
 def test_patching_a_run_into_itself_changes_nothing(model, pair):
@@ -105,7 +96,7 @@ def test_layer_position_sweep_equals_naive_loop(model, pair, batch_size):
     runs = prepare_runs(model, clean, corrupted, [get_act_name("resid_pre", 0)])
     sites = [Site(get_act_name("resid_pre", L), (p,)) for L in range(CFG.n_layers) for p in range(14)]
     sampled = sites[::3]
-    naive = naive_patch_loop(model, clean, corrupted, sampled, kl_metric(runs))
+    naive = patch_naively(model, clean, corrupted, sampled, kl_metric(runs))
     torch.testing.assert_close(result.values.flatten()[::3], naive, rtol=1e-5, atol=1e-5)
     # Only the patched token positions (4 and 9) can matter for resid_pre at layer 0.
     assert torch.all(result.values[0, [i for i in range(14) if i not in (4, 9)]].abs() < 1e-5)
@@ -148,7 +139,7 @@ def test_head_sweep_equals_naive_loop(model, pair, hook):
     assert n_heads == (CFG.n_key_value_heads if hook == "v" else CFG.n_heads)
     runs = prepare_runs(model, clean, corrupted, [get_act_name(hook, 0)])
     sites = [Site(get_act_name(hook, L), None, heads=(h,)) for L in range(CFG.n_layers) for h in range(n_heads)]
-    naive = naive_patch_loop(model, clean, corrupted, sites, kl_metric(runs)).view(CFG.n_layers, n_heads)
+    naive = patch_naively(model, clean, corrupted, sites, kl_metric(runs)).view(CFG.n_layers, n_heads)
     torch.testing.assert_close(result.values, naive, rtol=1e-5, atol=1e-5)
 
 
@@ -159,7 +150,7 @@ def test_component_and_layer_sweeps(model, pair, tmp_path):
     span = patch_layers(model, clean, corrupted, positions="last 6", progress=False)
     runs = prepare_runs(model, clean, corrupted, [get_act_name("resid_pre", 0)])
     sites = [Site(get_act_name("resid_pre", L), tuple(range(8, 14))) for L in range(CFG.n_layers)]
-    torch.testing.assert_close(span.values, naive_patch_loop(model, clean, corrupted, sites, kl_metric(runs)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(span.values, patch_naively(model, clean, corrupted, sites, kl_metric(runs)), rtol=1e-5, atol=1e-5)
     # Results save, load and plot.
     path = comps.save(tmp_path)
     assert type(comps).load(path).values.equal(comps.values)
@@ -172,16 +163,16 @@ def test_neuron_site_equals_naive(model, pair):
     runs = prepare_runs(model, clean, corrupted, [get_act_name("post", 1)])
     sites = [Site(get_act_name("post", 1), (4, 9), neurons=(n,)) for n in (0, 5, 17)]
     fast = run_sites(runs, sites, kl_metric(runs), progress=False)
-    torch.testing.assert_close(fast, naive_patch_loop(model, clean, corrupted, sites, kl_metric(runs)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast, patch_naively(model, clean, corrupted, sites, kl_metric(runs)), rtol=1e-5, atol=1e-5)
 
 
 def test_restoration_sweep_identities(model, pair):
     clean, _ = pair
-    no_noise = restoration_sweep(model, clean, [0, 1, 2], sigma=0.0, progress=False,
+    no_noise = trace_restoration(model, clean, [0, 1, 2], sigma=0.0, progress=False,
                                  metric=lambda lg: lg[:, -1].float().softmax(-1).amax(-1))
     top = model(clean)[0, -1].float().softmax(-1).max()
     torch.testing.assert_close(no_noise.values, torch.full_like(no_noise.values, float(top)), rtol=1e-5, atol=1e-6)
-    noisy = restoration_sweep(model, clean, [0, 1, 2], sigma=3.0, progress=False)
+    noisy = trace_restoration(model, clean, [0, 1, 2], sigma=3.0, progress=False)
     # Restoring every noised position at layer 0 is not one site, but restoring a clean position
     # that carries no noise at layer 0 changes nothing: recovery 0.
     assert torch.all(noisy.values[0, 3:].abs() < 1e-4)
@@ -193,16 +184,16 @@ def test_parallel_and_iterative_agree_where_positions_cannot_interact(model, pai
     metric = lambda lg: lg[:, -1].float().log_softmax(-1)[:, target]  # noqa: E731
     span = [10, 11, 12, 13]
     last = CFG.n_layers - 1
-    par = parallel_patch(model, clean, corrupted, last, span, metric)
-    it = iterative_patch(model, clean, corrupted, last, span, metric, regenerate="greedy")
+    par = patch_in_parallel(model, clean, corrupted, last, span, metric)
+    it = patch_iteratively(model, clean, corrupted, last, span, metric, regenerate="greedy")
     assert par == it.metric
     assert len(it.produced_cosine) == 3 and all(-1 <= c <= 1 for c in it.produced_cosine)
     # Fixed inputs end in the same run at any layer.
-    assert parallel_patch(model, clean, corrupted, 0, span, metric) == iterative_patch(model, clean, corrupted, 0, span, metric).metric
+    assert patch_in_parallel(model, clean, corrupted, 0, span, metric) == patch_iteratively(model, clean, corrupted, 0, span, metric).metric
     # Re-decoding the CoT under the patch at an early layer changes the inputs of span positions,
     # whose keys and values at layers up to the patch reach the answer position after the span.
-    early = iterative_patch(model, clean, corrupted, 0, span[:-1], metric, regenerate="greedy")
-    assert early.metric != parallel_patch(model, clean, corrupted, 0, span[:-1], metric)
+    early = patch_iteratively(model, clean, corrupted, 0, span[:-1], metric, regenerate="greedy")
+    assert early.metric != patch_in_parallel(model, clean, corrupted, 0, span[:-1], metric)
 
 
 def test_iterative_with_continuous_thoughts(model, pair):
@@ -210,11 +201,11 @@ def test_iterative_with_continuous_thoughts(model, pair):
     embeds = model.W_E[corrupted].detach().clone()
     metric = lambda lg: lg[:, -1].float().log_softmax(-1)[:, 0]  # noqa: E731
     feedback = lambda h: h * 0.5  # noqa: E731  (a latent-CoT model feeds hidden states back)
-    res = iterative_patch(model, clean, None, 1, [10, 11, 12], metric, regenerate=feedback, corrupted_embeds=embeds)
-    par = parallel_patch(model, clean, None, 1, [10, 11, 12], metric, corrupted_embeds=embeds)
+    res = patch_iteratively(model, clean, None, 1, [10, 11, 12], metric, regenerate=feedback, corrupted_embeds=embeds)
+    par = patch_in_parallel(model, clean, None, 1, [10, 11, 12], metric, corrupted_embeds=embeds)
     assert res.metric != par
     with pytest.raises(ValueError, match="corrupted_embeds"):
-        iterative_patch(model, clean, corrupted, 1, [10, 11], metric, regenerate=feedback)
+        patch_iteratively(model, clean, corrupted, 1, [10, 11], metric, regenerate=feedback)
 
 
 def test_attribution_patching_correlates_with_exact_sweep_on_a_near_linear_model(pair):
@@ -228,7 +219,7 @@ def test_attribution_patching_correlates_with_exact_sweep_on_a_near_linear_model
     metric = lambda lg: lg[:, -1, target].float()  # noqa: E731
     exact = patch_layer_position(near_linear, clean, corrupted, metric=metric, progress=False)
     base = float(metric(near_linear(corrupted)[:, -1:].detach()))
-    estimate = attribution_patch(near_linear, clean, corrupted, metric)
+    estimate = patch_by_attribution(near_linear, clean, corrupted, metric)
     corr = torch.corrcoef(torch.stack([(exact.values - base).flatten(), estimate.values.flatten()]))[0, 1]
     assert corr > 0.9, corr
 

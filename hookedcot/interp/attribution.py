@@ -14,11 +14,14 @@ import torch
 from torch import Tensor
 
 from hookedcot.hook_names import get_act_name
-from hookedcot.interp.patching import _label_tokens, _resolve_positions, as_tokens, logits_at
+from hookedcot.interp.labels import token_labels
+from hookedcot.interp.patching import as_tokens, logits_at
+from hookedcot.interp.positions import resolve_positions
+from hookedcot.interp.renamed import renamed
 from hookedcot.interp.results import Result
 
 
-def attribution_patch(
+def patch_by_attribution(
     model: Any,
     clean: str | Tensor,
     corrupted: str | Tensor,
@@ -26,7 +29,7 @@ def attribution_patch(
     hook: str = "resid_pre",
     layers: Sequence[int] | None = None,
     positions: Any = None,
-    metric_positions: Sequence[int] = (-1,),
+    metric_positions: Any = (-1,),
 ) -> Result:
     """Estimated metric change of patching each (layer, position) of `hook`: [layer, position].
     `metric` maps logits [1, n_metric, vocab] to [1] and must be differentiable."""
@@ -35,7 +38,9 @@ def attribution_patch(
         raise ValueError("attribution patching by position needs clean and corrupted of equal length")
     layers = list(range(model.cfg.n_layers)) if layers is None else list(layers)
     names = [get_act_name(hook, layer) for layer in layers]
-    n = model.cfg.n_layers
+    n, n_pos = model.cfg.n_layers, corrupt_t.shape[1]
+    pos = resolve_positions(positions, n_pos)
+    metric_pos = sorted(set(resolve_positions(metric_positions, n_pos)))
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean_t, names_filter=names)
 
@@ -46,17 +51,18 @@ def attribution_patch(
         final, cache = model.run_with_cache(
             corrupt_t, names_filter=names, detach=False, fwd_hooks=[("hook_embed", make_leaf)], stop_at_layer=n
         )
-        value = metric(logits_at(model, final, [p % corrupt_t.shape[1] for p in metric_positions])).sum()
+        value = metric(logits_at(model, final, metric_pos)).sum()
         grads = torch.autograd.grad(value, [cache[name] for name in names])
-    pos = _resolve_positions(corrupt_t.shape[1], positions)
     rows = []
     for name, grad in zip(names, grads):
         delta = (clean_cache[name] - cache[name].detach()).float()
         est = (delta * grad.float()).flatten(2).sum(-1)[0]  # [pos]
         rows.append(est[pos])
-    ticks = _label_tokens(model, corrupt_t)
     return Result(
         torch.stack(rows), ("layer", "position"),
-        {"layer": [str(x) for x in layers], "position": [ticks[p] for p in pos]},
-        name=f"attribution_{hook}", meta={"hook": hook, "metric_positions": list(metric_positions)},
+        {"layer": [str(x) for x in layers], "position": token_labels(model, corrupt_t, pos)},
+        name=f"attribution_{hook}", meta={"hook": hook, "metric_positions": metric_pos},
     )
+
+
+attribution_patch = renamed(patch_by_attribution, "attribution_patch")

@@ -1,4 +1,4 @@
-"""Parallel vs iterative patching of a span of reasoning positions (seed 004).
+"""Parallel vs iterative patching of a span of reasoning positions.
 
 Parallel: every position of the span patched with the clean activation in one forward.
 Iterative: patch the first position, run forward, look at what the model itself now produces at
@@ -7,88 +7,105 @@ position, and so on. If the inputs are fixed the two end in the same run — the
 the same — so they differ only when the patch changes the *inputs* of later positions: a
 re-decoded token CoT (`regenerate="greedy"`) or a continuous-thought model that feeds a
 position's hidden state back as the next input embedding (`regenerate=fn`).
+
+Both go through the patching engine. Each iterative step changes the run only from its patched
+position on (the inputs it regenerates lie later still), so it keeps the previous step's keys and
+values before that position and recomputes only the rest.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor
 
 from hookedcot.hook_names import get_act_name
-from hookedcot.interp.patching import Metric, _resolve_positions, as_tokens
+from hookedcot.interp.patching import Metrics, Site, forward_patched, logits_at, prepare_runs, run_sites
+from hookedcot.interp.positions import position_axis, resolve_positions
+from hookedcot.interp.renamed import renamed
 
 
 @dataclass
 class IterativeResult:
-    metric: float  # the metric on the final, fully patched run
+    metric: float | dict[str, float]  # the metric(s) on the final, fully patched run
     produced_cosine: list[float]  # cos(produced activation, clean activation) at each later span position
     final_logits: Tensor  # [1, n_metric, vocab]
 
 
-def _writer(clean: Tensor, positions: list[int]):
-    def hook(x: Tensor, h) -> Tensor:
-        x = x.clone()
-        x[:, positions] = clean[:, positions]
-        return x
-
-    return hook
+def _values(values: Tensor | Mapping[str, Tensor]) -> float | dict[str, float]:
+    if isinstance(values, Mapping):
+        return {k: float(v[0]) for k, v in values.items()}
+    return float(values[0])
 
 
 @torch.no_grad()
-def parallel_patch(model: Any, clean: str | Tensor, corrupted: str | Tensor | None, layer: int, span: Any,
-                   metric: Metric, hook: str = "resid_post", metric_positions: Sequence[int] = (-1,),
-                   corrupted_embeds: Tensor | None = None) -> float:
-    """Patch every span position at `layer` at once; the metric of that run."""
+def patch_in_parallel(model: Any, clean: str | Tensor, corrupted: str | Tensor | None, layer: int, span: Any,
+                      metric: Metrics, hook: str = "resid_post", metric_positions: Any = (-1,),
+                      corrupted_embeds: Tensor | None = None) -> float | dict[str, float]:
+    """Patch every span position at `layer` at once; the metric of that run (a dict of them for
+    several metrics by name)."""
     name = get_act_name(hook, layer)
-    clean_t = as_tokens(model, clean)
-    _, cache = model.run_with_cache(clean_t, names_filter=name)
-    span_pos = _resolve_positions(clean_t.shape[1], span)
-    inputs = {"inputs_embeds": corrupted_embeds} if corrupted_embeds is not None else {"input": as_tokens(model, corrupted)}
-    logits = model.run_with_hooks(**inputs, fwd_hooks=[(name, _writer(cache[name], span_pos))])
-    return float(metric(logits[:, list(metric_positions)])[0])
+    runs = prepare_runs(model, clean, corrupted, [name], corrupted_embeds=corrupted_embeds)
+    site = Site(name, tuple(resolve_positions(span, runs.n_pos)))
+    return _values(run_sites(runs, [site], metric, metric_positions, progress=False))
 
 
 @torch.no_grad()
-def iterative_patch(
-    model: Any, clean: str | Tensor, corrupted: str | Tensor | None, layer: int, span: Any, metric: Metric,
-    hook: str = "resid_post", metric_positions: Sequence[int] = (-1,),
+def patch_iteratively(
+    model: Any, clean: str | Tensor, corrupted: str | Tensor | None, layer: int, span: Any, metric: Metrics,
+    hook: str = "resid_post", metric_positions: Any = (-1,),
     regenerate: None | str | Callable[[Tensor], Tensor] = None, corrupted_embeds: Tensor | None = None,
 ) -> IterativeResult:
-    """Patch the span one position at a time, letting the model produce the next position from
-    the run patched so far. `regenerate`: None (inputs fixed), "greedy" (the token after each
-    patched position becomes the patched run's argmax), or fn(hidden [d_model]) -> next input
-    embedding [d_model] (continuous thought; pass `corrupted_embeds` [1, p, d] then)."""
-    name = get_act_name(hook, layer)
-    clean_t = as_tokens(model, clean)
-    _, cache = model.run_with_cache(clean_t, names_filter=name)
-    ref = cache[name]
-    span_pos = _resolve_positions(clean_t.shape[1], span)
+    """Patch the span one position at a time (in increasing order), letting the model produce the
+    next position from the run patched so far. `regenerate`: None (inputs fixed), "greedy" (the
+    token after each patched position becomes the patched run's argmax), or fn(hidden [d_model])
+    -> next input embedding [d_model] (continuous thought: the residual after the last block feeds
+    the next position; pass `corrupted_embeds` [1, p, d] then)."""
     if callable(regenerate) and corrupted_embeds is None:
         raise ValueError("a regenerate function produces input embeddings: pass corrupted_embeds [1, pos, d_model]")
-    tokens = None if corrupted_embeds is not None else as_tokens(model, corrupted).clone()
-    embeds = None if corrupted_embeds is None else corrupted_embeds.clone()
+    if not (regenerate is None or regenerate == "greedy" or callable(regenerate)):
+        raise ValueError(f"regenerate must be None, 'greedy' or a function, got {regenerate!r}")
+    if regenerate == "greedy" and corrupted_embeds is not None:
+        raise ValueError("regenerate='greedy' re-decodes tokens; with corrupted_embeds pass a function hidden -> embedding")
+    name = get_act_name(hook, layer)
+    runs = prepare_runs(model, clean, corrupted, [name], corrupted_embeds=corrupted_embeds)
+    span_pos = sorted(set(resolve_positions(span, runs.n_pos)))
+    metric_pos = runs.metric_positions(metric_positions)
+    metrics = dict(metric) if isinstance(metric, Mapping) else {"": metric}
+    ref = runs.clean_acts[name].movedim(position_axis(name), 1)  # [1, p, ...]
+    inputs = None
+    if regenerate is not None:
+        inputs = runs.corrupted_embeds.clone() if runs.corrupted_embeds is not None else runs.corrupted_tokens.clone()
+    kv = runs.corrupted_kv.select_rows(torch.zeros(1, dtype=torch.long, device=model.device))
     cosines: list[float] = []
-    final_names = [name, get_act_name("resid_post", model.cfg.n_layers - 1)]
     for i, pos in enumerate(span_pos):
-        fwd = [(name, _writer(ref, span_pos[: i + 1]))]
-        inputs = {"inputs_embeds": embeds} if embeds is not None else {"input": tokens}
-        logits, run_cache = model.run_with_cache(**inputs, fwd_hooks=fwd, names_filter=final_names)
-        if i + 1 == len(span_pos):
+        last = i + 1 == len(span_pos)
+        # The last step of fixed inputs recomputes from the span's start, as the parallel patch
+        # does, so the identity "iterative = parallel" holds bit for bit.
+        p0 = min(span_pos[0] if inputs is None else pos, metric_pos[0]) if last else pos
+        seen: dict[str, Tensor] = {}
+
+        def observe(x: Tensor, h, pos: int = pos) -> None:  # what the model produces at `pos`, before the patch
+            seen["x"] = x.movedim(position_axis(name), 1)[0, pos - int(h.positions[0])].clone()
+
+        final = forward_patched(runs, [Site(name, tuple(span_pos[: i + 1]))], p_min=p0, kv=kv,
+                                inputs=None if inputs is None else inputs[:, p0:], observers=[(name, observe)])
+        if i > 0:
+            cosines.append(float(torch.nn.functional.cosine_similarity(
+                seen["x"].flatten().float(), ref[0, pos].flatten().float(), dim=0)))
+        if last:
             break
         nxt = span_pos[i + 1]
-        if regenerate == "greedy" and tokens is not None:
-            tokens[0, nxt] = logits[0, nxt - 1].argmax()
+        if regenerate == "greedy":
+            inputs[0, nxt] = logits_at(model, final, [nxt - 1 - p0])[0, 0].argmax()
         elif callable(regenerate):
-            embeds[0, nxt] = regenerate(run_cache[final_names[1]][0, nxt - 1]).to(embeds.dtype)
-        elif regenerate is not None:
-            raise ValueError(f"regenerate must be None, 'greedy' or a function, got {regenerate!r}")
-        if regenerate is not None:  # the next position's own activation, from its new input
-            inputs = {"inputs_embeds": embeds} if embeds is not None else {"input": tokens}
-            _, run_cache = model.run_with_cache(**inputs, fwd_hooks=fwd, names_filter=name)
-        produced = run_cache[name][0, nxt].float()
-        cosines.append(float(torch.nn.functional.cosine_similarity(produced, ref[0, nxt].float(), dim=0)))
-    final = logits[:, list(metric_positions)]
-    return IterativeResult(float(metric(final)[0]), cosines, final)
+            inputs[0, nxt] = regenerate(final[0, nxt - 1 - p0]).to(inputs.dtype)
+    final_logits = logits_at(model, final, [p - p0 for p in metric_pos])
+    values = {k: float(fn(final_logits)[0]) for k, fn in metrics.items()}
+    return IterativeResult(values if isinstance(metric, Mapping) else values[""], cosines, final_logits)
+
+
+parallel_patch = renamed(patch_in_parallel, "parallel_patch")
+iterative_patch = renamed(patch_iteratively, "iterative_patch")

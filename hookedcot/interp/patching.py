@@ -1,4 +1,4 @@
-"""One activation-patching engine under every sweep.
+"""One activation-patching engine under every patch.
 
 A *site* is (hook name, positions, heads or neurons). The engine records the source (clean) run
 once, runs the target (corrupted) run once, and then evaluates many sites in one batch: the target
@@ -6,25 +6,28 @@ repeated along the batch, each row patching its own site. Nothing the patch cann
 recomputed: every row starts from the target's cached residual at the lowest patched layer of its
 batch (`start_at_layer`), and, attention being causal, positions before the earliest patched
 position keep the target's keys and values (a `KVCache` prefix) — only later positions are run.
-How sites are grouped into batches depends on the device (`run_sites`, `free_tokens`). The sweeps
-(by layer, layer × position, head, component, span) and the naive reference loop are thin callers
-of `run_sites`, in `sweeps.py`; importing them from here still works.
+How sites are grouped into batches depends on the device (`run_sites`, `free_tokens`). Every metric
+given is applied to the logits of the same patched forwards.
+
+`run_sites` evaluates sites independently; `forward_patched` is its single forward, which the
+iterative patch also steps through with its own cache. The sweeps are in `sweeps.py`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hookedcot.hook_names import get_act_name, layer_of, spec_of
+from hookedcot.hook_names import get_act_name, layer_of
+from hookedcot.interp.positions import head_axis, position_axis, resolve_positions
 from hookedcot.kv_cache import KVCache
 
 Metric = Callable[[Tensor], Tensor]  # logits [rows, n_metric_positions, vocab] -> [rows]
-HEAD_HOOKS = ("hook_q", "hook_k", "hook_v", "hook_z", "hook_rot_q", "hook_rot_k", "hook_result")
+Metrics = Union[Metric, Mapping[str, Metric]]  # one metric, or several by name (one result each)
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,7 @@ class PatchRuns:
 
     model: Any
     clean_tokens: Tensor  # [1, p]
-    corrupted_tokens: Tensor  # [1, p]
+    corrupted_tokens: Tensor | None  # [1, p]; None when the corrupted run was given as embeddings
     clean_acts: dict[str, Tensor]
     corrupted_resid: dict[int, Tensor]  # layer -> resid_pre [1, p, d]
     corrupted_kv: KVCache
@@ -59,10 +62,16 @@ class PatchRuns:
     # no hooks of any kind — target, source, persistent or scoped — shaping either run), so
     # patching there changes nothing: 0 when unknown.
     shared_prefix: int = 0
+    corrupted_embeds: Tensor | None = None  # [1, p, d] input embeddings of the corrupted run, if given so
 
     @property
     def n_pos(self) -> int:
-        return self.corrupted_tokens.shape[1]
+        return self.clean_tokens.shape[1]
+
+    @property
+    def label_tokens(self) -> Tensor:
+        """The tokens position labels name: the corrupted run's, or the clean run's if it has none."""
+        return self.clean_tokens if self.corrupted_tokens is None else self.corrupted_tokens
 
     def ensure(self, names: Sequence[str]) -> "PatchRuns":
         """Record clean activations for hooks this object was not prepared with (one more clean run)."""
@@ -73,11 +82,16 @@ class PatchRuns:
             self.clean_acts.update(cache.items())
         return self
 
+    def metric_positions(self, spec: Any) -> list[int]:
+        """The positions metrics read, in increasing order, whatever position form `spec` takes:
+        patched rows and baselines are unembedded at the same positions in the same order."""
+        return sorted(set(resolve_positions(spec, self.n_pos)))
+
     @torch.no_grad()
-    def logits(self, which: str, positions: Sequence[int]) -> Tensor:
-        """Baseline logits [1, n, vocab] at `positions`, computed exactly as patched rows' are."""
+    def logits(self, which: str, positions: Any = (-1,)) -> Tensor:
+        """Baseline logits [1, n, vocab] at `positions` (increasing), computed exactly as patched rows' are."""
         final = {"clean": self.clean_final, "corrupted": self.corrupted_final}[which]
-        return logits_at(self.model, final, [p % self.n_pos for p in positions])
+        return logits_at(self.model, final, self.metric_positions(positions))
 
 
 def as_tokens(model: Any, x: str | Tensor) -> Tensor:
@@ -94,17 +108,29 @@ def as_tokens(model: Any, x: str | Tensor) -> Tensor:
 def prepare_runs(
     model: Any,
     clean: str | Tensor,
-    corrupted: str | Tensor,
+    corrupted: str | Tensor | None,
     hooks: Sequence[str],
     target_hooks: Sequence = (),
     source_hooks: Sequence = (),
+    corrupted_embeds: Tensor | None = None,
 ) -> PatchRuns:
     """Run clean and corrupted once. `target_hooks` stay active in every patched run (e.g. the
-    noise of a causal-tracing corruption); `source_hooks` shape the clean run."""
-    clean_t, corrupt_t = as_tokens(model, clean), as_tokens(model, corrupted)
-    if clean_t.shape != corrupt_t.shape:
+    noise of a causal-tracing corruption); `source_hooks` shape the clean run. The corrupted run
+    may be given as input embeddings `corrupted_embeds` [1, pos, d_model] (a continuous-thought
+    model's inputs) instead of tokens; `corrupted` may then be None."""
+    clean_t = as_tokens(model, clean)
+    corrupt_t = None if corrupted is None else as_tokens(model, corrupted)
+    if corrupted_embeds is not None:
+        corrupted_embeds = corrupted_embeds.to(model.device, model.dtype)
+        corrupted_embeds = corrupted_embeds[None] if corrupted_embeds.dim() == 2 else corrupted_embeds
+        if corrupted_embeds.dim() != 3 or corrupted_embeds.shape[0] != 1 or corrupted_embeds.shape[2] != model.cfg.d_model:
+            raise ValueError(f"corrupted_embeds must be [1, pos, {model.cfg.d_model}]; got {tuple(corrupted_embeds.shape)}")
+    elif corrupt_t is None:
+        raise ValueError("give the corrupted run: tokens or text as `corrupted`, or input embeddings as `corrupted_embeds`")
+    corrupt_len = corrupted_embeds.shape[1] if corrupted_embeds is not None else corrupt_t.shape[1]
+    if clean_t.shape[1] != corrupt_len or (corrupt_t is not None and corrupt_t.shape != clean_t.shape):
         raise ValueError(
-            f"clean and corrupted inputs have {clean_t.shape[1]} and {corrupt_t.shape[1]} tokens; patching by "
+            f"clean and corrupted inputs have {clean_t.shape[1]} and {corrupt_len} tokens; patching by "
             "position needs equal lengths (use hookedcot.interp.data.same_length_pairs, or pad the prompts)"
         )
     n = model.cfg.n_layers
@@ -113,15 +139,17 @@ def prepare_runs(
     )
     kv = KVCache(model.cfg, 1, clean_t.shape[1], model.dtype, model.device)
     resid_names = [get_act_name("resid_pre", layer) for layer in range(n)]
+    inputs = {"inputs_embeds": corrupted_embeds} if corrupted_embeds is not None else {"input": corrupt_t}
     corrupt_final, corrupt_cache = model.run_with_cache(
-        corrupt_t, names_filter=resid_names, fwd_hooks=list(target_hooks), past_kv=kv, stop_at_layer=n
+        **inputs, names_filter=resid_names, fwd_hooks=list(target_hooks), past_kv=kv, stop_at_layer=n
     )
-    plain_runs = not target_hooks and not source_hooks and not model.active_hook_names()
+    plain_runs = not target_hooks and not source_hooks and not model.active_hook_names() and corrupted_embeds is None
     return PatchRuns(
         model, clean_t, corrupt_t, dict(clean_cache.items()),
         {layer: corrupt_cache["resid_pre", layer] for layer in range(n)},
         kv, clean_final, corrupt_final, list(target_hooks),
         shared_prefix=_shared_prefix(clean_t, corrupt_t) if plain_runs else 0,
+        corrupted_embeds=corrupted_embeds,
     )
 
 
@@ -138,36 +166,35 @@ def logits_at(model: Any, final_resid: Tensor, positions: Sequence[int]) -> Tens
     if x.shape[0] * x.shape[1] == 1:
         # BLAS takes a matrix-vector kernel for a single row, whose rounding differs from the
         # matrix-matrix kernel the batched rows get; two rows keep baselines bit-identical.
-        return model.unembed(model.ln_final(x.expand(2, -1, -1)))[:1]
-    return model.unembed(model.ln_final(x))
+        return model.unembed_resid(x.expand(2, -1, -1))[:1]
+    return model.unembed_resid(x)
 
 
 def _patch_hook(rows_sites: list[tuple[int, Site]], clean: Tensor):
     """A hook writing each row's site from the clean activation (indexed by absolute position)."""
-    is_head = spec_of(rows_sites[0][1].hook).name in HEAD_HOOKS
-    is_pattern = spec_of(rows_sites[0][1].hook).name in ("hook_pattern", "hook_attn_scores")
+    name = rows_sites[0][1].hook
+    pos_axis, h_axis = position_axis(name), head_axis(name)
+    clean = clean.movedim(pos_axis, 1)  # [1, p, ...]: positions first; heads (if any) then at axis 2
 
     def hook(x: Tensor, h) -> Tensor:
         first = int(h.positions[0]) if len(h.positions) else 0
-        n_here = x.shape[2] if is_pattern else x.shape[1]
+        n_here = x.shape[pos_axis]
         x = x.clone()
+        view = x.movedim(pos_axis, 1)  # writes go through to x
         for row, site in rows_sites:
             pos_all = range(first, first + n_here) if site.positions is None else site.positions
             pos = torch.tensor([p for p in pos_all if first <= p < first + n_here], dtype=torch.long, device=x.device)
             if not len(pos):
                 continue
             local = pos - first
-            if is_pattern:  # b h q s: positions index queries; keys span the whole prefix
-                for head in range(x.shape[1]) if site.heads is None else site.heads:
-                    x[row, head, local] = clean[0, head, pos]
-            elif is_head and site.heads is not None:
-                for head in site.heads:
-                    x[row, local, head] = clean[0, pos, head]
+            if h_axis is not None and site.heads is not None:
+                heads = torch.tensor(site.heads, device=x.device)
+                view[row, local[:, None], heads[None, :]] = clean[0, pos[:, None], heads[None, :]]
             elif site.neurons is not None:
                 neurons = torch.tensor(site.neurons, device=x.device)
-                x[row, local[:, None], neurons[None, :]] = clean[0, pos[:, None], neurons[None, :]]
+                view[row, local[:, None], ..., neurons[None, :]] = clean[0, pos[:, None], ..., neurons[None, :]]
             else:
-                x[row, local] = clean[0, pos]
+                view[row, local] = clean[0, pos]
         return x
 
     return hook
@@ -207,14 +234,15 @@ def _available_ram() -> int:
 def run_sites(
     runs: PatchRuns,
     sites: Sequence[Site],
-    metric: Metric,
-    metric_positions: Sequence[int] = (-1,),
+    metric: Metrics,
+    metric_positions: Any = (-1,),
     batch_size: int | str | None = "auto",
     progress: bool = True,
     reuse_prefix: bool = True,
     skip_inert: bool = True,
-) -> Tensor:
-    """Metric value per site [len(sites)], each site patched alone into the corrupted run.
+) -> Tensor | dict[str, Tensor]:
+    """Metric value per site [len(sites)], each site patched alone into the corrupted run. Given
+    a dict of metrics {name: fn}, a dict {name: values} from the same patched forwards.
 
     Sites are sorted by (layer, first position) and cut into batches: a batch recomputes every row
     from its lowest layer and earliest position on, so on a CPU its rows need nearly the same work;
@@ -225,26 +253,29 @@ def run_sites(
     (`skip_inert=False` runs it anyway)."""
     model = runs.model
     n_pos = runs.n_pos
+    metrics = dict(metric) if isinstance(metric, Mapping) else {"": metric}
     sites = [_checked_site(s, n_pos) for s in sites]
-    metric_pos = sorted({p % n_pos for p in metric_positions})
-    values = torch.empty(len(sites))
+    metric_pos = runs.metric_positions(metric_positions)
+    values = {k: torch.empty(len(sites)) for k in metrics}
     inert = [i for i, s in enumerate(sites) if skip_inert and _last_pos(s, n_pos) < runs.shared_prefix]
     if inert:
-        values[inert] = metric(runs.logits("corrupted", metric_pos)).float().cpu()
+        base = runs.logits("corrupted", metric_pos)
+        for k, fn in metrics.items():
+            values[k][inert] = fn(base).float().cpu()
     inert_set = set(inert)
     live = [i for i in range(len(sites)) if i not in inert_set]
     order = sorted(live, key=lambda i: (sites[i].layer, _first_pos(sites[i], n_pos)))
     bar = tqdm(total=len(order), disable=not progress, desc="patching", leave=False)
     for chunk in _batches(sites, order, n_pos, metric_pos, batch_size, reuse_prefix, model, free_tokens(model, n_pos)):
-        values[chunk] = _run_batch(runs, [sites[j] for j in chunk], metric, metric_pos, reuse_prefix).float().cpu()
+        for k, v in _run_batch(runs, [sites[j] for j in chunk], metrics, metric_pos, reuse_prefix).items():
+            values[k][chunk] = v
         bar.update(len(chunk))
     bar.close()
-    return values
+    return values if isinstance(metric, Mapping) else values[""]
 
 
-# Work per layer below which a GPU's time is set by kernel launches, not arithmetic: about 0.5 ms
-# of an H100/H200's bf16 matmul rate (132 SMs), the launch floor of one layer of a small model
-# measured there. Scaled by the card's SM count; float32 matmuls run ~1/16 of that rate.
+# Work per layer below which a small model's GPU batch is launch-bound rather than compute-bound
+# (scaled by SM count; float32 matmuls run ~1/16 as fast).
 LAUNCH_BOUND_FLOPS, REFERENCE_SMS, FP32_SLOWDOWN = 4e11, 132, 16
 
 
@@ -299,6 +330,8 @@ def _checked_site(site: Site, n_pos: int) -> Site:
     if layer_of(site.hook) is None:
         hint = " (patch blocks.0.hook_resid_pre instead: the same tensor)" if site.hook == "hook_embed" else ""
         raise ValueError(f"run_sites patches hooks inside the blocks; {site.hook!r} is outside them{hint}")
+    if site.heads is not None and head_axis(site.hook) is None:
+        raise ValueError(f"site {site.hook!r} has no head axis: heads live in hook_q/k/v/z/result/pattern/attn_scores")
     if site.positions is None:
         return site
     if bad := [p for p in site.positions if not -n_pos <= p < n_pos]:
@@ -314,52 +347,51 @@ def _last_pos(site: Site, n_pos: int) -> int:
     return n_pos - 1 if site.positions is None else max(p % n_pos for p in site.positions)
 
 
-def _run_batch(runs: PatchRuns, sites: list[Site], metric: Metric, metric_pos: list[int], reuse_prefix: bool) -> Tensor:
-    model, n_pos = runs.model, runs.n_pos
-    rows = len(sites)
-    start = max(0, min(s.layer for s in sites))
-    p_min = min(min(_first_pos(s, n_pos) for s in sites), metric_pos[0]) if reuse_prefix else 0
-    resid = runs.corrupted_resid[start][:, p_min:].expand(rows, -1, -1)
-    kv = runs.corrupted_kv.select_rows(torch.zeros(rows, dtype=torch.long, device=model.device))
+@torch.no_grad()
+def forward_patched(
+    runs: PatchRuns,
+    sites: Sequence[Site],
+    p_min: int = 0,
+    start: int | None = None,
+    kv: KVCache | None = None,
+    inputs: Tensor | None = None,
+    observers: Sequence = (),
+) -> Tensor:
+    """The corrupted run with row i's site patched from the clean run: the residual after the last
+    block, [len(sites), n_pos - p_min, d_model]. Only positions from `p_min` on are computed; the
+    earlier ones are read from `kv` (default: a copy of the corrupted run's cache; a given cache is
+    extended in place). The forward starts at block `start` (default: the lowest patched block)
+    from the corrupted run's residual there, or, given `inputs` (token ids or input embeddings of
+    positions `p_min`..), from the embedding. `observers` are hooks run before the patch."""
+    model, rows = runs.model, len(sites)
+    if kv is None:
+        kv = runs.corrupted_kv.select_rows(torch.zeros(rows, dtype=torch.long, device=model.device))
     kv.truncate(p_min)
     by_hook: dict[str, list[tuple[int, Site]]] = {}
     for row, site in enumerate(sites):
         by_hook.setdefault(site.hook, []).append((row, site))
-    hooks = [(name, _patch_hook(rs, runs.clean_acts[name])) for name, rs in by_hook.items()]
-    final = model.run_with_hooks(
-        resid, start_at_layer=start, stop_at_layer=model.cfg.n_layers, past_kv=kv,
-        fwd_hooks=runs.target_hooks + hooks,
-    )
-    return metric(logits_at(model, final, [p - p_min for p in metric_pos]))
+    hooks = runs.target_hooks + list(observers) + [(name, _patch_hook(rs, runs.clean_acts[name])) for name, rs in by_hook.items()]
+    n = model.cfg.n_layers
+    if inputs is None:
+        start = max(0, min(s.layer for s in sites)) if start is None else start
+        resid = runs.corrupted_resid[start][:, p_min:].expand(rows, -1, -1)
+        return model.run_with_hooks(resid, start_at_layer=start, stop_at_layer=n, past_kv=kv, fwd_hooks=hooks)
+    if inputs.is_floating_point():
+        return model.run_with_hooks(inputs_embeds=inputs, stop_at_layer=n, past_kv=kv, fwd_hooks=hooks)
+    return model.run_with_hooks(inputs, stop_at_layer=n, past_kv=kv, fwd_hooks=hooks)
 
 
-# ---------------------------------------------------------------- helpers the sweeps share
-def _label_tokens(model: Any, tokens: Tensor) -> list[str]:
-    try:
-        return [f"{i}:{t}" for i, t in enumerate(model.to_str_tokens(tokens[0]))]
-    except ValueError:
-        return [str(i) for i in range(tokens.shape[1])]
+def _run_batch(runs: PatchRuns, sites: list[Site], metrics: dict[str, Metric], metric_pos: list[int],
+               reuse_prefix: bool) -> dict[str, Tensor]:
+    """Every metric on the logits of one batched patched forward."""
+    p_min = min(min(_first_pos(s, runs.n_pos) for s in sites), metric_pos[0]) if reuse_prefix else 0
+    final = forward_patched(runs, sites, p_min)
+    logits = logits_at(runs.model, final, [p - p_min for p in metric_pos])
+    return {k: fn(logits).float().cpu() for k, fn in metrics.items()}
 
 
-def _resolve_positions(n_pos: int, positions: Sequence[int] | slice | str | None) -> list[int]:
-    """Positions as a list: None/'all', a slice, 'last N', or explicit (negative from the end)."""
-    if positions is None or positions == "all":
-        return list(range(n_pos))
-    if isinstance(positions, str):
-        parts = positions.split()
-        if len(parts) == 2 and parts[0] == "last" and parts[1].isdigit():
-            return list(range(max(0, n_pos - int(parts[1])), n_pos))
-        raise ValueError(f"positions {positions!r}: use 'all', 'last N', a slice or a list of ints")
-    if isinstance(positions, slice):
-        return list(range(n_pos))[positions]
-    out = [p % n_pos for p in positions]
-    if any(not -n_pos <= p < n_pos for p in positions):
-        raise ValueError(f"positions {list(positions)} fall outside a {n_pos}-token prompt")
-    return out
-
-
-def kl_metric(runs: PatchRuns, metric_positions: Sequence[int] = (-1,)) -> Metric:
-    """KL(patched || corrupted) summed over the metric positions (seed 001's choice)."""
+def kl_metric(runs: PatchRuns, metric_positions: Any = (-1,)) -> Metric:
+    """KL(patched || corrupted) summed over the metric positions."""
     from hookedcot.interp.metrics import kl_divergence
 
     base = runs.logits("corrupted", metric_positions)
@@ -368,16 +400,3 @@ def kl_metric(runs: PatchRuns, metric_positions: Sequence[int] = (-1,)) -> Metri
         return kl_divergence(logits, base.expand_as(logits)).sum(-1)
 
     return metric
-
-
-_MOVED_TO_SWEEPS = {"patch_layer_position", "patch_layers", "patch_heads", "patch_components", "COMPONENTS",
-                    "naive_patch_loop"}
-
-
-def __getattr__(name: str) -> Any:
-    """`from hookedcot.interp.patching import patch_layer_position` (the old home) still works."""
-    if name in _MOVED_TO_SWEEPS:
-        from hookedcot.interp import sweeps
-
-        return getattr(sweeps, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
