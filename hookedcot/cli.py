@@ -35,88 +35,148 @@ def next_token_lens(model: Any, tokens: torch.Tensor, positions: list[int]) -> d
     nxt = tokens[0, [p + 1 for p in positions]]
     probs, ranks = [], []
     for row in resid:
-        logits = model.unembed(model.ln_final(row)).float()  # [n, vocab]
+        logits = model.unembed_resid(row).float()  # [n, vocab]
         target = logits.gather(-1, nxt[:, None])
         probs.append(logits.softmax(-1).gather(-1, nxt[:, None])[:, 0])
         ranks.append((logits > target).sum(-1).float())
     return {"prob": torch.stack(probs), "rank": torch.stack(ranks)}
 
 
+DEMO_QUESTION = "Tom has 3 apples and buys 2 more. How many apples does Tom have?"
+DEMO_ANSWER = 5
+# "3 + 2 =" in the model's own reasoning: the operands, the operator, the equals sign.
+CALCULATION = re.compile(r"(\d+) ?([-+*x×]) ?(\d+) ?= ?")
+
+
+def final_number(text: str) -> int | None:
+    numbers = re.findall(r"-?\d+", text.replace(",", ""))
+    return int(numbers[-1]) if numbers else None
+
+
+def calculation_pair(model: Any, tokens: torch.Tensor, n_prompt: int) -> dict[str, Any] | None:
+    """From a chain of thought that writes a calculation ("3 + 2 = 5"), a clean/corrupted pair for
+    patching: the trace cut just before the result, and the same trace with the first operand's
+    last digit changed. None when the reasoning writes no such calculation."""
+    completion = model.to_string(tokens[0, n_prompt:])
+    match = CALCULATION.search(completion)
+    if match is None:
+        return None
+    span = model.find_positions(tokens[0], match.group(0).rstrip())
+    # the last token spelling the calculation ends it ("=" or " ="); the result starts after the space
+    cut = span[-1] + 1
+    while cut < tokens.shape[1] and not model.to_str_tokens(tokens[0, cut : cut + 1])[0].strip():
+        cut += 1
+    digits = [p for p in span if model.to_str_tokens(tokens[0, p : p + 1])[0].strip().isdigit()]
+    operand = len(match.group(1))  # the first operand's digits are the first `operand` digit tokens
+    changed = digits[min(operand, len(digits)) - 1]
+    old = model.to_str_tokens(tokens[0, changed : changed + 1])[0].strip()
+    new = str((int(old) + 1) % 10) if old != "9" else "8"
+    clean = tokens[:, :cut]
+    corrupted = clean.clone()
+    corrupted[0, changed] = model.to_single_token(new)
+    return {"clean": clean, "corrupted": corrupted, "changed": changed, "old": old, "new": new,
+            "calculation": match.group(0).strip(), "first": n_prompt}
+
+
 def demo(args: argparse.Namespace) -> int:
-    from hookedcot.interp.data import format_prompt, generate_pairs, same_length_pairs
-    from hookedcot.interp.sweeps import patch_layer_position
     from hookedcot.interp.results import Result
+    from hookedcot.interp.sweeps import patch_layer_position
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = _load(args.model, args.dtype, args.device)
 
-    # 1. Ask a GSM8K-style word problem through the chat template.
-    problem = generate_pairs(1, seed=args.seed)[0].clean
-    prompt = format_prompt(problem, "chat", model)
-    print(f"\nQ: {problem.question}\n(expected answer: {problem.answer})", flush=True)
+    # 1. A word problem through the chat template; the model reasons and answers (greedy).
+    prompt = model.apply_chat_template([{"role": "user", "content": args.question}])
+    print(f"\nQ: {args.question}", flush=True)
     t = time.perf_counter()
-    tokens = model.generate(prompt, args.max_new_tokens, return_type="tokens", verbose=True)
+    tokens = model.generate(prompt, args.max_new_tokens, return_type="tokens")
     n_prompt = model.to_tokens(prompt).shape[1]
     completion = model.to_string(tokens[0, n_prompt:])
-    new = tokens.shape[1] - n_prompt
-    print(f"A: {completion.strip()}\n  [{new} tokens in {time.perf_counter() - t:.1f} s]", flush=True)
-    numbers = re.findall(r"-?\d+", completion.replace(",", ""))
-    given = int(numbers[-1]) if numbers else None
-    print(f"  model's final number: {given} — {'correct' if given == problem.answer else 'wrong'}", flush=True)
+    print(f"A: {completion.strip()}\n  [{tokens.shape[1] - n_prompt} tokens in {time.perf_counter() - t:.1f} s]", flush=True)
+    given = final_number(completion)
+    expected = DEMO_ANSWER if args.expected is None and args.question == DEMO_QUESTION else args.expected
+    verdict = "" if expected is None else f" (expected {expected}: {'correct' if given == expected else 'wrong'})"
+    print(f"  final number: {given}{verdict}", flush=True)
 
     # 2. Logit lens over the answer: at each answer position, P(the token the model wrote next).
     positions = list(range(n_prompt - 1, tokens.shape[1] - 1))
     lens = next_token_lens(model, tokens, positions)
-    labels = [repr(t)[1:-1] for t in model.to_str_tokens(tokens[0, n_prompt : tokens.shape[1]])]
+    labels = [repr(t) for t in model.to_str_tokens(tokens[0, n_prompt : tokens.shape[1]])]
     rows = [f"{i}_pre" for i in range(model.cfg.n_layers)] + ["final_post"]
     prob = Result(lens["prob"], ("layer", "position"), {"layer": rows, "position": labels}, name="lens_next_token_prob")
     rank = Result(lens["rank"], ("layer", "position"), {"layer": rows, "position": labels}, name="lens_next_token_rank")
-    prob.plot(out / "lens_answer.png", title="logit lens over the answer: P(token written next)", cmap="viridis",
-              center=None, value_label="probability")
+    top_share = (lens["rank"] == 0).float().mean(dim=1)  # per layer: share of positions where the written token is top
+    forms = next((i for i in range(len(rows)) if float(top_share[i]) >= 0.5), len(rows) - 1)
+    prob.plot(out / "lens_answer.png", title="logit lens over the answer: P(the token written next)", cmap="viridis",
+              center=None, value_label="probability",
+              caption=f"Each column is a token the model wrote; each row reads the residual entering that layer through the "
+                      f"final norm and unembedding. From row {rows[forms]} on, at least half of the written tokens are "
+                      "already the top prediction.")
     prob.save(out), rank.save(out)
-    final_layer_agrees = bool((lens["rank"][-1] == 0).all())
-    print(f"logit lens: {len(positions)} answer positions × {len(rows)} layers -> {out / 'lens_answer.png'}"
-          f" (last layer ranks every written token first: {final_layer_agrees})", flush=True)
+    print(f"logit lens: {len(positions)} answer positions x {len(rows)} layers -> {out / 'lens_answer.png'}\n"
+          f"  the written token is the top prediction at >= half the positions from {rows[forms]} on", flush=True)
 
-    # 3. Activation patching: which (layer, position) of the residual carries the changed number?
-    pairs = same_length_pairs(model, generate_pairs(args.n_pairs, seed=args.seed), style="qa")
-    if not pairs:
-        print("no same-length clean/corrupted pair for this tokenizer; skipping patching", flush=True)
+    # 3. Patching inside the chain of thought: which (layer, position) carries the operand the
+    #    result is computed from?
+    summary: dict[str, Any] = {"model": args.model, "question": args.question, "completion": completion,
+                               "final_number": given, "expected": expected}
+    pair = calculation_pair(model, tokens, n_prompt)
+    if pair is None:
+        print("\nthe reasoning writes no calculation like '3 + 2 =': skipping the patching step", flush=True)
     else:
-        pair = pairs[0]
-        clean, corrupted = format_prompt(pair.clean, "qa"), format_prompt(pair.corrupted, "qa")
-        ct, kt = model.to_tokens(clean)[0], model.to_tokens(corrupted)[0]
-        first_diff = int((ct != kt).nonzero()[0, 0])
-        span = list(range(first_diff, ct.shape[0]))[: args.patch_positions]
-        if ct.shape[0] - 1 not in span:
-            span = span[:-1] + [ct.shape[0] - 1]
-        print(f"\npatching clean -> corrupted ({pair.clean.answer} vs {pair.corrupted.answer}); the numbers differ at "
-              f"position {first_diff}", flush=True)
-        t = time.perf_counter()
-        result = patch_layer_position(model, clean, corrupted, positions=span, progress=True)
-        secs = time.perf_counter() - t
-        result.save(out)
-        result.plot(out / "patching.png", title="KL(patched || corrupted) at the last position, resid_pre patched",
-                    cmap="Reds", center=None, value_label="KL")
-        best = divmod(int(result.values.argmax()), result.values.shape[1])
-        print(f"patching: {result.values.numel()} (layer, position) sites in {secs:.1f} s "
-              f"({result.values.numel() / secs:.1f} patched forwards/s) -> {out / 'patching.png'}\n"
-              f"  strongest site: layer {result.labels['layer'][best[0]]}, token {result.labels['position'][best[1]]!r}", flush=True)
+        with torch.no_grad():
+            clean_logits = model(pair["clean"], last_logits_only=True)[0, -1].float()
+            corrupt_logits = model(pair["corrupted"], last_logits_only=True)[0, -1].float()
+        clean_id, corrupt_id = int(clean_logits.argmax()), int(corrupt_logits.argmax())
+        clean_tok, corrupt_tok = model.to_str_tokens([clean_id, corrupt_id])
+        gap_clean = float(clean_logits[clean_id] - clean_logits[corrupt_id])
+        gap_corrupt = float(corrupt_logits[clean_id] - corrupt_logits[corrupt_id])
 
-    summary = {"model": args.model, "question": problem.question, "expected": problem.answer, "completion": completion,
-               "final_number": given, "correct": given == problem.answer, "answer_positions": positions,
-               "final_layer_ranks_written_tokens_first": final_layer_agrees}
+        def recovery(logits: torch.Tensor) -> torch.Tensor:
+            """The answer's logit difference, 0 at the corrupted run and 1 at the clean run."""
+            diff = logits[:, -1, clean_id].float() - logits[:, -1, corrupt_id].float()
+            return (diff - gap_corrupt) / (gap_clean - gap_corrupt)
+
+        print(f"\npatching: the reasoning writes {pair['calculation']!r} and continues {clean_tok!r}; with its "
+              f"{pair['old']!r} (position {pair['changed']}) changed to {pair['new']!r} it continues {corrupt_tok!r}", flush=True)
+        if clean_id == corrupt_id:
+            print("  the change does not change the prediction: nothing to patch", flush=True)
+        else:
+            t = time.perf_counter()
+            result = patch_layer_position(model, pair["clean"], pair["corrupted"], metric=recovery,
+                                          layers=range(0, model.cfg.n_layers, args.layer_step),
+                                          positions=f"from {pair['first']}", progress=False)
+            secs = time.perf_counter() - t
+            result.name = "patch_resid_pre_recovery"
+            where = result.labels["position"]
+            changed_label = pair["changed"] - pair["first"]  # the tick shows the clean token and its replacement
+            where[changed_label] = f"{pair['changed']} {pair['old']!r}->{pair['new']!r}"
+            result.save(out)
+            carrier = result.values.argmax(dim=1)  # per layer, the position that carries most
+            moved = next((i for i, p in enumerate(carrier.tolist()) if p != carrier[0]), None)
+            layer = result.labels["layer"]
+            story = (f"the changed digit's position carries it up to layer {layer[moved - 1]}; from layer {layer[moved]} on, "
+                     f"position {where[int(carrier[moved])]} does" if moved is not None else
+                     f"position {where[int(carrier[0])]} carries it at every layer")
+            result.plot(out / "patching.png", cmap="Reds", center=None, value_label="recovery of the clean answer",
+                        title=f"patching resid_pre clean -> corrupted: logit diff {clean_tok!r} - {corrupt_tok!r}, normalised",
+                        caption=f"Each cell patches one layer's residual at one position from the clean trace into the "
+                                f"corrupted one (0 = corrupted answer, 1 = clean answer): {story}.")
+            print(f"  {result.values.numel()} (layer, position) sites in {secs:.1f} s -> {out / 'patching.png'}\n"
+                  f"  {story}", flush=True)
+            summary.update(calculation=pair["calculation"], changed_position=pair["changed"], clean_next=clean_tok,
+                           corrupted_next=corrupt_tok, patching=story)
     (out / "demo.json").write_text(json.dumps(summary, indent=1))
-    print(f"\nwrote {out}/demo.json, lens_answer.png, lens_next_token_prob.json" + (", patching.png" if pairs else ""))
+    print(f"\nwrote {out}/demo.json, lens_answer.png" + (", patching.png" if "patching" in summary else ""))
     return 0
 
 
 def lens_cmd(args: argparse.Namespace) -> int:
-    from hookedcot.interp.lens import logit_lens
+    from hookedcot.interp.lens import run_logit_lens
 
     model = _load(args.model, args.dtype, args.device)
-    lens = logit_lens(model, args.prompt, targets=args.target or None, positions=_positions(args.positions), top_k=args.top_k)
+    lens = run_logit_lens(model, args.prompt, targets=args.target or None, positions=_positions(args.positions), top_k=args.top_k)
     lens.save(args.out)
     paths = lens.plot(args.out) if args.target else []
     last = lens.top_tokens[-1][-1]
@@ -139,15 +199,26 @@ def patch_cmd(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     for i, (clean, corrupted) in enumerate(pairs):
-        result = patch_layer_position(model, clean, corrupted, hook=args.hook, positions=args.positions or None)
+        result = patch_layer_position(model, clean, corrupted, hook=args.hook, positions=_positions(args.positions))
         result.save(out, f"pair{i}_{result.name}.json")
         result.plot(out / f"pair{i}_{result.name}.png", cmap="Reds", center=None, value_label="KL(patched || corrupted)")
         print(f"pair {i}: max KL {float(result.values.max()):.4f} -> {out}/pair{i}_{result.name}.png")
     return 0
 
 
-def _positions(spec: str | None) -> list[int] | None:
-    return None if not spec else [int(x) for x in spec.split(",")]
+def _positions(spec: str | None) -> Any:
+    """A position spec from the command line: 'all', 'last N', 'from N', 'A:B' (a slice) or '3,7,-1'."""
+    if not spec or spec == "all":
+        return None
+    if spec.split()[0] in ("last", "from"):
+        return spec
+    if ":" in spec:
+        start, stop = (int(x) if x else None for x in spec.split(":", 1))
+        return slice(start, stop)
+    try:
+        return [int(x) for x in spec.split(",")]
+    except ValueError:
+        raise SystemExit(f"--positions {spec!r}: use 'all', 'last N', 'from N', 'A:B' or comma-separated ints") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,19 +231,19 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default=None, help="cpu (default), cuda, ...")
         p.add_argument("--out", default=out, help="results folder")
 
-    d = sub.add_parser("demo", help="answer a word problem, logit-lens the answer, patch a clean/corrupted pair")
+    d = sub.add_parser("demo", help="reason through a word problem, logit-lens the answer, patch inside the reasoning")
     common(d, "hookedcot_out/demo")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--max-new-tokens", type=int, default=96)
-    d.add_argument("--n-pairs", type=int, default=12)
-    d.add_argument("--patch-positions", type=int, default=24, help="patch at most N positions from the changed number on")
+    d.add_argument("--question", default=DEMO_QUESTION)
+    d.add_argument("--expected", type=int, default=None, help="the right answer, to say whether the model got it")
+    d.add_argument("--max-new-tokens", type=int, default=48)
+    d.add_argument("--layer-step", type=int, default=1, help="patch every N-th layer (1: all)")
     d.set_defaults(fn=demo)
 
     lp = sub.add_parser("lens", help="logit lens of a prompt")
     common(lp, "hookedcot_out/lens")
     lp.add_argument("--prompt", required=True)
     lp.add_argument("--target", action="append", help="target token (repeatable), e.g. ' 84'")
-    lp.add_argument("--positions", help="comma-separated positions (default: all)")
+    lp.add_argument("--positions", help="'all' (default), 'last N', 'from N', 'A:B' or '3,7,-1'")
     lp.add_argument("--top-k", type=int, default=5)
     lp.set_defaults(fn=lens_cmd)
 
@@ -183,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--pairs", help="pairs JSON (see README)")
     pp.add_argument("--style", default="qa", choices=["qa", "plain", "chat"])
     pp.add_argument("--hook", default="resid_pre")
-    pp.add_argument("--positions", default=None, help="'all', 'last N'")
+    pp.add_argument("--positions", default=None, help="'all' (default), 'last N', 'from N', 'A:B' or '3,7,-1'")
     pp.set_defaults(fn=patch_cmd)
 
     args = parser.parse_args(argv)

@@ -7,14 +7,22 @@ import json
 from hookedcot.cli import main
 
 
-def test_demo_writes_its_results(tmp_path, capsys):
+def test_demo_answers_correctly_and_finds_where_the_operand_moves(tmp_path, capsys):
+    """The embedded model reasons "3 + 2 = 5"; changing its 3 to a 4 makes it continue "6", and
+    patching shows the digit's own position carrying it in early layers, the last position later."""
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--max-new-tokens", "6", "--patch-positions", "2", "--n-pairs", "4"]) == 0
+    assert main(["demo", "--out", str(out), "--max-new-tokens", "24", "--layer-step", "3"]) == 0
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["question"] and summary["completion"] and summary["final_layer_ranks_written_tokens_first"]
-    for name in ("lens_answer.png", "lens_next_token_prob.json", "patching.png", "patch_resid_pre_layer_position.json"):
+    assert summary["final_number"] == summary["expected"] == 5
+    assert summary["calculation"] == "3 + 2 =" and (summary["clean_next"], summary["corrupted_next"]) == ("5", "6")
+    assert "carries it up to layer" in summary["patching"]
+    recovery = json.loads((out / "patch_resid_pre_recovery.json").read_text())
+    values = recovery["values"]  # [layer, position]: 1 = the clean answer is back
+    changed = recovery["labels"]["position"].index("64 '3'->'4'")
+    assert values[0][changed] > 0.9 and values[-1][-1] > 0.9 and abs(values[0][-1]) < 0.1
+    for name in ("lens_answer.png", "lens_next_token_prob.json", "patching.png"):
         assert (out / name).stat().st_size > 100, name
-    assert "patched forwards/s" in capsys.readouterr().out
+    assert "final number: 5 (expected 5: correct)" in capsys.readouterr().out
 
 
 def test_lens_and_patch_commands(tmp_path):
