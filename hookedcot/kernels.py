@@ -80,9 +80,9 @@ class DecodeLinear(nn.Linear):
 
 @contextmanager
 def decode_kernels(model: nn.Module) -> Iterator[None]:
-    """Within: `model`'s Linear layers are DecodeLinear, and this thread's decode-step products
-    split over the CPU's threads. Nested and concurrent blocks on one model share one swap; the
-    last to leave swaps the layers back."""
+    """Within: `model`'s float32 CPU Linear layers are DecodeLinear, and this thread's decode-step
+    products split over the CPU's threads. Nested and concurrent blocks on one model share one
+    swap; the last to leave swaps the layers back."""
     _swap_in(model)
     token = _DECODING.set(True)
     try:
@@ -97,10 +97,20 @@ def _swap_in(model: nn.Module) -> None:
     with _LOCK:
         users, layers = _SWAPPED.get(id(model), (0, []))
         if users == 0:
-            layers = [(m, type(m)) for m in model.modules() if isinstance(m, nn.Linear) and type(m) is not DecodeLinear]
+            layers = [(m, type(m)) for m in model.modules() if _splittable(m)]
             for layer, _ in layers:
                 layer.__class__ = DecodeLinear
         _SWAPPED[id(model)] = (users + 1, layers)
+
+
+def _splittable(module: nn.Module) -> bool:
+    # a GPU or half-precision layer would only pay DecodeLinear's checks on every product
+    return (
+        isinstance(module, nn.Linear)
+        and type(module) is not DecodeLinear
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype == torch.float32
+    )
 
 
 def _swap_out(model: nn.Module) -> None:

@@ -223,7 +223,7 @@ class Transformer(nn.Module):
             resid = run(self.hook_embed, x if x.is_floating_point() else self.embed(x))
         else:
             resid = x
-        b, p, _ = resid.shape
+        p = resid.shape[1]
         mask = AttentionMask(attention_mask, past.length if past is not None else 0, p, resid.device)
         rope = rotary_tables(self.inv_freq, position_ids, resid.dtype)
         for block in self.blocks[start_at_layer:stop_at_layer]:

@@ -181,3 +181,10 @@ def test_another_threads_forward_during_generation_runs_f_linear(two_threads, sp
         layer(step)
     assert seen == [(0, True)]  # no split in the other thread
     assert split_calls == [1]  # only this thread's own product
+
+
+def test_layers_that_could_never_split_are_not_swapped():
+    layer = _layer().to(torch.bfloat16)
+    with decode_kernels(layer):
+        assert type(layer) is Linear  # a GPU or half-precision layer keeps plain F.linear, without the checks
+    assert kernels._SWAPPED == {}
