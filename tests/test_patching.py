@@ -500,3 +500,20 @@ def test_old_names_warn_with_the_new_name_and_give_the_same_result(model, pair):
         assert sweeps.COMPONENTS is sweeps.PATCH_COMPONENTS
     with pytest.raises(AttributeError):
         sweeps.NO_SUCH_NAME
+
+
+def test_parallel_and_iterative_patching_reuse_prepared_runs(model, pair):
+    clean, corrupted = pair
+    metric = _answer_logprob(model, clean)
+    runs = prepare_runs(model, clean, corrupted, [get_act_name("resid_post", 0)])
+    for layer in (0, 2):
+        assert patch_in_parallel(model, clean, corrupted, layer, [9, 11], metric, runs=runs) == \
+            patch_in_parallel(model, clean, corrupted, layer, [9, 11], metric)
+        reused = patch_iteratively(model, clean, corrupted, layer, [9, 11], metric, regenerate="greedy", runs=runs)
+        fresh = patch_iteratively(model, clean, corrupted, layer, [9, 11], metric, regenerate="greedy")
+        assert torch.equal(reused.final_logits, fresh.final_logits) and reused.produced_cosine == fresh.produced_cosine
+    with pytest.raises(ValueError, match="greedy"):
+        patch_iteratively(model, clean, None, 1, [9, 10], metric, regenerate="greedy",
+                          corrupted_embeds=model.W_E[corrupted].detach())
+    with pytest.raises(ValueError, match="regenerate must be"):
+        patch_iteratively(model, clean, corrupted, 1, [9, 10], metric, regenerate="sample")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from hookedcot.hook_names import get_act_name
-from hookedcot.interp.patching import Metrics, Site, forward_patched, logits_at, prepare_runs, run_sites
+from hookedcot.interp.patching import Metrics, PatchRuns, Site, forward_patched, logits_at, prepare_runs, run_sites
 from hookedcot.interp.positions import position_axis, resolve_positions
 from hookedcot.interp.renamed import renamed
 
@@ -43,11 +43,12 @@ def _values(values: Tensor | Mapping[str, Tensor]) -> float | dict[str, float]:
 @torch.no_grad()
 def patch_in_parallel(model: Any, clean: str | Tensor, corrupted: str | Tensor | None, layer: int, span: Any,
                       metric: Metrics, hook: str = "resid_post", metric_positions: Any = (-1,),
-                      corrupted_embeds: Tensor | None = None) -> float | dict[str, float]:
+                      corrupted_embeds: Tensor | None = None, runs: PatchRuns | None = None) -> float | dict[str, float]:
     """Patch every span position at `layer` at once; the metric of that run (a dict of them for
-    several metrics by name)."""
+    several metrics by name). `runs` (from `prepare_runs`) saves the clean and corrupted runs when
+    calling again for another layer or span."""
     name = get_act_name(hook, layer)
-    runs = prepare_runs(model, clean, corrupted, [name], corrupted_embeds=corrupted_embeds)
+    runs = _runs(model, clean, corrupted, name, corrupted_embeds, runs)
     site = Site(name, tuple(resolve_positions(span, runs.n_pos)))
     return _values(run_sites(runs, [site], metric, metric_positions, progress=False))
 
@@ -57,20 +58,21 @@ def patch_iteratively(
     model: Any, clean: str | Tensor, corrupted: str | Tensor | None, layer: int, span: Any, metric: Metrics,
     hook: str = "resid_post", metric_positions: Any = (-1,),
     regenerate: None | str | Callable[[Tensor], Tensor] = None, corrupted_embeds: Tensor | None = None,
+    runs: PatchRuns | None = None,
 ) -> IterativeResult:
     """Patch the span one position at a time (in increasing order), letting the model produce the
     next position from the run patched so far. `regenerate`: None (inputs fixed), "greedy" (the
     token after each patched position becomes the patched run's argmax), or fn(hidden [d_model])
     -> next input embedding [d_model] (continuous thought: the residual after the last block feeds
-    the next position; pass `corrupted_embeds` [1, p, d] then)."""
-    if callable(regenerate) and corrupted_embeds is None:
-        raise ValueError("a regenerate function produces input embeddings: pass corrupted_embeds [1, pos, d_model]")
+    the next position; pass `corrupted_embeds` [1, p, d] then). `runs` as for `patch_in_parallel`."""
     if not (regenerate is None or regenerate == "greedy" or callable(regenerate)):
         raise ValueError(f"regenerate must be None, 'greedy' or a function, got {regenerate!r}")
-    if regenerate == "greedy" and corrupted_embeds is not None:
-        raise ValueError("regenerate='greedy' re-decodes tokens; with corrupted_embeds pass a function hidden -> embedding")
+    if callable(regenerate) and corrupted_embeds is None and (runs is None or runs.corrupted_embeds is None):
+        raise ValueError("a regenerate function produces input embeddings: pass corrupted_embeds [1, pos, d_model]")
     name = get_act_name(hook, layer)
-    runs = prepare_runs(model, clean, corrupted, [name], corrupted_embeds=corrupted_embeds)
+    runs = _runs(model, clean, corrupted, name, corrupted_embeds, runs)
+    if regenerate == "greedy" and runs.corrupted_embeds is not None:
+        raise ValueError("regenerate='greedy' re-decodes tokens; with corrupted_embeds pass a function hidden -> embedding")
     span_pos = sorted(set(resolve_positions(span, runs.n_pos)))
     metric_pos = runs.metric_positions(metric_positions)
     metrics = dict(metric) if isinstance(metric, Mapping) else {"": metric}
@@ -105,6 +107,15 @@ def patch_iteratively(
     final_logits = logits_at(model, final, [p - p0 for p in metric_pos])
     values = {k: float(fn(final_logits)[0]) for k, fn in metrics.items()}
     return IterativeResult(values if isinstance(metric, Mapping) else values[""], cosines, final_logits)
+
+
+def _runs(model: Any, clean: Any, corrupted: Any, name: str, corrupted_embeds: Tensor | None,
+          runs: PatchRuns | None) -> PatchRuns:
+    if runs is None:
+        return prepare_runs(model, clean, corrupted, [name], corrupted_embeds=corrupted_embeds)
+    if runs.model is not model:
+        raise ValueError("runs were prepared with another model")
+    return runs.ensure([name])
 
 
 parallel_patch = renamed(patch_in_parallel, "parallel_patch")
