@@ -111,6 +111,7 @@ def changed_positions(model, tokens, name, pair):
 CLEAN_ACTS: dict[str, torch.Tensor] = {}
 
 
+@torch.no_grad()
 def patched_metric(model, clean, corrupted, name, positions, heads=None):
     """The oracle: the corrupted run with the clean activation written at `positions` (and `heads`)."""
     if name not in CLEAN_ACTS:
@@ -128,7 +129,7 @@ def patched_metric(model, clean, corrupted, name, positions, heads=None):
 
 
 def close(a, b):
-    torch.testing.assert_close(torch.as_tensor(a).float(), torch.as_tensor(b).float(), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.as_tensor(a).detach().float(), torch.as_tensor(b).float(), rtol=1e-4, atol=1e-4)
 
 
 def check_patch_layer_position(model, clean, corrupted, form):
