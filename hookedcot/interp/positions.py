@@ -12,7 +12,7 @@ cache, where a hook only sees the new positions (`hook.positions` says which the
 |---|---|
 | `None` / `"all"` | every position |
 | `7`, `-1` | that position; negative counts from the end of the sequence so far (`-1` = the newest) |
-| `[3, 4, 9]` / a LongTensor | those positions |
+| `[3, 4, 9]`, `range(3, 9)`, a LongTensor | those positions (`resolve_positions` keeps their order) |
 | `slice(10, 20)` | positions 10..19 (negative bounds count from the end, as in Python) |
 | `"from 37"` | position 37 and every later one (e.g. steer only the generated tokens) |
 | `"last 5"` | the last 5 positions of the sequence so far |
