@@ -517,3 +517,15 @@ def test_parallel_and_iterative_patching_reuse_prepared_runs(model, pair):
                           corrupted_embeds=model.W_E[corrupted].detach())
     with pytest.raises(ValueError, match="regenerate must be"):
         patch_iteratively(model, clean, corrupted, 1, [9, 10], metric, regenerate="sample")
+
+
+def test_a_span_or_site_selecting_no_position_is_an_error(model, pair):
+    clean, corrupted = pair
+    metric = _answer_logprob(model, clean)
+    for call in (lambda: patch_in_parallel(model, clean, corrupted, 1, "from 20", metric),
+                 lambda: patch_iteratively(model, clean, corrupted, 1, lambda p: p < 0, metric)):
+        with pytest.raises(ValueError, match="selects no position"):
+            call()
+    runs = prepare_runs(model, clean, corrupted, [get_act_name("resid_pre", 1)])
+    with pytest.raises(ValueError, match="selects no positions"):
+        run_sites(runs, [Site(get_act_name("resid_pre", 1), ())], metric, progress=False)

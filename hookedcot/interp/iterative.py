@@ -49,7 +49,7 @@ def patch_in_parallel(model: Any, clean: str | Tensor, corrupted: str | Tensor |
     calling again for another layer or span."""
     name = get_act_name(hook, layer)
     runs = _runs(model, clean, corrupted, name, corrupted_embeds, runs)
-    site = Site(name, tuple(resolve_positions(span, runs.n_pos)))
+    site = Site(name, tuple(_span(span, runs.n_pos)))
     return _values(run_sites(runs, [site], metric, metric_positions, progress=False))
 
 
@@ -73,7 +73,7 @@ def patch_iteratively(
     runs = _runs(model, clean, corrupted, name, corrupted_embeds, runs)
     if regenerate == "greedy" and runs.corrupted_embeds is not None:
         raise ValueError("regenerate='greedy' re-decodes tokens; with corrupted_embeds pass a function hidden -> embedding")
-    span_pos = sorted(set(resolve_positions(span, runs.n_pos)))
+    span_pos = sorted(set(_span(span, runs.n_pos)))
     metric_pos = runs.metric_positions(metric_positions)
     metrics = dict(metric) if isinstance(metric, Mapping) else {"": metric}
     ref = runs.clean_acts[name].movedim(position_axis(name), 1)  # [1, p, ...]
@@ -107,6 +107,13 @@ def patch_iteratively(
     final_logits = logits_at(model, final, [p - p0 for p in metric_pos])
     values = {k: float(fn(final_logits)[0]) for k, fn in metrics.items()}
     return IterativeResult(values if isinstance(metric, Mapping) else values[""], cosines, final_logits)
+
+
+def _span(span: Any, n_pos: int) -> list[int]:
+    positions = resolve_positions(span, n_pos)
+    if not positions:
+        raise ValueError(f"span {span!r} selects no position of the {n_pos}-token prompt")
+    return positions
 
 
 def _runs(model: Any, clean: Any, corrupted: Any, name: str, corrupted_embeds: Tensor | None,

@@ -334,6 +334,8 @@ def _checked_site(site: Site, n_pos: int) -> Site:
         raise ValueError(f"site {site.hook!r} has no head axis: heads live in hook_q/k/v/z/result/pattern/attn_scores")
     if site.positions is None:
         return site
+    if not site.positions:
+        raise ValueError(f"site {site.hook!r} selects no positions (positions=None patches them all)")
     if bad := [p for p in site.positions if not -n_pos <= p < n_pos]:
         raise ValueError(f"site {site.hook!r}: positions {bad} fall outside the {n_pos}-token prompt")
     return replace(site, positions=tuple(p % n_pos for p in site.positions))
