@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.common import ALL_PEERS, CACHE_DIR, DEFAULT_MODELS, Settings, fmt, machine_info, markdown_table, write_json
+from benchmarks.processes import close_all
 
 BENCHMARKS = ("forward", "generate", "patching_sweep", "loading", "roofline")
 
@@ -111,6 +112,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             traceback.print_exc()
             res = {"benchmark": name, "rows": [], "skipped": [], "notes": [], "budgets": [],
                    "error": f"{type(err).__name__}: {err}"}
+        finally:
+            close_all()
         res["wall_s"] = time.perf_counter() - t0
         results.append(res)
         for b in res["budgets"]:

@@ -1,15 +1,15 @@
 """What every benchmark shares: the run's settings, the checkpoints, the machine, the timer.
 
-Every figure the suite reports is a ratio measured in one process against a reference on the same
+Every figure the suite reports is a ratio measured in one run against a reference on the same
 weights and inputs, with repetitions of the tools interleaved (round-robin, rotating who goes
-first) so that a noisy machine slows every tool alike. Warm-up calls are excluded; the JSON keeps
+first) so that a noisy machine slows every tool alike; each tool runs in a process of its own
+(`benchmarks/processes.py`). Warm-up calls are excluded; the JSON keeps
 each tool's median, min and max; a ratio is the median of the per-round ratios.
 """
 
 from __future__ import annotations
 
 import datetime
-import gc
 import json
 import os
 import platform
@@ -159,15 +159,11 @@ def _save_random(name: str, folder: Path) -> None:
     model.save_pretrained(folder, safe_serialization=True)
 
 
-def weight_bytes(model: torch.nn.Module, dtype: torch.dtype) -> int:
-    """Bytes of the unique parameters (tied ones once) in `dtype`."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if p.data_ptr() in seen:
-            continue
-        seen.add(p.data_ptr())
-        total += p.numel() * torch.finfo(dtype).bits // 8
-    return total
+def checkpoint_shape(folder: Path) -> tuple[int, int]:
+    """(layers, vocabulary size) from a checkpoint folder's config.json: what a benchmark's parent
+    process needs to know about a model it never loads (the tools run in processes of their own)."""
+    config = json.loads((Path(folder) / "config.json").read_text())
+    return config["num_hidden_layers"], config["vocab_size"]
 
 
 def random_tokens(batch: int, pos: int, vocab: int, seed: int = 0) -> torch.Tensor:
@@ -218,6 +214,15 @@ def package_versions() -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- timing
+def hookedcot_allocator() -> bool:
+    """Turn on hookedcot's allocator option (freed memory stays in the process, see the README's
+    Performance section) for hookedcot's own figures. It is process-wide: call it only in a
+    process that times hookedcot alone, never where a peer is timed. True when in force."""
+    from hookedcot import retain_freed_memory
+
+    return retain_freed_memory()
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -261,12 +266,6 @@ def stats(samples: list[float]) -> dict[str, float]:
 def paired_ratio(num: list[float], den: list[float]) -> float:
     """Median over rounds of num[i] / den[i] (both measured in the same round)."""
     return statistics.median(a / b for a, b in zip(num, den))
-
-
-def free_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def budget_verdict(ratio: float | None, budget: float, higher_is_better: bool) -> str:

@@ -2,9 +2,10 @@
 residual, a cache of every resid_post, and a cache of everything?
 
 Groups of tools are timed together, interleaved: first hookedcot with transformers' sdpa model
-(the reference), then each peer with the same reference, one peer in memory at a time. Each case
-is reported as a ratio to the same tool's plain forward (× own plain) and to the reference's
-plain forward of the same round (× HF sdpa).
+(the reference), then each peer with the same reference, one peer in memory at a time. Every tool
+runs in a process of its own (`benchmarks.processes`), so no peer runs under hookedcot's allocator
+option. Each case is reported as a ratio to the same tool's plain forward (× own plain) and to the
+reference's plain forward of the same round (× HF sdpa).
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import torch
 
 from benchmarks.common import (
     log, short,
-    Settings, budget_verdict, is_smollm2, checkpoint_folder, free_memory, interleaved, paired_ratio,
+    Settings, budget_verdict, is_smollm2, checkpoint_folder, checkpoint_shape, interleaved, paired_ratio,
     random_tokens, result, stats,
 )
-from benchmarks.peers import LABELS, Unavailable, load_reference, load_tool
+from benchmarks.peers import LABELS, Unavailable
+from benchmarks.processes import close, start_reference, start_tool
 
 NAME = "forward"
 # (batch, pos) per size; the big random-shape models run the design's anchor shape only on CPU.
@@ -81,16 +83,16 @@ def run(settings: Settings) -> dict:
     rows, skipped, notes, budgets = [], [], [], []
     for model in settings.models_for():
         folder = checkpoint_folder(model, settings.cache_dir)
-        ours = load_tool("ours", folder, settings.dtype, settings.device)
-        vocab = ours.model.cfg.d_vocab
-        ref = load_reference(folder, settings, model, skipped)
+        vocab = checkpoint_shape(folder)[1]
+        ours = start_tool("ours", folder, settings)
+        ref = start_reference(folder, settings, model, skipped)
         peers = [p for p in settings.peers_for(model) if p != "hf_sdpa"]
         groups: list[tuple[str, dict]] = [("ours", {"ours": ours, **({"hf_sdpa": ref} if ref else {})})]
         groups += [(p, None) for p in peers]
         for group_name, tools in groups:
             if tools is None:
                 try:
-                    peer = load_tool(group_name, folder, settings.dtype, settings.device, ref=ref)
+                    peer = start_tool(group_name, folder, settings)
                 except Unavailable as why:
                     skipped.append({"model": short(model), "tool": group_name, "reason": str(why)})
                     continue
@@ -123,10 +125,8 @@ def run(settings: Settings) -> dict:
                         "max_abs_logit_diff_vs_hf": diffs.get(tool) if case == "plain" and tool != "hf_sdpa" else None,
                     })
             if group_name != "ours":
-                del tools[group_name]
-            free_memory()
-        del ours, ref, groups
-        free_memory()
+                tools.pop(group_name).close()
+        close(ours, ref)
     for row in rows:
         if row["tool"] == "ours" and row["case"] in BUDGETS:
             what, key, limit = BUDGETS[row["case"]]
@@ -135,7 +135,9 @@ def run(settings: Settings) -> dict:
     notes.append("× own plain: median over interleaved rounds of (case time / the same tool's plain forward); "
                  "× HF sdpa: the same against transformers' sdpa plain forward of that round. "
                  "HF 'cache_resid_post' is output_hidden_states=True; HF's no-op hooks are forward hooks on each "
-                 "decoder layer. Peers run in their own group with the reference, one at a time (memory).")
+                 "decoder layer. Peers run in their own group with the reference, one at a time (memory); every tool "
+                 "in a process of its own, hookedcot's with its allocator option (retain_freed_memory), the others "
+                 "as they run alone.")
     return result(NAME, rows, skipped, notes, budgets)
 
 

@@ -4,6 +4,7 @@ transformers' `generate` on the same prompt and the same number of new tokens (e
 
 The hook is a no-op on the middle layer's resid_post, active for the whole generation (every
 step). Tokens/s counts new tokens over the whole call (prefill included, for every tool alike).
+Every tool runs in a process of its own (`benchmarks.processes`).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import torch
 
 from benchmarks.common import (
     log, short,
-    Settings, budget_verdict, is_smollm2, checkpoint_folder, free_memory, interleaved, paired_ratio,
+    Settings, budget_verdict, is_smollm2, checkpoint_folder, checkpoint_shape, interleaved, paired_ratio,
     random_tokens, result, stats,
 )
-from benchmarks.peers import LABELS, Unavailable, load_reference, load_tool
+from benchmarks.peers import LABELS, Unavailable
+from benchmarks.processes import close, start_reference, start_tool
 
 NAME = "generate"
 PROMPT_LEN = {"full": 32, "quick": 32, "tiny": 4}
@@ -27,28 +29,31 @@ BUDGET = 1.5
 SKIP_BY_DEFAULT = {"llama3.2-1b-shape"}  # minutes per call on a 2-core CPU; name it in --models to run it
 
 
+def generated_tokens(tool, prompt: torch.Tensor, n_new: int) -> torch.Tensor:
+    """Run in the tool's process: its greedy tokens, for the same-tokens-as-HF check."""
+    return tool.generate(prompt, n_new, None)()
+
+
 def run(settings: Settings) -> dict:
     rows, skipped, notes, budgets = [], [], [], []
     for model in settings.models_for(set() if settings.gpu else SKIP_BY_DEFAULT):
         folder = checkpoint_folder(model, settings.cache_dir)
-        ours = load_tool("ours", folder, settings.dtype, settings.device)
-        cfg = ours.model.cfg
-        mid = cfg.n_layers // 2
+        n_layers, vocab = checkpoint_shape(folder)
+        ours = start_tool("ours", folder, settings)
+        mid = n_layers // 2
         n_new = (NEW_TOKENS if is_smollm2(model) else NEW_TOKENS_BIG)[settings.size]
         if settings.gpu and settings.size != "tiny":
             n_new = GPU_NEW_TOKENS
-        prompt = random_tokens(1, PROMPT_LEN[settings.size], cfg.d_vocab, seed=2).to(settings.device)
-        ref = load_reference(folder, settings, model, skipped)
-        with torch.inference_mode():
-            ours_tokens = ours.generate(prompt, n_new, None)()
-            same = None if ref is None else bool(torch.equal(ours_tokens.cpu(), ref.generate(prompt, n_new, None)().cpu()))
+        prompt = random_tokens(1, PROMPT_LEN[settings.size], vocab, seed=2).to(settings.device)
+        ref = start_reference(folder, settings, model, skipped)
+        ours_tokens = ours.run(generated_tokens, prompt, n_new)
+        same = None if ref is None else bool(torch.equal(ours_tokens, ref.run(generated_tokens, prompt, n_new)))
         groups = [("ours", {"ours": ours, **({"hf_sdpa": ref} if ref else {})})]
         groups += [(p, None) for p in settings.peers_for(model) if p not in ("hf_sdpa", "hf_eager")]
         for group_name, tools in groups:
             if tools is None:
                 try:
-                    tools = {group_name: load_tool(group_name, folder, settings.dtype, settings.device, ref=ref),
-                             **({"hf_sdpa": ref} if ref else {})}
+                    tools = {group_name: start_tool(group_name, folder, settings), **({"hf_sdpa": ref} if ref else {})}
                 except Unavailable as why:
                     skipped.append({"model": short(model), "tool": group_name, "reason": str(why)})
                     continue
@@ -81,15 +86,13 @@ def run(settings: Settings) -> dict:
                     "same_tokens_as_hf": same if tool == "ours" else None,
                 })
             if group_name != "ours":
-                tools.pop(group_name)
-                free_memory()
+                tools.pop(group_name).close()
         for row in rows:
             if row["model"] == short(model) and row["tool"] == "ours" and row["case"] == "hook":
                 budgets.append({"budget": "greedy decode with a hook ≥ 1.5 × HF generate tokens/s", "model": short(model),
                                 "shape": f"1×{prompt.shape[1]} + {n_new}", "ratio": row["x_hf_generate"],
                                 "limit": BUDGET, "verdict": budget_verdict(row["x_hf_generate"], BUDGET, True)})
-        del ours, ref, groups
-        free_memory()
+        close(ours, ref)
     notes.append("× HF generate: HF's (no hook) time over this tool's time, median over interleaved rounds "
                  "(> 1 is faster). × HF same case: against HF with the same hook (a forward hook on that layer). "
                  "same_tokens_as_hf: our greedy tokens equal transformers' for this prompt.")

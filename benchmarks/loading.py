@@ -3,22 +3,21 @@ memory (the child's own high-water RSS, VmHWM) as a ratio to the weight bytes in
 With `--device cuda` each tool loads onto the GPU, and the GPU's peak allocation
 (`torch.cuda.max_memory_allocated`, load and first forward) is reported beside the host RSS.
 
-The child imports the tool first, then records its resident memory (the interpreter, torch and
-the tool's own modules), then loads. `load_x_weights` = (peak RSS - RSS before loading) / weight
+The child imports torch, then the tool (each import timed), then records its resident memory (the
+interpreter, torch and the tool's own modules), then loads, and after the memory figures loads
+a second time: the load without any import cost. `load_x_weights` = (peak RSS - RSS before loading) / weight
 bytes: the memory the load itself costs. `peak_x_weights` = peak RSS / weight bytes, imports
 included. The checkpoint's files are read once beforehand, so every tool finds them in the page
-cache. Run a child by hand: `python -m benchmarks.loading --child ours FOLDER float32`.
+cache. A child is `benchmarks/load_child.py`; run one by hand: `python -m benchmarks.load_child ours FOLDER float32`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import resource
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from benchmarks.common import (
@@ -28,9 +27,10 @@ from benchmarks.common import (
 from benchmarks.peers import LABELS
 
 NAME = "loading"
-ROUNDS = {"full": 2, "quick": 1, "tiny": 1}  # the random-shape models: 1 round in full too
+ROUNDS = {"full": 3, "quick": 1, "tiny": 1}  # the random-shape models: 1 round in full too
 BUDGET = 1.05
 LABELS = {**LABELS, "hf_sdpa": "HF from_pretrained", "ours_gguf": "hookedcot (GGUF)", "hf_gguf": "HF (GGUF)"}
+SECONDS = ("torch_import_s", "import_s", "load_s", "load_again_s")  # what each child times (load_child.py)
 _ELEM = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}
 
 
@@ -58,82 +58,8 @@ def warm_page_cache(folder: Path) -> None:
                     pass
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
-def _peak_rss_bytes() -> int:
-    """This process's peak RSS. VmHWM, not ru_maxrss: on Linux, exec records the forked parent's
-    high-water mark into the child's ru_maxrss, so a child of a big benchmark process would
-    report the parent's size (seen: every tool at the parent's 2.8 GiB)."""
-    hwm = _status_bytes("VmHWM")
-    return hwm or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def _child(tool: str, source: str, dtype_name: str, threads: int, device: str = "cpu") -> dict:
-    """Runs in the fresh process: import, measure, load, measure."""
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
-    dtype = getattr(torch, dtype_name)
-    gpu = device.startswith("cuda")
-    if gpu:
-        torch.zeros(1, device=device)  # the CUDA context is not the load's cost
-    done = (lambda: torch.cuda.synchronize()) if gpu else (lambda: None)  # noqa: E731
-    t0 = time.perf_counter()
-    if tool in ("ours", "ours_gguf"):
-        from hookedcot import HookedCoT
-
-        load = lambda: HookedCoT.from_pretrained(source, dtype=dtype, device=device)  # noqa: E731
-    elif tool in ("hf_sdpa", "hf_gguf"):
-        from transformers import AutoModelForCausalLM
-
-        # device_map puts each tensor on the GPU as it is read: transformers' own lean path
-        to = {"device_map": device} if gpu else {}
-        if tool == "hf_gguf":
-            path = Path(source)
-            load = lambda: AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype, **to)  # noqa: E731
-        else:
-            load = lambda: AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **to)  # noqa: E731
-    else:
-        from benchmarks.peers import load_tool
-
-        load = lambda: load_tool(tool, Path(source), dtype, device)  # noqa: E731  (TL's path loads HF first)
-    import_s = time.perf_counter() - t0
-    before = _status_bytes("VmRSS")
-    t1 = time.perf_counter()
-    model = load()
-    done()
-    load_s = time.perf_counter() - t1
-    peak = _peak_rss_bytes()
-    gpu_peak = torch.cuda.max_memory_allocated() if gpu else None
-    # transformers maps safetensors files and reads pages when the forward first touches them: its
-    # load-time RSS is low and the cost moves to the first forward. Measure through one forward.
-    t2 = time.perf_counter()
-    with torch.inference_mode():
-        _first_forward(model, torch.tensor([[5, 6, 7, 8]], device=device))
-    done()
-    forward_s = time.perf_counter() - t2
-    return {"import_s": import_s, "load_s": load_s, "first_forward_s": forward_s, "rss_before_load": before,
-            "peak_rss": peak, "peak_rss_after_forward": _peak_rss_bytes(), "gpu_peak_after_load": gpu_peak,
-            "gpu_peak_after_forward": torch.cuda.max_memory_allocated() if gpu else None}
-
-
-def _first_forward(model, tokens):
-    if hasattr(model, "last_logits"):  # a benchmarks.peers Tool
-        return model.last_logits(tokens)
-    if hasattr(model, "hook_names"):  # HookedCoT
-        return model(tokens)
-    return model(input_ids=tokens, use_cache=False).logits
-
-
 def spawn(tool: str, source: Path, settings: Settings) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.loading", "--child", tool, str(source), settings.dtype_name,
+    cmd = [sys.executable, "-m", "benchmarks.load_child", tool, str(source), settings.dtype_name,
            str(settings.threads or 0), settings.device]
     env = {**os.environ, "TQDM_DISABLE": "1", "TRANSFORMERS_VERBOSITY": "error", "PYTHONWARNINGS": "ignore"}
     root = Path(__file__).resolve().parent.parent
@@ -186,8 +112,8 @@ def run(settings: Settings) -> dict:
             rows.append({
                 "model": short(model), "tool": tool, "label": LABELS[tool], "source": "GGUF" if "gguf" in tool else "safetensors",
                 "weight_MiB": weights / 2**20, "load_time_s": stats([x["load_s"] for x in ok]),
-                "load_s": stats([x["load_s"] for x in ok])["median"],
-                "import_s": stats([x["import_s"] for x in ok])["median"],
+                **{key: stats([x[key] for x in ok])["median"] for key in SECONDS},
+                "seconds": {key: stats([x[key] for x in ok]) for key in SECONDS},  # median, min, max, n
                 "load_and_forward_s": stats(ready)["median"],
                 "x_hf_time": paired_ratio(ready, ref) if len(ref) == len(ok) else None,
                 "rss_before_MiB": before / 2**20, "peak_rss_MiB": peak / 2**20,
@@ -211,22 +137,24 @@ def run(settings: Settings) -> dict:
                  "the files and reads the pages only when a forward touches them, so its load-time RSS is not the "
                  "memory the model costs); peak_x_weights = peak after loading, imports included. TL's load is "
                  "TransformerLens' real path: transformers loads the model, then TL converts its state dict. "
-                 "x HF time: (load + first forward) over transformers' (load + first forward), median over rounds."
+                 "x HF time: (load + first forward) over transformers' (load + first forward), median over rounds. "
+                 "Times, each child: torch_import_s = `import torch`; import_s = then importing the tool "
+                 "(`from hookedcot import HookedCoT`, `from transformers import AutoModelForCausalLM`; transformers "
+                 "imports its model classes lazily, so that part lands in load_s); load_s = the first load; "
+                 "load_again_s = a second load in the same child, every module imported: the load alone. "
+                 "hookedcot's child does not call retain_freed_memory: the load a user gets by default."
                  + (" gpu_peak_x_weights: torch.cuda.max_memory_allocated through load and first forward / weight "
                     "bytes; transformers loads with device_map (straight onto the GPU)." if settings.gpu else ""))
     return result(NAME, rows, skipped, notes, budgets)
 
 
-TABLE_COLUMNS = ["model", "label", "source", "weight_MiB", "load_s", "load_and_forward_s", "x_hf_time",
+TABLE_COLUMNS = ["model", "label", "source", "weight_MiB", "torch_import_s", "import_s", "load_s", "load_again_s",
+                 "load_and_forward_s", "x_hf_time",
                  "rss_before_MiB", "peak_rss_MiB", "load_x_weights", "with_forward_x_weights", "peak_x_weights",
                  "gpu_peak_x_weights"]
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 5 and sys.argv[1] == "--child":
-        print(json.dumps(_child(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]) if len(sys.argv) > 5 else 0,
-                                *sys.argv[6:7])))
-    else:
-        from benchmarks.__main__ import main
+    from benchmarks.__main__ import main
 
-        main(["--only", NAME, *sys.argv[1:]])
+    main(["--only", NAME, *sys.argv[1:]])

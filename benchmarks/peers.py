@@ -39,13 +39,27 @@ def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
 
-def _hf_patch_pre_hook(pos: int, value: Tensor):
+def _hf_patch_pre_hook(positions: list[int], values: Tensor):
+    """Row i of the batch gets `values[i]` at `positions[i]` in the decoder layer's input."""
     def pre_hook(module, args, kwargs):
         hidden = args[0].clone()
-        hidden[:, pos] = value
+        for row, (pos, value) in enumerate(zip(positions, values)):
+            hidden[row, pos] = value
         return (hidden, *args[1:]), kwargs
 
     return pre_hook
+
+
+def _hooked_patch(m: Any, tokens: Tensor, layer: int, positions: list[int], values: Tensor, **kwargs: Any) -> Tensor:
+    """A user's patched forward through run_with_hooks (hookedcot and TransformerLens alike): one
+    batch row per site, a hand-written hook writing row i's position. -> last-position logits [k, vocab]."""
+    def patch(x, hook):
+        for row, (pos, value) in enumerate(zip(positions, values)):
+            x[row, pos] = value
+        return x
+
+    batch = tokens.expand(len(positions), -1)
+    return m.run_with_hooks(batch, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", patch)], **kwargs)[:, -1]
 
 
 def _hooked_forward_cases(m: Any, n_layers: int, tokens: Tensor) -> dict[str, Fn]:
@@ -78,8 +92,9 @@ class Tool(ABC):
         """The residual entering each block, [1, p, d] per layer (the clean run of a patch)."""
         return "not implemented for this tool"
 
-    def patched_last_logits(self, tokens: Tensor, layer: int, pos: int, value: Tensor) -> Tensor | str:
-        """Last-position logits [vocab] with resid_pre of `layer` at `pos` replaced by `value` [d]."""
+    def patched_last_logits(self, tokens: Tensor, layer: int, positions: list[int], values: Tensor) -> Tensor | str:
+        """Last-position logits [k, vocab] of `tokens` [1, p] run as a batch of k = len(positions)
+        rows, row i with resid_pre of `layer` at `positions[i]` replaced by `values[i]` [d]."""
         return "not implemented for this tool"
 
     @abstractmethod
@@ -103,6 +118,14 @@ class Ours(Tool):
     def generate(self, tokens: Tensor, n_new: int, hook_layer: int | None) -> Fn:
         hooks = [] if hook_layer is None else [(f"blocks.{hook_layer}.hook_resid_post", _noop)]
         return lambda: self.model.generate(tokens, max_new_tokens=n_new, stop_at_eos=False, fwd_hooks=hooks)
+
+    def resid_pre(self, tokens: Tensor) -> list[Tensor]:
+        names = [f"blocks.{layer}.hook_resid_pre" for layer in range(self.n_layers)]
+        _, cache = self.model.run_with_cache(tokens, names_filter=names)
+        return [cache[n] for n in names]
+
+    def patched_last_logits(self, tokens: Tensor, layer: int, positions: list[int], values: Tensor) -> Tensor:
+        return _hooked_patch(self.model, tokens, layer, positions, values, last_logits_only=True)
 
     def last_logits(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)[0, -1]
@@ -160,10 +183,12 @@ class HF(Tool):
         hidden = self.model(input_ids=tokens, use_cache=False, output_hidden_states=True).hidden_states
         return list(hidden[: len(self.layers)])  # hidden_states[L] enters block L
 
-    def patched_last_logits(self, tokens: Tensor, layer: int, pos: int, value: Tensor) -> Tensor:
-        handle = self.layers[layer].register_forward_pre_hook(_hf_patch_pre_hook(pos, value), with_kwargs=True)
+    def patched_last_logits(self, tokens: Tensor, layer: int, positions: list[int], values: Tensor) -> Tensor:
+        hook = _hf_patch_pre_hook(positions, values)
+        handle = self.layers[layer].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            return self.model(input_ids=tokens, use_cache=False, logits_to_keep=1).logits[0, -1]
+            batch = tokens.expand(len(positions), -1)
+            return self.model(input_ids=batch, use_cache=False, logits_to_keep=1).logits[:, -1]
         finally:
             handle.remove()
 
@@ -197,14 +222,8 @@ class _TLStyle(Tool):
         _, cache = self.model.run_with_cache(tokens, names_filter=lambda n: n in names)
         return [cache[n] for n in names]
 
-    def patched_last_logits(self, tokens: Tensor, layer: int, pos: int, value: Tensor) -> Tensor:
-        def patch(x, hook):
-            x = x.clone()
-            x[:, pos] = value
-            return x
-
-        logits = self.model.run_with_hooks(tokens, fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", patch)])
-        return logits[0, -1]
+    def patched_last_logits(self, tokens: Tensor, layer: int, positions: list[int], values: Tensor) -> Tensor:
+        return _hooked_patch(self.model, tokens, layer, positions, values)
 
     def last_logits(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)[0, -1]
@@ -226,13 +245,13 @@ class TL(_TLStyle):
 
     name = "tl"
 
-    def __init__(self, folder: Path, dtype: torch.dtype, device: str, hf_model: Any = None, tokenizer: Any = None):
+    def __init__(self, folder: Path, dtype: torch.dtype, device: str, tokenizer: Any = None):
         try:
             import transformer_lens.loading_from_pretrained as loading
             from transformer_lens import HookedTransformer
         except ImportError as err:
             raise Unavailable(f"transformer_lens not importable: {err}") from err
-        hf = hf_model if hf_model is not None else _load_hf(folder, dtype, device, "eager")
+        hf = _load_hf(folder, dtype, device, "eager")
         with _plain_named_folder(folder) as link, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             cfg = loading.get_pretrained_model_config(
@@ -272,12 +291,12 @@ class NNsight(Tool):
 
     name = "nnsight"
 
-    def __init__(self, folder: Path, dtype: torch.dtype, device: str, hf_model: Any = None, tokenizer: Any = None):
+    def __init__(self, folder: Path, dtype: torch.dtype, device: str, tokenizer: Any = None):
         try:
             import nnsight
         except ImportError as err:
             raise Unavailable(f"nnsight not importable: {err}") from err
-        hf = hf_model if hf_model is not None else _load_hf(folder, dtype, device, "sdpa")
+        hf = _load_hf(folder, dtype, device, "sdpa")
         if tokenizer is None:
             tokenizer = _any_tokenizer(folder)
         cls = getattr(nnsight, "LanguageModel", None) or nnsight.TransformersModel
@@ -337,10 +356,12 @@ class NNsight(Tool):
                 acts.append(layer.input.save())
         return acts
 
-    def patched_last_logits(self, tokens: Tensor, layer: int, pos: int, value: Tensor) -> Tensor:
+    def patched_last_logits(self, tokens: Tensor, layer: int, positions: list[int], values: Tensor) -> Tensor | str:
+        if len(positions) != 1:
+            return "batched patching not written for nnsight here"
         with self.model.trace(tokens):
-            self.layers[layer].input[:, pos] = value
-            out = self.model.output.logits[0, -1].save()
+            self.layers[layer].input[:, positions[0]] = values[0]
+            out = self.model.output.logits[:, -1].save()
         return out
 
     def last_logits(self, tokens: Tensor) -> Tensor:
@@ -377,20 +398,20 @@ def _any_tokenizer(folder: Path) -> Any:
     return None
 
 
-def load_tool(name: str, folder: Path, dtype: torch.dtype, device: str, ref: HF | None = None) -> Tool:
-    """Load tool `name` on `folder`; `ref` (the hf_sdpa adapter) lends its model where a tool
-    wraps an HF model anyway (nnsight; TL's conversion source). Raises Unavailable with a reason."""
+def load_tool(name: str, folder: Path, dtype: torch.dtype, device: str) -> Tool:
+    """Load tool `name` on `folder` (TL and nnsight load their own transformers model). Raises
+    Unavailable with a reason. Call it in a process of the tool's own: `benchmarks.processes`."""
     try:
         if name == "ours":
             return Ours(folder, dtype, device)
         if name in ("hf_sdpa", "hf_eager"):
             return HF(folder, dtype, device, name.removeprefix("hf_"))
         if name == "tl":
-            return TL(folder, dtype, device, hf_model=ref.model if ref else None, tokenizer=_any_tokenizer(folder))
+            return TL(folder, dtype, device, tokenizer=_any_tokenizer(folder))
         if name == "bridge":
             return Bridge(folder, dtype, device, tokenizer=_any_tokenizer(folder))
         if name == "nnsight":
-            return NNsight(folder, dtype, device, hf_model=ref.model if ref else None)
+            return NNsight(folder, dtype, device)
     except Unavailable:
         raise
     except ImportError as err:
@@ -398,17 +419,3 @@ def load_tool(name: str, folder: Path, dtype: torch.dtype, device: str, ref: HF 
     except Exception as err:  # a peer that cannot load this checkpoint: say why, go on
         raise Unavailable(f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}") from err
     raise ValueError(f"unknown tool {name!r}")
-
-
-def load_reference(folder: Path, settings: Any, model: str, skipped: list[dict]) -> HF | None:
-    """The reference (transformers sdpa) for this model if the run wants it, else None; a reference
-    that cannot load is recorded in `skipped` with its reason."""
-    if not settings.wants("hf_sdpa"):
-        return None
-    try:
-        return load_tool("hf_sdpa", folder, settings.dtype, settings.device)
-    except Unavailable as why:
-        from benchmarks.common import short
-
-        skipped.append({"model": short(model), "tool": "hf_sdpa", "reason": str(why)})
-        return None

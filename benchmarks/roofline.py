@@ -4,7 +4,8 @@ Peak: `torch.matmul` of two large square matrices in the same dtype (2·N³ FLOP
 Forward FLOPs: 2 · (every matmul weight: q/k/v/o, gate/up/down, the unembedding) · tokens, plus
 attention: QKᵀ and PV over the causal triangle, 2 · b · layers · heads · d_head · p · (p + 1).
 Embedding lookups, norms, rotary and softmax are not counted (they are not FLOP-bound).
-Matmul and forward calls are interleaved; the fraction is the median over rounds.
+Matmul and forward calls are interleaved; the fraction is the median over rounds. The forwards run
+in the tools' own processes (`benchmarks.processes`), the matmul in the parent, one at a time.
 """
 
 from __future__ import annotations
@@ -13,9 +14,11 @@ import torch
 
 from benchmarks.common import (
     log, short,
-    Settings, budget_verdict, is_smollm2, checkpoint_folder, free_memory, interleaved, random_tokens, result, stats,
+    Settings, budget_verdict, is_smollm2, checkpoint_folder, checkpoint_shape, interleaved, random_tokens, result,
+    stats,
 )
-from benchmarks.peers import LABELS, load_reference, load_tool
+from benchmarks.peers import LABELS
+from benchmarks.processes import close, start_reference, start_tool
 
 NAME = "roofline"
 SHAPE = {"full": (8, 128), "quick": (2, 128), "tiny": (1, 8)}
@@ -28,7 +31,9 @@ BUDGET, AIM = 0.6, 0.85
 SKIP_BY_DEFAULT = {"llama3.2-1b-shape"}  # about a minute per 8×128 forward on 2 cores
 
 
-def forward_flops(model: torch.nn.Module, batch: int, pos: int) -> float:
+def forward_flops(tool, batch: int, pos: int) -> float:
+    """Run in hookedcot's process (`ToolProcess.run`)."""
+    model = tool.model
     cfg = model.cfg
     matmul_params = sum(
         mod.weight.numel() for name, mod in model.named_modules()
@@ -49,14 +54,13 @@ def run(settings: Settings) -> dict:
         models = [m for m in models if is_smollm2(m)] or models[:1]
     for model in models:
         folder = checkpoint_folder(model, settings.cache_dir)
-        ours = load_tool("ours", folder, settings.dtype, settings.device)
+        ours = start_tool("ours", folder, settings)
         batch, pos = (GPU_SHAPE if settings.gpu else SHAPE)[settings.size]
-        tokens = random_tokens(batch, pos, ours.model.cfg.d_vocab).to(settings.device)
-        flops = forward_flops(ours.model, batch, pos)
-        fns = {"matmul": lambda: torch.matmul(a, b_), "ours": lambda: ours.model(tokens)}
-        ref = load_reference(folder, settings, model, skipped)
-        if ref is not None:
-            fns["hf_sdpa"] = lambda: ref.model(input_ids=tokens, use_cache=False).logits
+        tokens = random_tokens(batch, pos, checkpoint_shape(folder)[1]).to(settings.device)
+        flops = ours.run(forward_flops, batch, pos)
+        ref = start_reference(folder, settings, model, skipped)
+        fns = {"matmul": lambda: torch.matmul(a, b_),
+               **{name: tool.forward_cases(tokens)["plain"] for name, tool in (("ours", ours), ("hf_sdpa", ref)) if tool}}
         log(f"roofline {short(model)} {batch}×{pos}")
         reps = GPU_REPS if settings.gpu and settings.size != "tiny" else REPS[settings.size]
         times = interleaved(fns, reps=reps, warmup=2 if settings.gpu else 1, device=settings.device)
@@ -74,8 +78,7 @@ def run(settings: Settings) -> dict:
                                 "shape": f"{batch}×{pos}", "ratio": fraction, "limit": BUDGET,
                                 "verdict": budget_verdict(fraction, BUDGET, True)})
         fns.clear()
-        del ours, ref
-        free_memory()
+        close(ours, ref)
     notes.append(f"Peak = torch.matmul of two {n}×{n} {settings.dtype_name} matrices, interleaved with the forwards; "
                  "fraction = median over rounds of (forward FLOP/s ÷ that round's matmul FLOP/s).")
     return result(NAME, rows, skipped, notes, budgets)

@@ -1,6 +1,8 @@
 """The benchmark suite runs end to end at its tiniest size, hookedcot alone (no peers), on a tiny
 random checkpoint: every question returns rows and budgets of the documented shape and the runner
-writes results.md and results.json. Structure only: no timing is asserted."""
+writes results.md and results.json; no model is built in the runner's own process (every tool runs
+in a process of its own, so no peer runs under hookedcot's allocator option). The span sweep's
+naive loop agrees with the sweep. Structure only: no timing is asserted."""
 
 from __future__ import annotations
 
@@ -14,21 +16,27 @@ ROW_KEYS = {
     "forward": {"model", "batch", "pos", "tool", "case", "time_s", "x_own_plain", "x_hf_plain"},
     "generate": {"model", "tool", "case", "new_tokens", "time_s", "tokens_per_s", "x_hf_generate"},
     "patching_sweep": {"model", "tool", "label", "sites", "grid_s", "sites_per_s", "sweep_speedup"},
-    "loading": {"model", "tool", "load_time_s", "peak_rss_MiB", "load_x_weights", "peak_x_weights"},
+    "loading": {"model", "tool", "load_time_s", "torch_import_s", "import_s", "load_s", "load_again_s", "peak_rss_MiB",
+                "load_x_weights", "peak_x_weights"},
     "roofline": {"model", "tool", "time_s", "gflops", "fraction_of_peak"},
 }
 
 
 @pytest.fixture(scope="module")
 def suite(tiny_checkpoints, tmp_path_factory):
+    from hookedcot import HookedCoT
+
     out = tmp_path_factory.mktemp("bench")
-    results = main(["--tiny", "--peers", "none", "--threads", "1", "--models", str(tiny_checkpoints["smollm2_like"]),
-                    "--out", str(out), "--cache-dir", str(out / "cache")])
-    return out, {r["benchmark"]: r for r in results}
+    built = []
+    with pytest.MonkeyPatch.context() as mp:  # the tools' own processes are spawned: this sees the runner only
+        mp.setattr(HookedCoT, "__init__", lambda self, *a, **k: built.append(1) or pytest.fail("model built"))
+        results = main(["--tiny", "--peers", "none", "--threads", "1", "--models", str(tiny_checkpoints["smollm2_like"]),
+                        "--out", str(out), "--cache-dir", str(out / "cache")])
+    return out, {r["benchmark"]: r for r in results}, built
 
 
 def test_runner_writes_table_and_json(suite):
-    out, results = suite
+    out, results, _ = suite
     assert set(results) == set(BENCHMARKS)
     table = (out / "results.md").read_text()
     for name in BENCHMARKS:
@@ -41,7 +49,7 @@ def test_runner_writes_table_and_json(suite):
 
 @pytest.mark.parametrize("name", BENCHMARKS)
 def test_benchmark_result_structure(suite, name):
-    _, results = suite
+    _, results, _ = suite
     res = results[name]
     assert "error" not in res, res.get("error")
     assert {"benchmark", "rows", "skipped", "notes", "budgets"} <= set(res)
@@ -57,6 +65,42 @@ def test_benchmark_result_structure(suite, name):
 
 
 def test_forward_covers_every_case(suite):
-    _, results = suite
+    _, results, _ = suite
     cases = {row["case"] for row in results["forward"]["rows"]}
     assert cases == {"plain", "noop_hook_every_layer", "cache_resid_post", "cache_all"}
+
+
+def test_no_model_is_built_in_the_runners_process(suite):
+    _, results, built = suite
+    assert not built
+    assert not any(r.get("error") for r in results.values())
+
+
+def test_patching_sweep_times_batch_1_and_batched_naive_loops_in_rounds(suite):
+    _, results, _ = suite
+    rows = results["patching_sweep"]["rows"]
+    labels = {row["label"] for row in rows if row["tool"] == "ours"}
+    assert {"hookedcot naive loop, batch 1", "hookedcot naive loop, batch 6"} <= labels
+    sweep = next(row for row in rows if "batched" in row["label"])
+    assert sweep["time_s"]["n"] >= 2
+    for row in rows:
+        if "naive" in row["label"]:
+            assert row["speedup"]["n"] == sweep["time_s"]["n"]
+            assert row["max_abs_diff_vs_sweep"] < 1e-4
+
+
+def test_sweep_span_naive_loop_matches_the_sweep_in_every_placement(tiny_checkpoints):
+    import torch
+
+    from benchmarks.sweep_span import measure
+    from hookedcot import HookedCoT
+
+    model = HookedCoT.from_pretrained(tiny_checkpoints["smollm2_like"])
+    with torch.inference_mode():
+        out = measure(model, n_pos=12, span=4, rounds=2, n_sample=3)
+    assert out["sites"] == model.cfg.n_layers * 4
+    assert out["changed_position"]["before"] < 12 - 4 <= out["changed_position"]["inside"]
+    assert all(diff < 1e-4 for diff in out["max_abs_diff_naive_vs_sweep"].values())
+    assert [label.split(":")[0] for label in out["speedup"]] == [
+        "headline", "variant inside", "variant full logits", "variant old method"]
+    assert all(s["n"] == 2 for s in out["speedup"].values())
