@@ -5,7 +5,7 @@ Each problem is "Q: {question}\\nA:" followed by its reference reasoning, teache
 "The answer is " — the last position predicts the answer's first digit.
 1. Causal tracing: Gaussian noise (σ in units of the embedding matrix's std) on the question's
    tokens, then each (layer, position) of the residual restored from the clean run alone
-   (`restoration_sweep`); normalized recovery of P(clean answer digit).
+   (`trace_restoration`); normalized recovery of P(clean answer digit).
 2. Logit lens over the reasoning and answer: P(correct answer digit) and P(the next token) per
    layer × position.
 3. Zero-ablation of one MLP (`--ablate-layer`, default 4/5 of the depth) over the reasoning and
@@ -32,7 +32,7 @@ import _common as C  # noqa: E402
 
 from hookedcot import get_act_name  # noqa: E402
 from hookedcot.interp import (  # noqa: E402
-    Result, gaussian_noise, logit_lens, neuron_trace, neuron_trace_generate, restoration_sweep, zero_ablation,
+    Result, ablate_zero, add_noise, run_logit_lens, trace_neurons, trace_neurons_generated, trace_restoration,
 )
 
 
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
     layers = C.layer_list(model, args.trace_layer_step)
     positions = trace_positions(seq.shape[1], cot_start, args.trace_span)
     with C.step(f"restoration sweep: {len(layers)} layers × {len(positions)} positions, σ = {args.sigma}"):
-        restore = restoration_sweep(model, seq, noised, sigma=args.sigma, layers=layers, positions=positions,
+        restore = trace_restoration(model, seq, noised, sigma=args.sigma, layers=layers, positions=positions,
                                     seed=args.seed, progress=False)
-    noise = gaussian_noise("hook_embed", args.sigma, noised, args.seed, True, model)
+    noise = add_noise("hook_embed", args.sigma, noised, args.seed, True, model)
     p_clean, p_noisy = (answer_logprob(model, seq, digit, h) for h in ((), [noise]))
     restore.plot(out / "restoration.png", title=f"noised {args.noise} (σ={args.sigma}), one site restored",
                  value_label=f"normalized recovery of P({digit_str!r})")
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     nxt = full[0, [p + 1 for p in lens_pos]].tolist()
     targets = sorted(set(nxt) | {digit})
     with C.step(f"logit lens: {n_layers + 1} rows × {len(lens_pos)} positions"):
-        lens = logit_lens(model, full, targets=targets, positions=lens_pos)
+        lens = run_logit_lens(model, full, targets=targets, positions=lens_pos)
     rows = lens.rows
     p_digit = Result(lens.prob.values[targets.index(digit)], ("layer", "position"),
                      {"layer": rows, "position": lens.position_labels}, name="lens_p_answer_digit")
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
     ablation = []
     with C.step(f"zero-ablating blocks.{ablate}.hook_mlp_out from the reasoning on, {len(problems)} problems"):
         for prob, (s, d, start, _, _) in problems:
-            hook = zero_ablation(get_act_name("mlp_out", ablate), positions=f"from {start}")
+            hook = ablate_zero(get_act_name("mlp_out", ablate), positions=f"from {start}")
             base, ablated = answer_logprob(model, s, d), answer_logprob(model, s, d, [hook])
             ablation.append({"answer": prob.answer, "logp": base, "logp_ablated": ablated, "delta": ablated - base})
     mean_delta = sum(a["delta"] for a in ablation) / len(ablation)
@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> dict:
     with C.step("neuron traces"):
         _, cache = model.run_with_cache(full, names_filter=get_act_name("post", ablate))
         neuron = args.neuron if args.neuron is not None else int(cache[get_act_name("post", ablate)][0].var(0).argmax())
-        trace = neuron_trace(model, full, ablate, neuron)
+        trace = trace_neurons(model, full, ablate, neuron)
         prompt = model.to_tokens(C.cot_text(problem)[0])
-        gen = neuron_trace_generate(model, prompt, ablate, neuron, max_new_tokens=args.max_new_tokens)
+        gen = trace_neurons_generated(model, prompt, ablate, neuron, max_new_tokens=args.max_new_tokens)
     trace.plot(out / "neuron_teacher_forced.png", title=f"L{ablate} N{neuron} on the teacher-forced reasoning", value_label="activation")
     gen.plot(out / "neuron_generation.png", title=f"L{ablate} N{neuron} on the prompt and during greedy generation "
              f"(from position {gen.meta['prompt_len']})", value_label="activation")

@@ -57,7 +57,8 @@ def patch_layers_all_metrics(model, inputs: C.PairInputs, layers: list[int], pos
     names = [get_act_name(hook, layer) for layer in layers]
     runs = prepare_runs(model, inputs.clean_tokens if source is None else source, inputs.corrupted_tokens, names)
     sites = [Site(name, tuple(positions)) for name in names]
-    return {k: run_sites(runs, sites, fn, progress=False) for k, fn in answer_metrics(runs).items() if k in metrics}
+    fns = {k: fn for k, fn in answer_metrics(runs).items() if k in metrics}
+    return run_sites(runs, sites, fns, progress=False)  # every metric from the same patched forwards
 
 
 @torch.no_grad()

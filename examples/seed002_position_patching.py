@@ -6,9 +6,9 @@ run at that one site — and the answer position is scored with the seed's four 
 corrupted run: KL(patched || corrupted), the L2 distance of the logits, whether the top-1
 prediction changed, and the answer logit difference logit[clean answer] − logit[corrupted answer]
 (> 0: towards the clean answer; with digit-wise tokenizers the first digit where the answers
-differ). The clean and corrupted runs are made once (`prepare_runs`) and shared by the four
-metric sweeps (`run_sites`). Heatmaps are averaged over pairs, positions aligned from the end of
-the span. Attribution patching (one backward pass) estimates the logit-difference sweep; its
+differ). The clean and corrupted runs are made once (`prepare_runs`), and one sweep scores all four
+metrics on the same patched forwards (`run_sites` with a dict of metrics). Heatmaps are averaged
+over pairs, positions aligned from the end of the span. Attribution patching (one backward pass) estimates the logit-difference sweep; its
 correlation with the exact sweep is reported, as is the sweep speed (patched forwards/s).
 
     python examples/seed002_position_patching.py                       # SmolLM2-135M, 3 pairs, CPU
@@ -29,8 +29,8 @@ import _common as C  # noqa: E402
 
 from hookedcot import get_act_name  # noqa: E402
 from hookedcot.interp import (  # noqa: E402
-    Result, Site, attribution_patch, kl_divergence, l2_distance, logit_difference, normalized_recovery, prepare_runs,
-    run_sites, top1_changed,
+    Result, Site, kl_divergence, l2_distance, logit_difference, normalized_recovery, patch_by_attribution,
+    prepare_runs, run_sites, top1_changed,
 )
 
 METRICS = ("kl", "l2", "top1_changed", "logit_diff")
@@ -65,14 +65,14 @@ def sweep_pair(model, inputs: C.PairInputs, layers: list[int], positions: list[i
     fns = metric_fns(runs, inputs)
     sites = [Site(name, (p,)) for name in names for p in positions]
     t = time.perf_counter()
-    values = {k: run_sites(runs, sites, fn, progress=False).view(len(layers), len(positions)) for k, fn in fns.items()}
+    values = {k: v.view(len(layers), len(positions)) for k, v in run_sites(runs, sites, fns, progress=False).items()}
     seconds = time.perf_counter() - t
     with torch.no_grad():  # PatchRuns.logits is not no_grad itself
         ld = {w: float(fns["logit_diff"](runs.logits(w, [-1]))[0]) for w in ("clean", "corrupted")}
     values["recovery"] = normalized_recovery(values["logit_diff"], ld["corrupted"], ld["clean"])
 
     t = time.perf_counter()
-    attr = attribution_patch(model, inputs.clean_tokens, inputs.corrupted_tokens, fns["logit_diff"], hook=hook,
+    attr = patch_by_attribution(model, inputs.clean_tokens, inputs.corrupted_tokens, fns["logit_diff"], hook=hook,
                              layers=layers, positions=positions).values
     attr_seconds = time.perf_counter() - t
     exact = (values["logit_diff"] - ld["corrupted"]).flatten()

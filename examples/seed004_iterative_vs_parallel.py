@@ -1,8 +1,8 @@
 """Seed 004 — iterative vs parallel patching of the chain-of-thought span.
 
 Per pair and layer, the clean activation (`resid_post`) at the reasoning span's positions is
-written into the corrupted run either all at once (`parallel_patch`) or one position at a time,
-letting the model produce each next position from the run patched so far (`iterative_patch`).
+written into the corrupted run either all at once (`patch_in_parallel`) or one position at a time,
+letting the model produce each next position from the run patched so far (`patch_iteratively`).
 With the inputs fixed the two must end in the same run — the seed's "identical" finding is an
 identity, checked here to machine precision. With `--regenerate greedy` the iterative patch also
 re-decodes each next CoT token from the patched run (the token-CoT analogue of a continuous
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from hookedcot.interp import Result, iterative_patch, kl_divergence, logit_difference, parallel_patch  # noqa: E402
+from hookedcot.interp import Result, kl_divergence, logit_difference, patch_in_parallel, patch_iteratively  # noqa: E402
 
 
 def parse(argv: list[str] | None):
@@ -55,14 +55,14 @@ def compare_pair(model, inputs: C.PairInputs, layers: list[int], positions: list
     for layer in layers:
         seen = []
 
-        def capture(logits):  # parallel_patch returns one float; keep its logits for both metrics
+        def capture(logits):  # patch_in_parallel returns one float; keep its logits for both metrics
             seen.append(logits)
             return kl_divergence(logits, base)[:, 0]
 
-        parallel_patch(model, clean, corrupted, layer, positions, capture, hook=args.hook)
+        patch_in_parallel(model, clean, corrupted, layer, positions, capture, hook=args.hook)
         row = {"layer": layer, "parallel": scores(seen[0], base, inputs)}
         for mode in modes:
-            it = iterative_patch(model, clean, corrupted, layer, positions, capture, hook=args.hook,
+            it = patch_iteratively(model, clean, corrupted, layer, positions, capture, hook=args.hook,
                                  regenerate=None if mode == "fixed" else "greedy")
             row[mode] = {**scores(it.final_logits, base, inputs), "cosine": it.produced_cosine,
                          "max_abs_logit_diff_vs_parallel": float((it.final_logits - seen[0]).abs().max())}
