@@ -32,7 +32,7 @@ import _common as C  # noqa: E402
 
 from hookedcot import get_act_name  # noqa: E402
 from hookedcot.interp import (  # noqa: E402
-    Result, ablate_zero, add_noise, run_logit_lens, trace_neurons, trace_neurons_generated, trace_restoration,
+    Result, ablate_zero, add_noise, run_logit_lens, trace_neurons, trace_neurons_while_generating, trace_restoration,
 )
 
 
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> dict:
         neuron = args.neuron if args.neuron is not None else int(cache[get_act_name("post", ablate)][0].var(0).argmax())
         trace = trace_neurons(model, full, ablate, neuron)
         prompt = model.to_tokens(C.cot_text(problem)[0])
-        gen = trace_neurons_generated(model, prompt, ablate, neuron, max_new_tokens=args.max_new_tokens)
+        gen = trace_neurons_while_generating(model, prompt, ablate, neuron, max_new_tokens=args.max_new_tokens)
     trace.plot(out / "neuron_teacher_forced.png", title=f"L{ablate} N{neuron} on the teacher-forced reasoning", value_label="activation")
     gen.plot(out / "neuron_generation.png", title=f"L{ablate} N{neuron} on the prompt and during greedy generation "
              f"(from position {gen.meta['prompt_len']})", value_label="activation")

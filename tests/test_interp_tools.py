@@ -20,7 +20,7 @@ from hookedcot.interp.ablation import (ablate_direction, ablate_heads, ablate_me
                                        ablate_zero, activation_mean)
 from hookedcot.interp.corruption import add_noise
 from hookedcot.interp.lens import run_logit_lens
-from hookedcot.interp.neurons import trace_neurons, trace_neurons_generated
+from hookedcot.interp.neurons import trace_neurons, trace_neurons_while_generating
 from hookedcot.interp.positions import Positions
 from hookedcot.interp.steering import add_vector, generate_steered, scale_direction
 from hookedcot.tokenizer import TokenizerError
@@ -341,7 +341,7 @@ def test_neuron_traces(model, tokens):
     assert r.labels["position"][3] == f"3 {chr(int(seq[0, 3]))!r}"
     both = trace_neurons(model, seq, 2, [11, 12])
     assert both.values.shape == (2, 10) and torch.equal(both.values[0], r.values)
-    g = trace_neurons_generated(model, seq, 2, 11, max_new_tokens=5, stop_at_eos=False)
+    g = trace_neurons_while_generating(model, seq, 2, 11, max_new_tokens=5, stop_at_eos=False)
     full = torch.tensor(g.meta["tokens"])
     assert g.values.shape == (10 + 5 - 1,) and g.meta["prompt_len"] == 10
     torch.testing.assert_close(g.values, trace_neurons(model, full[:-1], 2, 11).values, rtol=1e-4, atol=1e-5)
@@ -364,7 +364,7 @@ DEPRECATED = {  # old name -> (new name, how to call either and get something co
     "steer_generate": ("generate_steered", lambda f, m, t: f(m, "Q: 1+1?", add_vector("blocks.1.hook_resid_post", _V),
                                                              max_new_tokens=3, stop_at_eos=False)),
     "neuron_trace": ("trace_neurons", lambda f, m, t: f(m, t[:1], 1, [5, 6]).values),
-    "neuron_trace_generate": ("trace_neurons_generated",
+    "neuron_trace_generate": ("trace_neurons_while_generating",
                               lambda f, m, t: f(m, t[:1], 1, 5, max_new_tokens=3, stop_at_eos=False).values),
     "logit_lens": ("run_logit_lens", lambda f, m, t: f(m, t[:1], targets=5, positions="last 2").logit.values),
     "same_length_pairs": ("keep_same_length_pairs", lambda f, m, t: f(m, D.generate_pairs(4, seed=1))),

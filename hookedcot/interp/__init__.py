@@ -21,7 +21,7 @@ from hookedcot.interp.metrics import (
     answer_logit_difference, answer_logprob, cosine_similarity, kl_divergence, l2_distance, logit_difference,
     normalized_recovery, top1_changed,
 )
-from hookedcot.interp.neurons import neuron_trace, neuron_trace_generate, trace_neurons, trace_neurons_generated
+from hookedcot.interp.neurons import neuron_trace, neuron_trace_generate, trace_neurons, trace_neurons_while_generating
 from hookedcot.interp.patching import PatchRuns, Site, forward_patched, kl_metric, prepare_runs, run_sites
 from hookedcot.interp.sweeps import (
     PATCH_COMPONENTS, naive_patch_loop, patch_components, patch_heads, patch_layer_position, patch_layers,

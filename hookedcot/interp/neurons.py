@@ -1,7 +1,7 @@
 """Neuron traces: one MLP neuron's activation at every position, labelled by token.
 
     r = trace_neurons(model, text, layer=24, neuron=609)           # Result [position]
-    r = trace_neurons_generated(model, prompt, 24, 609, max_new_tokens=200)
+    r = trace_neurons_while_generating(model, prompt, 24, 609, max_new_tokens=200)
     r.plot("neuron_24_609.png"); r.to_pandas()
 
 A neuron is `blocks.{layer}.mlp.hook_post[..., neuron]` — act(gate) · up, the input of down_proj
@@ -60,7 +60,7 @@ def trace_neurons(model: Any, input: str | Tensor, layer: int, neuron: int | Seq
 
 
 @torch.no_grad()
-def trace_neurons_generated(model: Any, prompt: str | Tensor, layer: int, neuron: int | Sequence[int],
+def trace_neurons_while_generating(model: Any, prompt: str | Tensor, layer: int, neuron: int | Sequence[int],
                           max_new_tokens: int = 64, hook: str = "post", **gen_kwargs: Any) -> Result:
     """Generate from `prompt` (one sequence) and record the neuron on the prompt and on each new
     token as it is fed back, with the KV cache. Labels are the prompt and generated tokens; the
@@ -74,7 +74,7 @@ def trace_neurons_generated(model: Any, prompt: str | Tensor, layer: int, neuron
 
     def record(x: Tensor, h: Any) -> None:
         if x.shape[0] != 1:
-            raise ValueError("trace_neurons_generated takes one prompt")
+            raise ValueError("trace_neurons_while_generating takes one prompt")
         seen.append(x[0, :, neurons].float().cpu())
         seen_pos.extend(h.positions.tolist())
 
@@ -84,10 +84,10 @@ def trace_neurons_generated(model: Any, prompt: str | Tensor, layer: int, neuron
     ids = out[0].tolist()
     n = len(seen_pos)
     if seen_pos != list(range(n)):
-        raise RuntimeError(f"trace_neurons_generated: the hook saw positions {seen_pos[:8]}..., not 0..{n - 1} in order")
+        raise RuntimeError(f"trace_neurons_while_generating: the hook saw positions {seen_pos[:8]}..., not 0..{n - 1} in order")
     meta = {"prompt_len": tokens.shape[1], "tokens": ids, "generated": token_labels(model, ids, range(n, len(ids)))}
     return _result(seen, neurons, isinstance(neuron, int), token_labels(model, ids[:n]), layer, name, meta)
 
 
 neuron_trace = renamed(trace_neurons, "neuron_trace")
-neuron_trace_generate = renamed(trace_neurons_generated, "neuron_trace_generate")
+neuron_trace_generate = renamed(trace_neurons_while_generating, "neuron_trace_generate")
