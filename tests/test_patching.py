@@ -170,7 +170,7 @@ def test_restoration_sweep_identities(model, pair):
     clean, _ = pair
     no_noise = trace_restoration(model, clean, [0, 1, 2], sigma=0.0, progress=False,
                                  metric=lambda lg: lg[:, -1].float().softmax(-1).amax(-1))
-    top = model(clean)[0, -1].float().softmax(-1).max()
+    top = model(clean)[0, -1].detach().float().softmax(-1).max()
     torch.testing.assert_close(no_noise.values, torch.full_like(no_noise.values, float(top)), rtol=1e-5, atol=1e-6)
     noisy = trace_restoration(model, clean, [0, 1, 2], sigma=3.0, progress=False)
     # Restoring every noised position at layer 0 is not one site, but restoring a clean position

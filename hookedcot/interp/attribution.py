@@ -16,7 +16,7 @@ from torch import Tensor
 from hookedcot.hook_names import get_act_name
 from hookedcot.interp.labels import token_labels
 from hookedcot.interp.patching import as_tokens, logits_at
-from hookedcot.interp.positions import resolve_positions
+from hookedcot.interp.positions import position_axis, resolve_positions
 from hookedcot.interp.renamed import renamed
 from hookedcot.interp.results import Result
 
@@ -56,7 +56,7 @@ def patch_by_attribution(
     rows = []
     for name, grad in zip(names, grads):
         delta = (clean_cache[name] - cache[name].detach()).float()
-        est = (delta * grad.float()).flatten(2).sum(-1)[0]  # [pos]
+        est = (delta * grad.float()).movedim(position_axis(name), 1).flatten(2).sum(-1)[0]  # [pos]
         rows.append(est[pos])
     return Result(
         torch.stack(rows), ("layer", "position"),
