@@ -11,6 +11,9 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH=/tmp/site
 fi
+# hookedcot itself installed (editable): conversions/ is importable only as hookedcot.conversions
+python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . \
+    || { echo "could not install hookedcot (pip install -e . needs setuptools>=68)"; exit 1; }
 [ -d .whl/smollm2-tokenizer ] && export HOOKEDCOT_BENCH_TOKENIZER=$PWD/.whl/smollm2-tokenizer
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false TRANSFORMERS_VERBOSITY=error TQDM_DISABLE=1
 export HOOKEDCOT_BENCH_CACHE=${HOOKEDCOT_BENCH_CACHE:-/tmp/hookedcot-bench}

@@ -258,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     pp.set_defaults(fn=patch_cmd)
 
     args = parser.parse_args(argv)
+    from hookedcot import retain_freed_memory
+
+    retain_freed_memory()  # a command-line run owns its process: repeated caches reuse freed memory
     return args.fn(args)
 
 
