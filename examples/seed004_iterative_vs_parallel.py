@@ -27,7 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-from hookedcot.interp import Result, kl_divergence, logit_difference, patch_in_parallel, patch_iteratively  # noqa: E402
+from hookedcot import get_act_name  # noqa: E402
+from hookedcot.interp import (  # noqa: E402
+    Result, kl_divergence, logit_difference, patch_in_parallel, patch_iteratively, prepare_runs,
+)
 
 
 def parse(argv: list[str] | None):
@@ -49,7 +52,9 @@ def scores(logits: torch.Tensor, base: torch.Tensor, inputs: C.PairInputs) -> di
 @torch.no_grad()
 def compare_pair(model, inputs: C.PairInputs, layers: list[int], positions: list[int], args) -> dict:
     clean, corrupted = inputs.clean_tokens, inputs.corrupted_tokens
-    base = model(corrupted)[:, -1:]
+    # one clean and one corrupted run for every layer and both strategies; baselines computed as patched rows are
+    runs = prepare_runs(model, clean, corrupted, [get_act_name(args.hook, layer) for layer in layers])
+    base = runs.logits("corrupted", [-1])
     modes = ["fixed"] + (["greedy"] if args.regenerate == "greedy" else [])
     rows = []
     for layer in layers:
@@ -59,17 +64,17 @@ def compare_pair(model, inputs: C.PairInputs, layers: list[int], positions: list
             seen.append(logits)
             return kl_divergence(logits, base)[:, 0]
 
-        patch_in_parallel(model, clean, corrupted, layer, positions, capture, hook=args.hook)
+        patch_in_parallel(model, clean, corrupted, layer, positions, capture, hook=args.hook, runs=runs)
         row = {"layer": layer, "parallel": scores(seen[0], base, inputs)}
         for mode in modes:
             it = patch_iteratively(model, clean, corrupted, layer, positions, capture, hook=args.hook,
-                                 regenerate=None if mode == "fixed" else "greedy")
+                                 regenerate=None if mode == "fixed" else "greedy", runs=runs)
             row[mode] = {**scores(it.final_logits, base, inputs), "cosine": it.produced_cosine,
                          "max_abs_logit_diff_vs_parallel": float((it.final_logits - seen[0]).abs().max())}
         rows.append(row)
         print(f"  layer {layer:>2}: KL parallel {row['parallel']['kl']:.4g}, "
               + ", ".join(f"iterative/{m} {row[m]['kl']:.4g}" for m in modes), flush=True)
-    clean_logits = model(clean)[:, -1:]
+    clean_logits = runs.logits("clean", [-1])
     return {"layers": rows, "modes": modes, "clean": scores(clean_logits, base, inputs),
             "corrupted": scores(base, base, inputs)}
 

@@ -41,7 +41,7 @@ from hookedcot.interp.positions import PositionSpec, resolve_positions
 from hookedcot.interp.results import Result
 
 Target = Union[int, str]
-# What a lens row can read. Not sweeps.COMPONENTS (hooks a patch writes): "resid" here means the
+# What a lens row can read. Not sweeps.PATCH_COMPONENTS (hooks a patch writes): "resid" here means the
 # residual entering each block plus the final one, read through the final norm.
 LENS_SOURCES = ("resid", "attn_out", "mlp_out")
 
