@@ -38,6 +38,7 @@ from hookedcot.hook_names import get_act_name
 from hookedcot.tokenizer import TokenizerError
 from hookedcot.interp.labels import token_labels
 from hookedcot.interp.positions import PositionSpec, resolve_positions
+from hookedcot.interp.renamed import renamed_constants
 from hookedcot.interp.results import Result
 
 Target = Union[int, str]
@@ -237,10 +238,4 @@ def logit_lens(*args: Any, components: str | Sequence[str] | None = None, **kwar
     return run_logit_lens(*args, **kwargs)
 
 
-def __getattr__(name: str) -> Any:
-    """`lens.COMPONENTS`, the old name of LENS_SOURCES, for one release."""
-    if name == "COMPONENTS":
-        warnings.warn("hookedcot.interp.lens.COMPONENTS is deprecated and will be removed in the next release; use "
-                      "hookedcot.interp.lens.LENS_SOURCES", DeprecationWarning, stacklevel=2)
-        return LENS_SOURCES
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed_constants(__name__, {"COMPONENTS": ("LENS_SOURCES", LENS_SOURCES)})

@@ -6,7 +6,6 @@ in `patching.py`; the naive loop shares no code with it.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -17,7 +16,7 @@ from hookedcot.hook_names import get_act_name
 from hookedcot.interp.labels import token_labels
 from hookedcot.interp.patching import Metrics, PatchRuns, Site, as_tokens, kl_metric, prepare_runs, run_sites
 from hookedcot.interp.positions import Selection, head_axis, resolve_positions
-from hookedcot.interp.renamed import renamed
+from hookedcot.interp.renamed import renamed, renamed_constants
 from hookedcot.interp.results import Result
 
 
@@ -168,10 +167,4 @@ def _write(site: Site, clean: Tensor):
 naive_patch_loop = renamed(patch_naively, "naive_patch_loop")
 
 
-def __getattr__(name: str) -> Any:
-    """`COMPONENTS`, the old name of `PATCH_COMPONENTS`, for one release."""
-    if name == "COMPONENTS":
-        warnings.warn("hookedcot.interp.sweeps.COMPONENTS is deprecated and will be removed in the next release; use "
-                      "hookedcot.interp.sweeps.PATCH_COMPONENTS", DeprecationWarning, stacklevel=2)
-        return PATCH_COMPONENTS
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = renamed_constants(__name__, {"COMPONENTS": ("PATCH_COMPONENTS", PATCH_COMPONENTS)})
