@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hookedcot.model import Linear
+
 GEMV_MAX_ROWS = 4  # products of more rows (a prompt) are matrix products F.linear already spreads
 GEMV_MIN_WEIGHT = 1 << 17  # elements: below it the split's own ops cost more than it saves
 GEMV_SPLITS = (8, 4, 2)  # row blocks tried, most first; at most 2 per thread
@@ -98,16 +100,21 @@ def _swap_in(model: nn.Module) -> None:
         users, layers = _SWAPPED.get(id(model), (0, []))
         if users == 0:
             layers = [(m, type(m)) for m in model.modules() if _splittable(m)]
-            for layer, _ in layers:
-                layer.__class__ = DecodeLinear
+            try:
+                for layer, _ in layers:
+                    layer.__class__ = DecodeLinear
+            except BaseException:  # nothing half-swapped stays behind
+                for layer, cls in layers:
+                    layer.__class__ = cls
+                raise
         _SWAPPED[id(model)] = (users + 1, layers)
 
 
 def _splittable(module: nn.Module) -> bool:
-    # a GPU or half-precision layer would only pay DecodeLinear's checks on every product
+    # Exactly the plain layers, whose forward is F.linear: a user's subclass or a parametrized
+    # layer computes something else. A GPU or half-precision layer would only pay the checks.
     return (
-        isinstance(module, nn.Linear)
-        and type(module) is not DecodeLinear
+        type(module) in (Linear, nn.Linear)
         and module.weight.device.type == "cpu"
         and module.weight.dtype == torch.float32
     )

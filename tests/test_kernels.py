@@ -188,3 +188,44 @@ def test_layers_that_could_never_split_are_not_swapped():
     with decode_kernels(layer):
         assert type(layer) is Linear  # a GPU or half-precision layer keeps plain F.linear, without the checks
     assert kernels._SWAPPED == {}
+
+
+def test_user_subclasses_and_parametrized_layers_keep_their_own_forward(two_threads):
+    """Only plain Linear layers (forward = F.linear) are swapped: a parametrized weight or a
+    subclass with its own forward computes something else and must keep doing so."""
+
+    class Doubled(torch.nn.Linear):
+        def forward(self, x):
+            return 2 * F.linear(x, self.weight, self.bias)
+
+    class Same(torch.nn.Module):
+        def forward(self, w):
+            return w
+
+    model = random_model(CFG)
+    tokens = torch.randint(0, CFG.d_vocab, (1, 6), generator=torch.Generator().manual_seed(0))
+    plain = model.generate(tokens, max_new_tokens=3, stop_at_eos=False)
+    torch.nn.utils.parametrize.register_parametrization(model.blocks[0].mlp.up_proj, "weight", Same())
+    assert torch.equal(model.generate(tokens, max_new_tokens=3, stop_at_eos=False), plain)
+    doubled = Doubled(64, GEMV_MIN_WEIGHT // 64)
+    step = torch.randn(1, 1, 64)
+    with torch.inference_mode(), decode_kernels(doubled):
+        assert type(doubled) is Doubled
+        assert torch.equal(doubled(step), 2 * F.linear(step, doubled.weight, doubled.bias))
+
+
+def test_a_swap_that_fails_part_way_leaves_every_layer_as_it_was(two_threads, monkeypatch):
+    class Stubborn(Linear):
+        def __setattr__(self, name, value):
+            if name == "__class__":
+                raise TypeError("this layer's class cannot change")
+            super().__setattr__(name, value)
+
+    model = torch.nn.Sequential(_layer(), _layer(), Stubborn(64, GEMV_MIN_WEIGHT // 64))
+    real = kernels._splittable
+    monkeypatch.setattr(kernels, "_splittable", lambda m: real(m) or m is model[2])
+    with pytest.raises(TypeError, match="cannot change"):
+        with decode_kernels(model):
+            pass
+    assert [type(m).__name__ for m in model] == ["Linear", "Linear", "Stubborn"]
+    assert kernels._SWAPPED == {}
