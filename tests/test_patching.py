@@ -517,6 +517,26 @@ def test_parallel_and_iterative_patching_reuse_prepared_runs(model, pair):
                           corrupted_embeds=model.W_E[corrupted].detach())
     with pytest.raises(ValueError, match="regenerate must be"):
         patch_iteratively(model, clean, corrupted, 1, [9, 10], metric, regenerate="sample")
+    # runs= holds the two runs: other inputs beside it are refused, not silently ignored
+    assert patch_in_parallel(model, None, None, 1, [9, 11], metric, runs=runs) == \
+        patch_in_parallel(model, clean, corrupted, 1, [9, 11], metric)
+    with pytest.raises(ValueError, match="runs= already holds"):
+        patch_in_parallel(model, corrupted, corrupted, 1, [9, 11], metric, runs=runs)
+    with pytest.raises(ValueError, match="runs= already holds"):
+        patch_in_parallel(model, clean, None, 1, [9, 11], metric, corrupted_embeds=model.W_E[corrupted].detach(), runs=runs)
+    with pytest.raises(ValueError, match="produces input embeddings"):
+        patch_iteratively(model, None, None, 1, [9, 11], metric, regenerate=lambda h: h, runs=runs)
+
+
+def test_runs_record_later_hooks_under_their_source_hooks(model, pair):
+    """A clean activation recorded later (`ensure`, e.g. another layer through runs=) sees the same
+    source hooks as the ones recorded up front."""
+    clean, corrupted = pair
+    shift = ("blocks.0.hook_resid_post", lambda x, hook: x + 1.0)
+    names = [get_act_name("resid_post", 1), get_act_name("resid_post", 2)]
+    late = prepare_runs(model, clean, corrupted, names[:1], source_hooks=[shift]).ensure(names[1:])
+    upfront = prepare_runs(model, clean, corrupted, names, source_hooks=[shift])
+    assert torch.equal(late.clean_acts[names[1]], upfront.clean_acts[names[1]])
 
 
 def test_a_span_or_site_selecting_no_position_is_an_error(model, pair):

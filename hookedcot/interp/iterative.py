@@ -122,7 +122,18 @@ def _runs(model: Any, clean: Any, corrupted: Any, name: str, corrupted_embeds: T
         return prepare_runs(model, clean, corrupted, [name], corrupted_embeds=corrupted_embeds)
     if runs.model is not model:
         raise ValueError("runs were prepared with another model")
+    given = [("clean", clean, runs.clean_tokens), ("corrupted", corrupted, runs.corrupted_tokens)]
+    if corrupted_embeds is not None or any(x is not None and not _same_tokens(model, x, ref) for _, x, ref in given):
+        raise ValueError("runs= already holds the clean and corrupted runs: pass clean=None, corrupted=None (or the "
+                         "same inputs) and no corrupted_embeds, or leave out runs= to prepare these inputs")
     return runs.ensure([name])
+
+
+def _same_tokens(model: Any, x: Any, ref: Tensor | None) -> bool:
+    if ref is None:
+        return False
+    tokens = model.to_tokens(x) if isinstance(x, str) else x
+    return isinstance(tokens, Tensor) and tokens.reshape(1, -1).shape == ref.shape and torch.equal(tokens.reshape(1, -1).to(ref.device), ref)
 
 
 parallel_patch = renamed(patch_in_parallel, "parallel_patch")

@@ -63,6 +63,7 @@ class PatchRuns:
     # patching there changes nothing: 0 when unknown.
     shared_prefix: int = 0
     corrupted_embeds: Tensor | None = None  # [1, p, d] input embeddings of the corrupted run, if given so
+    source_hooks: list = field(default_factory=list)  # shape the clean run, also when `ensure` records more of it
 
     @property
     def n_pos(self) -> int:
@@ -78,7 +79,8 @@ class PatchRuns:
         missing = [n for n in names if n not in self.clean_acts]
         if missing:
             with torch.no_grad():
-                _, cache = self.model.run_with_cache(self.clean_tokens, names_filter=missing, stop_at_layer=self.model.cfg.n_layers)
+                _, cache = self.model.run_with_cache(self.clean_tokens, names_filter=missing, fwd_hooks=list(self.source_hooks),
+                                                     stop_at_layer=self.model.cfg.n_layers)
             self.clean_acts.update(cache.items())
         return self
 
@@ -149,7 +151,7 @@ def prepare_runs(
         {layer: corrupt_cache["resid_pre", layer] for layer in range(n)},
         kv, clean_final, corrupt_final, list(target_hooks),
         shared_prefix=_shared_prefix(clean_t, corrupt_t) if plain_runs else 0,
-        corrupted_embeds=corrupted_embeds,
+        corrupted_embeds=corrupted_embeds, source_hooks=list(source_hooks),
     )
 
 
