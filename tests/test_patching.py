@@ -12,7 +12,7 @@ from model_factory import random_model
 from hookedcot import HookedCoT, ModelConfig, get_act_name
 from hookedcot.interp.attribution import patch_by_attribution
 from hookedcot.interp.iterative import patch_in_parallel, patch_iteratively
-from hookedcot.interp.patching import Site, kl_metric, prepare_runs, run_sites
+from hookedcot.interp.patching import Site, forward_patched, kl_metric, prepare_runs, run_sites
 from hookedcot.interp.sweeps import (
     patch_components, patch_heads, patch_layer_position, patch_layers, patch_naively,
 )
@@ -549,3 +549,12 @@ def test_a_span_or_site_selecting_no_position_is_an_error(model, pair):
     runs = prepare_runs(model, clean, corrupted, [get_act_name("resid_pre", 1)])
     with pytest.raises(ValueError, match="selects no positions"):
         run_sites(runs, [Site(get_act_name("resid_pre", 1), ())], metric, progress=False)
+
+
+def test_sites_the_engine_cannot_write_are_refused(model, pair):
+    clean, corrupted = pair
+    runs = prepare_runs(model, clean, corrupted, [get_act_name("z", 1), get_act_name("resid_pre", 0)])
+    with pytest.raises(ValueError, match="both heads and neurons"):
+        run_sites(runs, [Site(get_act_name("z", 1), (5, 7), heads=(1,), neurons=(3, 4))], lambda l: l[:, -1, 0])
+    with pytest.raises(ValueError, match="never be written"):
+        forward_patched(runs, [Site(get_act_name("resid_pre", 0), (3,))], start=2)

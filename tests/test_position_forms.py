@@ -230,3 +230,13 @@ def test_every_tool_reads_every_position_form(tool, label, model, prompts, hook_
 def test_a_bad_form_raises_with_the_accepted_forms(tool, label, model, prompts, hook_builders):
     with pytest.raises(ValueError, match=re.escape(ACCEPTED_FORMS)):
         run_tool(tool, model, prompts, hook_builders, BAD_FORMS[label])
+
+
+def test_slices_select_what_python_slicing_selects():
+    """Every slice, negative bounds and steps included, picks exactly Python's positions."""
+    for n in (1, 5, 8):
+        for start in (None, -100, -3, 0, 2, 7):
+            for stop in (None, -100, -2, 0, 3, 9):
+                for step in (None, 1, 2, 3):
+                    spec = slice(start, stop, step)
+                    assert resolve_positions(spec, n) == list(range(n))[spec], (spec, n)

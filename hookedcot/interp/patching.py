@@ -334,6 +334,9 @@ def _checked_site(site: Site, n_pos: int) -> Site:
         raise ValueError(f"run_sites patches hooks inside the blocks; {site.hook!r} is outside them{hint}")
     if site.heads is not None and head_axis(site.hook) is None:
         raise ValueError(f"site {site.hook!r} has no head axis: heads live in hook_q/k/v/z/result/pattern/attn_scores")
+    if site.heads is not None and site.neurons is not None:
+        raise ValueError(f"site {site.hook!r} names both heads and neurons; the engine patches one or the other "
+                         "(for some dimensions of some heads, patch with a hand-written hook)")
     if site.positions is None:
         return site
     if not site.positions:
@@ -366,8 +369,12 @@ def forward_patched(
     earlier ones are read from `kv` (default: a copy of the corrupted run's cache; a given cache is
     extended in place). The forward starts at block `start` (default: the lowest patched block)
     from the corrupted run's residual there, or, given `inputs` (token ids or input embeddings of
-    positions `p_min`..), from the embedding. `observers` are hooks run before the patch."""
+    positions `p_min`..), from the embedding. `observers` are hooks run before the patch. Site
+    positions before `p_min` are not written: their patched values must already be in `kv`."""
     model, rows = runs.model, len(sites)
+    if start is not None and inputs is None and start > min(max(0, s.layer) for s in sites):
+        raise ValueError(f"forward_patched starts at block {start}, after a site's block "
+                         f"{min(max(0, s.layer) for s in sites)}: that patch would never be written")
     if kv is None:
         kv = runs.corrupted_kv.select_rows(torch.zeros(rows, dtype=torch.long, device=model.device))
     kv.truncate(p_min)

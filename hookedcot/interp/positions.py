@@ -96,8 +96,8 @@ class Positions:
         length = _length(positions) if needs_length else 0
         if self.kind == "last":
             return positions >= length - self.a
-        start = self.a + (length if self.a < 0 else 0)
-        mask = (positions >= max(start, 0)) & ((positions - start) % self.step == 0)
+        start = max(self.a + (length if self.a < 0 else 0), 0)  # as Python clamps a slice's start
+        mask = (positions >= start) & ((positions - start) % self.step == 0)
         if self.b is not None:
             mask &= positions < self.b + (length if self.b < 0 else 0)
         return mask
