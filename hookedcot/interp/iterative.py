@@ -22,7 +22,9 @@ import torch
 from torch import Tensor
 
 from hookedcot.hook_names import get_act_name
-from hookedcot.interp.patching import Metrics, PatchRuns, Site, forward_patched, logits_at, prepare_runs, run_sites
+from hookedcot.interp.patching import (
+    Metrics, PatchRuns, Site, forward_patched, logits_at, metrics_by_name, prepare_runs, run_sites, shaped_like,
+)
 from hookedcot.interp.positions import position_axis, resolve_positions
 from hookedcot.interp.renamed import renamed
 
@@ -75,7 +77,7 @@ def patch_iteratively(
         raise ValueError("regenerate='greedy' re-decodes tokens; with corrupted_embeds pass a function hidden -> embedding")
     span_pos = sorted(set(_span(span, runs.n_pos)))
     metric_pos = runs.metric_positions(metric_positions)
-    metrics = dict(metric) if isinstance(metric, Mapping) else {"": metric}
+    metrics = metrics_by_name(metric)
     ref = runs.clean_acts[name].movedim(position_axis(name), 1)  # [1, p, ...]
     inputs = None
     if regenerate is not None:
@@ -106,7 +108,7 @@ def patch_iteratively(
             inputs[0, nxt] = regenerate(final[0, nxt - 1 - p0]).to(inputs.dtype)
     final_logits = logits_at(model, final, [p - p0 for p in metric_pos])
     values = {k: float(fn(final_logits)[0]) for k, fn in metrics.items()}
-    return IterativeResult(values if isinstance(metric, Mapping) else values[""], cosines, final_logits)
+    return IterativeResult(shaped_like(metric, values), cosines, final_logits)
 
 
 def _span(span: Any, n_pos: int) -> list[int]:

@@ -30,6 +30,16 @@ Metric = Callable[[Tensor], Tensor]  # logits [rows, n_metric_positions, vocab] 
 Metrics = Union[Metric, Mapping[str, Metric]]  # one metric, or several by name (one result each)
 
 
+def metrics_by_name(metric: Metrics) -> dict[str, Metric]:
+    """Several metrics by name, whichever form came in (one metric is named "")."""
+    return dict(metric) if isinstance(metric, Mapping) else {"": metric}
+
+
+def shaped_like(metric: Metrics, values: dict[str, Any]) -> Any:
+    """`values` by metric name for several metrics, the one value for one."""
+    return values if isinstance(metric, Mapping) else values[""]
+
+
 @dataclass(frozen=True)
 class Site:
     """Where to patch: a hook, the sequence positions (None = all) and heads or neurons (None = all)."""
@@ -255,7 +265,7 @@ def run_sites(
     (`skip_inert=False` runs it anyway)."""
     model = runs.model
     n_pos = runs.n_pos
-    metrics = dict(metric) if isinstance(metric, Mapping) else {"": metric}
+    metrics = metrics_by_name(metric)
     sites = [_checked_site(s, n_pos) for s in sites]
     metric_pos = runs.metric_positions(metric_positions)
     values = {k: torch.empty(len(sites)) for k in metrics}
@@ -273,7 +283,7 @@ def run_sites(
             values[k][chunk] = v
         bar.update(len(chunk))
     bar.close()
-    return values if isinstance(metric, Mapping) else values[""]
+    return shaped_like(metric, values)
 
 
 # Work per layer below which a small model's GPU batch is launch-bound rather than compute-bound

@@ -14,7 +14,9 @@ from tqdm.auto import tqdm
 
 from hookedcot.hook_names import get_act_name
 from hookedcot.interp.labels import token_labels
-from hookedcot.interp.patching import Metrics, PatchRuns, Site, as_tokens, kl_metric, prepare_runs, run_sites
+from hookedcot.interp.patching import (
+    Metrics, PatchRuns, Site, as_tokens, kl_metric, metrics_by_name, prepare_runs, run_sites, shaped_like,
+)
 from hookedcot.interp.positions import Selection, head_axis, resolve_positions
 from hookedcot.interp.renamed import renamed, renamed_constants
 from hookedcot.interp.results import Result
@@ -142,7 +144,7 @@ def patch_naively(
     """The slow obvious way — one full hooked forward per site, written with `torch.where` over
     the site's `Selection` rather than the engine's indexing — for benchmarks and tests."""
     clean_t, corrupt_t = as_tokens(model, clean), as_tokens(model, corrupted)
-    metrics = dict(metric) if isinstance(metric, Mapping) else {"": metric}
+    metrics = metrics_by_name(metric)
     metric_pos = sorted(set(resolve_positions(metric_positions, corrupt_t.shape[1])))
     _, cache = model.run_with_cache(clean_t, names_filter=sorted({s.hook for s in sites}))
     out: dict[str, list[Tensor]] = {k: [] for k in metrics}
@@ -150,8 +152,7 @@ def patch_naively(
         logits = model.run_with_hooks(corrupt_t, fwd_hooks=list(target_hooks) + [(site.hook, _write(site, cache[site.hook]))])
         for k, fn in metrics.items():
             out[k].append(fn(logits[:, metric_pos])[0])
-    values = {k: torch.stack(v).float().cpu() for k, v in out.items()}
-    return values if isinstance(metric, Mapping) else values[""]
+    return shaped_like(metric, {k: torch.stack(v).float().cpu() for k, v in out.items()})
 
 
 def _write(site: Site, clean: Tensor):
