@@ -16,14 +16,15 @@ values before that position and recomputes only the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from hookedcot.hook_names import get_act_name
 from hookedcot.interp.patching import (
-    Metrics, PatchRuns, Site, forward_patched, logits_at, metrics_by_name, prepare_runs, run_sites, shaped_like,
+    Metrics, PatchRuns, Site, forward_patched, logits_at, metrics_by_name, per_metric, prepare_runs, run_sites,
+    shaped_like,
 )
 from hookedcot.interp.positions import position_axis, resolve_positions
 from hookedcot.interp.renamed import renamed
@@ -36,11 +37,6 @@ class IterativeResult:
     final_logits: Tensor  # [1, n_metric, vocab]
 
 
-def _values(values: Tensor | Mapping[str, Tensor]) -> float | dict[str, float]:
-    if isinstance(values, Mapping):
-        return {k: float(v[0]) for k, v in values.items()}
-    return float(values[0])
-
 
 @torch.no_grad()
 def patch_in_parallel(model: Any, clean: str | Tensor, corrupted: str | Tensor | None, layer: int, span: Any,
@@ -52,7 +48,7 @@ def patch_in_parallel(model: Any, clean: str | Tensor, corrupted: str | Tensor |
     name = get_act_name(hook, layer)
     runs = _runs(model, clean, corrupted, name, corrupted_embeds, runs)
     site = Site(name, tuple(_span(span, runs.n_pos)))
-    return _values(run_sites(runs, [site], metric, metric_positions, progress=False))
+    return per_metric(run_sites(runs, [site], metric, metric_positions, progress=False), lambda v: float(v[0]))
 
 
 @torch.no_grad()

@@ -40,6 +40,11 @@ def shaped_like(metric: Metrics, values: dict[str, Any]) -> Any:
     return values if isinstance(metric, Mapping) else values[""]
 
 
+def per_metric(values: Any, fn: Callable[[Any], Any]) -> Any:
+    """`fn` applied to one metric's values, or to each of several metrics' by name."""
+    return {k: fn(v) for k, v in values.items()} if isinstance(values, Mapping) else fn(values)
+
+
 @dataclass(frozen=True)
 class Site:
     """Where to patch: a hook, the sequence positions (None = all) and heads or neurons (None = all)."""
@@ -143,7 +148,7 @@ def prepare_runs(
     if clean_t.shape[1] != corrupt_len or (corrupt_t is not None and corrupt_t.shape != clean_t.shape):
         raise ValueError(
             f"clean and corrupted inputs have {clean_t.shape[1]} and {corrupt_len} tokens; patching by "
-            "position needs equal lengths (use hookedcot.interp.data.same_length_pairs, or pad the prompts)"
+            "position needs equal lengths (use hookedcot.interp.data.keep_same_length_pairs, or pad the prompts)"
         )
     n = model.cfg.n_layers
     clean_final, clean_cache = model.run_with_cache(
@@ -397,9 +402,8 @@ def forward_patched(
         start = max(0, min(s.layer for s in sites)) if start is None else start
         resid = runs.corrupted_resid[start][:, p_min:].expand(rows, -1, -1)
         return model.run_with_hooks(resid, start_at_layer=start, stop_at_layer=n, past_kv=kv, fwd_hooks=hooks)
-    if inputs.is_floating_point():
-        return model.run_with_hooks(inputs_embeds=inputs, stop_at_layer=n, past_kv=kv, fwd_hooks=hooks)
-    return model.run_with_hooks(inputs, stop_at_layer=n, past_kv=kv, fwd_hooks=hooks)
+    given = {"inputs_embeds": inputs} if inputs.is_floating_point() else {"input": inputs}
+    return model.run_with_hooks(**given, stop_at_layer=n, past_kv=kv, fwd_hooks=hooks)
 
 
 def _run_batch(runs: PatchRuns, sites: list[Site], metrics: dict[str, Metric], metric_pos: list[int],

@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from hookedcot.hook_names import get_act_name
 from hookedcot.interp.labels import token_labels
 from hookedcot.interp.patching import (
-    Metrics, PatchRuns, Site, as_tokens, kl_metric, metrics_by_name, prepare_runs, run_sites, shaped_like,
+    Metrics, PatchRuns, Site, as_tokens, kl_metric, metrics_by_name, per_metric, prepare_runs, run_sites,
+    shaped_like,
 )
 from hookedcot.interp.positions import Selection, head_axis, resolve_positions
 from hookedcot.interp.renamed import renamed, renamed_constants
@@ -46,11 +47,6 @@ def _ticks(model: Any, runs: PatchRuns, positions: Sequence[int]) -> list[str]:
     return token_labels(model, runs.label_tokens, positions)
 
 
-def _view(values: Tensor | Mapping[str, Tensor], *shape: int) -> Tensor | dict[str, Tensor]:
-    if isinstance(values, Mapping):
-        return {k: v.view(*shape) for k, v in values.items()}
-    return values.view(*shape)
-
 
 def patch_layer_position(
     model: Any, clean: str | Tensor, corrupted: str | Tensor, metric: Metrics | None = None,
@@ -62,7 +58,7 @@ def patch_layer_position(
     layers, names, runs, metric = _setup(model, clean, corrupted, hook, layers, runs, metric, metric_positions)
     pos = resolve_positions(positions, runs.n_pos)
     sites = [Site(name, (p,)) for name in names for p in pos]
-    values = _view(run_sites(runs, sites, metric, metric_positions, batch_size, progress), len(layers), len(pos))
+    values = per_metric(run_sites(runs, sites, metric, metric_positions, batch_size, progress), lambda v: v.view(len(layers), len(pos)))
     labels = {"layer": [str(x) for x in layers], "position": _ticks(model, runs, pos)}
     meta = {"hook": hook, "metric_positions": runs.metric_positions(metric_positions)}
     return labelled(values, lambda v, m: Result(v, ("layer", "position"), labels, name=_named(f"patch_{hook}_layer_position", m),
@@ -99,7 +95,7 @@ def patch_heads(
     n_heads = runs.clean_acts[names[0]].shape[axis]
     pos = None if positions is None else tuple(resolve_positions(positions, runs.n_pos))
     sites = [Site(n, pos, heads=(h,)) for n in names for h in range(n_heads)]
-    values = _view(run_sites(runs, sites, metric, metric_positions, batch_size, progress), len(layers), n_heads)
+    values = per_metric(run_sites(runs, sites, metric, metric_positions, batch_size, progress), lambda v: v.view(len(layers), n_heads))
     meta = {"hook": hook, "positions": None if pos is None else list(pos),
             "metric_positions": runs.metric_positions(metric_positions)}
     return labelled(values, lambda v, m: Result(v, ("layer", "head"), {"layer": [str(x) for x in layers]},
@@ -128,7 +124,7 @@ def patch_components(
     else:
         sites = [Site(n, tuple(pos)) for n in names]
         shape, axes = (len(components), len(layers)), ("component", "layer")
-    values = _view(run_sites(runs, sites, metric, metric_positions, batch_size, progress), *shape)
+    values = per_metric(run_sites(runs, sites, metric, metric_positions, batch_size, progress), lambda v: v.view(*shape))
     labels = {"component": list(components), "layer": [str(x) for x in layers]}
     if per_position:
         labels["position"] = _ticks(model, runs, pos)
