@@ -16,7 +16,7 @@ from torch import Tensor
 from hookedcot.hook_names import get_act_name
 from hookedcot.interp.labels import token_labels
 from hookedcot.interp.patching import as_tokens, logits_at
-from hookedcot.interp.positions import position_axis, resolve_positions
+from hookedcot.interp.positions import metric_positions as positions_read, position_axis, resolve_positions
 from hookedcot.interp.renamed import renamed
 from hookedcot.interp.results import Result
 
@@ -40,7 +40,7 @@ def patch_by_attribution(
     names = [get_act_name(hook, layer) for layer in layers]
     n, n_pos = model.cfg.n_layers, corrupt_t.shape[1]
     pos = resolve_positions(positions, n_pos)
-    metric_pos = sorted(set(resolve_positions(metric_positions, n_pos)))
+    metric_pos = positions_read(metric_positions, n_pos)
     with torch.no_grad():
         _, clean_cache = model.run_with_cache(clean_t, names_filter=names)
 

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hookedcot.hook_names import get_act_name, layer_of
-from hookedcot.interp.positions import head_axis, position_axis, resolve_positions
+from hookedcot.interp.positions import head_axis, metric_positions, position_axis
 from hookedcot.kv_cache import KVCache
 
 Metric = Callable[[Tensor], Tensor]  # logits [rows, n_metric_positions, vocab] -> [rows]
@@ -100,9 +100,8 @@ class PatchRuns:
         return self
 
     def metric_positions(self, spec: Any) -> list[int]:
-        """The positions metrics read, in increasing order, whatever position form `spec` takes:
-        patched rows and baselines are unembedded at the same positions in the same order."""
-        return sorted(set(resolve_positions(spec, self.n_pos)))
+        """The positions metrics read in this prompt (`positions.metric_positions`)."""
+        return metric_positions(spec, self.n_pos)
 
     @torch.no_grad()
     def logits(self, which: str, positions: Any = (-1,)) -> Tensor:

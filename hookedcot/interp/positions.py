@@ -133,6 +133,12 @@ def resolve_positions(spec: PositionSpec, n_pos: int) -> list[int]:
     return list(range(n_pos)) if mask is None else mask.nonzero()[:, 0].tolist()
 
 
+def metric_positions(spec: PositionSpec, n_pos: int) -> list[int]:
+    """The positions a metric reads: each once, in increasing order, so patched rows and baselines
+    are unembedded at the same positions in the same order."""
+    return sorted(set(resolve_positions(spec, n_pos)))
+
+
 def axis_of(name: str, letters: Sequence[str]) -> int | None:
     """The axis of hook `name` whose shape letter is one of `letters` (None if it has none)."""
     for i, letter in enumerate(spec_of(name).shape.split()):

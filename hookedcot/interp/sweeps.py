@@ -18,7 +18,7 @@ from hookedcot.interp.patching import (
     Metrics, PatchRuns, Site, as_tokens, kl_metric, metrics_by_name, per_metric, prepare_runs, run_sites,
     shaped_like,
 )
-from hookedcot.interp.positions import Selection, head_axis, resolve_positions
+from hookedcot.interp.positions import Selection, head_axis, metric_positions as positions_read, resolve_positions
 from hookedcot.interp.renamed import renamed, renamed_constants
 from hookedcot.interp.results import Result
 
@@ -141,7 +141,7 @@ def patch_naively(
     the site's `Selection` rather than the engine's indexing — for benchmarks and tests."""
     clean_t, corrupt_t = as_tokens(model, clean), as_tokens(model, corrupted)
     metrics = metrics_by_name(metric)
-    metric_pos = sorted(set(resolve_positions(metric_positions, corrupt_t.shape[1])))
+    metric_pos = positions_read(metric_positions, corrupt_t.shape[1])
     _, cache = model.run_with_cache(clean_t, names_filter=sorted({s.hook for s in sites}))
     out: dict[str, list[Tensor]] = {k: [] for k in metrics}
     for site in tqdm(sites, disable=not progress, desc="naive patching", leave=False):
