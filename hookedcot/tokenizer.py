@@ -265,6 +265,26 @@ class Tokenizer:
             start, end = starts[occurrence], starts[occurrence] + len(needle)
         return [position for position, (lo, hi) in enumerate(spans) if lo < end and hi > start]
 
+    def char_spans(self, ids: Sequence[int] | torch.Tensor) -> tuple[str, list[tuple[int, int]]]:
+        """The decoded text and each token's [start, end) in it, in characters. A character split
+        across tokens belongs to the token holding its first byte; bytes that are not valid UTF-8
+        read as U+FFFD, one per byte, so the offsets stay exact."""
+        text, spans = self._spans(_as_list(ids))
+        if not self._byte_level:
+            return text, spans
+        chars = text.encode("latin-1").decode("utf-8", errors="surrogateescape")
+        char_at = []  # byte offset -> index of the character holding that byte
+        for index, ch in enumerate(chars):
+            char_at += [index] * len(ch.encode("utf-8", errors="surrogateescape"))
+        char_at.append(len(chars))
+        shown = "".join("\ufffd" if "\udc80" <= ch <= "\udcff" else ch for ch in chars)
+        out = []
+        for lo, hi in spans:
+            start = char_at[lo] if lo == 0 or char_at[lo] != char_at[lo - 1] else char_at[lo] + 1
+            end = char_at[hi] if hi == len(char_at) - 1 or char_at[hi] != char_at[hi - 1] else char_at[hi] + 1
+            out.append((min(start, end), end))
+        return shown, out
+
     def _spans(self, ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
         """The decoded text and each token's [start, end) in it, in bytes of UTF-8 for byte-level
         vocabularies (exact even when a character is split across tokens), else in characters."""
