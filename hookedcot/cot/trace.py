@@ -154,16 +154,32 @@ class CoT:
         return cls.from_tokens(model, out[0].tolist(), prompt_ids.shape[1], think=think, steps=steps,
                                correct_answer=correct_answer, meta=meta)
 
+    @classmethod
+    def from_latent(cls, trace: Any, *, correct_answer: str | None = None, meta: dict[str, Any] | None = None) -> "CoT":
+        """A continuous-thought trace (`hookedcot.cot.latent.generate_latent`) as a CoT: one step
+        per latent position (kind "latent", text "<latent:i>"), the input embeddings in `cot.embeds`
+        so the anatomy tools run on them; what follows the latent block is the answer text."""
+        text, chars = trace.char_spans()
+        spans = trace.step_spans()
+        steps = [Step(i, label, (chars[a][0], chars[b - 1][1]), (a, b), kind="latent")
+                 for i, ((a, b), label) in enumerate(zip(spans, trace.steps_text()))]
+        r0 = steps[0].chars[0] if steps else len(text)
+        r1 = steps[-1].chars[1] if steps else len(text)
+        cot = cls(trace.tokens, text, chars, trace.prompt_len, (r0, r1), (r1, len(text)), steps, None, correct_answer,
+                  {"step_rule": "latent", **(meta or {})})
+        cot.embeds = trace.embeds.detach()
+        return cot
+
     def resplit(self, steps: StepRule) -> "CoT":
         """The same tokens cut into steps by another rule."""
         tok_meta = dict(self.meta, step_rule=steps if isinstance(steps, str) else type(steps).__name__)
+        if self.embeds is not None:
+            raise ValueError("a trace with latent positions has one step per latent position; it cannot be re-split")
         r0, r1 = self.reasoning_chars
         spans = [(r0 + a, r0 + b) for a, b in step_spans(self.text[r0:r1], steps)]
-        new = CoT(self.tokens, self.text, self.token_chars, self.prompt_len, self.reasoning_chars, self.answer_chars,
-                  _steps_with_tokens(self.text, self.token_chars, spans, self.reasoning_chars), self.think,
-                  self.correct_answer, tok_meta)
-        new.embeds = self.embeds
-        return new
+        return CoT(self.tokens, self.text, self.token_chars, self.prompt_len, self.reasoning_chars, self.answer_chars,
+                   _steps_with_tokens(self.text, self.token_chars, spans, self.reasoning_chars), self.think,
+                   self.correct_answer, tok_meta)
 
     # ------------------------------------------------------------------ reading
     @property
@@ -182,6 +198,8 @@ class CoT:
     @property
     def answer(self) -> str | None:
         """The extracted final answer: from the text after the reasoning, else from the reasoning."""
+        if self.embeds is not None:  # latent steps are labels, not text to read an answer from
+            return extract_answer(self.answer_text)
         return extract_answer(self.answer_text) or extract_answer(self.reasoning)
 
     @property
