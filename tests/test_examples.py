@@ -77,8 +77,10 @@ def check_seed000(r: dict, out: Path, n_layers: int) -> None:
     assert math.isclose(abl["delta"], abl["logp_ablated"] - abl["logp"], abs_tol=1e-5)
 
 
-def check_seed001(r: dict, out: Path, n_layers: int) -> None:
+def check_seed001(r: dict, out: Path, n_layers: int, latent: bool = False) -> None:
     assert (out / "metrics_by_layer.png").is_file() and (out / "kl_pairs_x_layers.png").is_file()
+    if not latent:  # the results of a run without --latent-steps read as they did before the option
+        assert not {"latent_steps", "feedback", "read_from"} & set(r["args"])
     assert {"aggregate", "pairs", "sanity_checks", "top5_layers_by_kl"} <= set(r)
     checks = r["sanity_checks"]
     assert checks["self_patch_max_kl"] < 1e-5 and not checks["self_patch_any_top1_change"]
@@ -116,6 +118,32 @@ def test_example_on_tiny_model(module, check, tiny, monkeypatch, tmp_path):
     check(r, tmp_path / name, tiny.cfg.n_layers)
 
 
+def check_seed001_latent(r: dict, out: Path, n_layers: int, k: int, feedback: str = "argmax_embedding",
+                         read_from: str = "resid_post") -> None:
+    check_seed001(r, out, n_layers, latent=True)
+    assert (r["args"]["latent_steps"], r["args"]["feedback"], r["args"]["read_from"]) == (k, feedback, read_from)
+    for pair in r["pairs"]:
+        start, end = pair["latent"]
+        assert pair["span"] == [start, end] and end - start == k
+        assert pair["n_positions"] > end and pair["first_diff"] < start  # the questions differ, before the thoughts
+        assert "<latent:0>" in pair["clean_text"]
+    assert "latent positions" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("feedback,read_from", [(None, None), ("identity", "ln_final")], ids=["defaults", "identity"])
+def test_seed001_patches_latent_positions_on_tiny_model(tiny, monkeypatch, tmp_path, feedback, read_from):
+    options = ["--feedback", feedback, "--read-from", read_from] if feedback else []
+    r = run(seed001, tiny, monkeypatch, tmp_path / "seed001", "--latent-steps", "3", *options)
+    check_seed001_latent(r, tmp_path / "seed001", tiny.cfg.n_layers, 3, *(options[1::2] or ()))
+
+
+@pytest.mark.parametrize("argv", [["--feedback", "identity"], ["--read-from", "ln_final"], ["--latent-steps", "0"]])
+def test_seed001_refuses_latent_options_without_latent_steps(argv, capsys):
+    with pytest.raises(SystemExit):
+        seed001.parse(argv)
+    assert "--latent-steps" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def smollm2() -> HookedCoT:
     from hookedcot.embedded import EmbeddedModelError, embedded_model_path
@@ -133,3 +161,9 @@ def test_example_on_smollm2(module, check, smollm2, monkeypatch, tmp_path):
     name = module.__name__.split("_")[0]
     r = run(module, smollm2, monkeypatch, tmp_path / name, *SLOW_ARGS[name])
     check(r, tmp_path / name, smollm2.cfg.n_layers)
+
+
+@pytest.mark.slow
+def test_seed001_latent_steps_on_smollm2(smollm2, monkeypatch, tmp_path):
+    r = run(seed001, smollm2, monkeypatch, tmp_path / "seed001", "--latent-steps", "3", "--layer-step", "10")
+    check_seed001_latent(r, tmp_path / "seed001", smollm2.cfg.n_layers, 3)

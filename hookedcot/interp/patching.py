@@ -65,8 +65,8 @@ class PatchRuns:
     """The clean (source) and corrupted (target) runs, computed once and reused by every batch."""
 
     model: Any
-    clean_tokens: Tensor  # [1, p]
-    corrupted_tokens: Tensor | None  # [1, p]; None when the corrupted run was given as embeddings
+    clean_tokens: Tensor | None  # [1, p]; None when the clean run was given as embeddings only
+    corrupted_tokens: Tensor | None  # [1, p]; None when the corrupted run was given as embeddings only
     clean_acts: dict[str, Tensor]
     corrupted_resid: dict[int, Tensor]  # layer -> resid_pre [1, p, d]
     corrupted_kv: KVCache
@@ -79,22 +79,25 @@ class PatchRuns:
     shared_prefix: int = 0
     corrupted_embeds: Tensor | None = None  # [1, p, d] input embeddings of the corrupted run, if given so
     source_hooks: list = field(default_factory=list)  # shape the clean run, also when `ensure` records more of it
+    clean_embeds: Tensor | None = None  # [1, p, d] input embeddings of the clean run, if given so
 
     @property
     def n_pos(self) -> int:
-        return self.clean_tokens.shape[1]
+        return self.clean_final.shape[1]
 
     @property
-    def label_tokens(self) -> Tensor:
-        """The tokens position labels name: the corrupted run's, or the clean run's if it has none."""
+    def label_tokens(self) -> Tensor | None:
+        """The tokens position labels name: the corrupted run's, or the clean run's if it has none
+        (None when both runs were given as embeddings alone)."""
         return self.clean_tokens if self.corrupted_tokens is None else self.corrupted_tokens
 
     def ensure(self, names: Sequence[str]) -> "PatchRuns":
         """Record clean activations for hooks this object was not prepared with (one more clean run)."""
         missing = [n for n in names if n not in self.clean_acts]
         if missing:
+            clean = {"inputs_embeds": self.clean_embeds} if self.clean_embeds is not None else {"input": self.clean_tokens}
             with torch.no_grad():
-                _, cache = self.model.run_with_cache(self.clean_tokens, names_filter=missing, fwd_hooks=list(self.source_hooks),
+                _, cache = self.model.run_with_cache(**clean, names_filter=missing, fwd_hooks=list(self.source_hooks),
                                                      stop_at_layer=self.model.cfg.n_layers)
             self.clean_acts.update(cache.items())
         return self
@@ -123,50 +126,67 @@ def as_tokens(model: Any, x: str | Tensor) -> Tensor:
 @torch.no_grad()
 def prepare_runs(
     model: Any,
-    clean: str | Tensor,
+    clean: str | Tensor | None,
     corrupted: str | Tensor | None,
     hooks: Sequence[str],
     target_hooks: Sequence = (),
     source_hooks: Sequence = (),
     corrupted_embeds: Tensor | None = None,
+    clean_embeds: Tensor | None = None,
 ) -> PatchRuns:
     """Run clean and corrupted once. `target_hooks` stay active in every patched run (e.g. the
-    noise of a causal-tracing corruption); `source_hooks` shape the clean run. The corrupted run
-    may be given as input embeddings `corrupted_embeds` [1, pos, d_model] (a continuous-thought
-    model's inputs) instead of tokens; `corrupted` may then be None."""
-    clean_t = as_tokens(model, clean)
+    noise of a causal-tracing corruption); `source_hooks` shape the clean run. Either run may be
+    given as input embeddings, `clean_embeds` / `corrupted_embeds` [1, pos, d_model] (a
+    continuous-thought model's inputs: `hookedcot.cot.latent.LatentTrace.embeds`), instead of
+    tokens; its tokens may then be None, or given beside the embeddings to label positions."""
+    clean_t = None if clean is None else as_tokens(model, clean)
     corrupt_t = None if corrupted is None else as_tokens(model, corrupted)
-    if corrupted_embeds is not None:
-        corrupted_embeds = corrupted_embeds.to(model.device, model.dtype)
-        corrupted_embeds = corrupted_embeds[None] if corrupted_embeds.dim() == 2 else corrupted_embeds
-        if corrupted_embeds.dim() != 3 or corrupted_embeds.shape[0] != 1 or corrupted_embeds.shape[2] != model.cfg.d_model:
-            raise ValueError(f"corrupted_embeds must be [1, pos, {model.cfg.d_model}]; got {tuple(corrupted_embeds.shape)}")
-    elif corrupt_t is None:
-        raise ValueError("give the corrupted run: tokens or text as `corrupted`, or input embeddings as `corrupted_embeds`")
+    clean_embeds = _checked_embeds(model, clean_embeds, clean_t, "clean")
+    corrupted_embeds = _checked_embeds(model, corrupted_embeds, corrupt_t, "corrupted")
+    clean_len = clean_embeds.shape[1] if clean_embeds is not None else clean_t.shape[1]
     corrupt_len = corrupted_embeds.shape[1] if corrupted_embeds is not None else corrupt_t.shape[1]
-    if clean_t.shape[1] != corrupt_len or (corrupt_t is not None and corrupt_t.shape != clean_t.shape):
+    if clean_len != corrupt_len:
         raise ValueError(
-            f"clean and corrupted inputs have {clean_t.shape[1]} and {corrupt_len} tokens; patching by "
+            f"clean and corrupted inputs have {clean_len} and {corrupt_len} tokens; patching by "
             "position needs equal lengths (use hookedcot.interp.data.keep_same_length_pairs, or pad the prompts)"
         )
     n = model.cfg.n_layers
+    clean_in = {"inputs_embeds": clean_embeds} if clean_embeds is not None else {"input": clean_t}
     clean_final, clean_cache = model.run_with_cache(
-        clean_t, names_filter=list(dict.fromkeys(hooks)), fwd_hooks=list(source_hooks), stop_at_layer=n
+        **clean_in, names_filter=list(dict.fromkeys(hooks)), fwd_hooks=list(source_hooks), stop_at_layer=n
     )
-    kv = KVCache(model.cfg, 1, clean_t.shape[1], model.dtype, model.device)
+    kv = KVCache(model.cfg, 1, clean_len, model.dtype, model.device)
     resid_names = [get_act_name("resid_pre", layer) for layer in range(n)]
     inputs = {"inputs_embeds": corrupted_embeds} if corrupted_embeds is not None else {"input": corrupt_t}
     corrupt_final, corrupt_cache = model.run_with_cache(
         **inputs, names_filter=resid_names, fwd_hooks=list(target_hooks), past_kv=kv, stop_at_layer=n
     )
-    plain_runs = not target_hooks and not source_hooks and not model.active_hook_names() and corrupted_embeds is None
+    plain_runs = (not target_hooks and not source_hooks and not model.active_hook_names()
+                  and corrupted_embeds is None and clean_embeds is None)
     return PatchRuns(
         model, clean_t, corrupt_t, dict(clean_cache.items()),
         {layer: corrupt_cache["resid_pre", layer] for layer in range(n)},
         kv, clean_final, corrupt_final, list(target_hooks),
         shared_prefix=_shared_prefix(clean_t, corrupt_t) if plain_runs else 0,
-        corrupted_embeds=corrupted_embeds, source_hooks=list(source_hooks),
+        corrupted_embeds=corrupted_embeds, source_hooks=list(source_hooks), clean_embeds=clean_embeds,
     )
+
+
+def _checked_embeds(model: Any, embeds: Tensor | None, tokens: Tensor | None, run: str) -> Tensor | None:
+    """One run's input embeddings as [1, pos, d_model] on the model's device and dtype; without
+    them the run needs its tokens. Tokens given beside embeddings (labels) must be as long."""
+    if embeds is None:
+        if tokens is None:
+            raise ValueError(f"give the {run} run: tokens or text as `{run}`, or input embeddings as `{run}_embeds`")
+        return None
+    embeds = embeds.to(model.device, model.dtype)
+    embeds = embeds[None] if embeds.dim() == 2 else embeds
+    if embeds.dim() != 3 or embeds.shape[0] != 1 or embeds.shape[2] != model.cfg.d_model:
+        raise ValueError(f"{run}_embeds must be [1, pos, {model.cfg.d_model}]; got {tuple(embeds.shape)}")
+    if tokens is not None and tokens.shape[1] != embeds.shape[1]:
+        raise ValueError(f"the {run} run's tokens ({tokens.shape[1]}) and {run}_embeds ({embeds.shape[1]} positions) "
+                         f"differ in length: give the same run's tokens beside its embeddings, or `{run}=None`")
+    return embeds
 
 
 def _shared_prefix(a: Tensor, b: Tensor) -> int:
