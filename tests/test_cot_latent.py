@@ -325,3 +325,28 @@ def test_prepare_runs_with_clean_embeds_equals_prepare_runs_with_the_clean_token
         prepare_runs(model, None, corrupted, names, clean_embeds=embeds[:, :-1])
     with pytest.raises(ValueError, match="give the same run's tokens beside its embeddings"):
         prepare_runs(model, clean[:, :-1], corrupted, names, clean_embeds=embeds)
+
+
+def test_a_labelled_sweep_over_latent_positions_labels_them_by_index(model, latent_pair):
+    from hookedcot.interp import patch_layer_position
+
+    clean, corrupted = latent_pair
+    runs = prepare_runs(model, None, None, [get_act_name("resid_pre", 1)], clean_embeds=clean.embeds,
+                        corrupted_embeds=corrupted.embeds)
+    result = patch_layer_position(model, None, None, layers=[1], positions=clean.latent_positions, runs=runs, progress=False)
+    assert result.labels["position"] == [str(p) for p in clean.latent_positions]
+
+
+def test_a_latent_trace_is_a_cot_with_one_latent_step_per_position(smol_model):
+    from hookedcot.cot import CoT
+    from hookedcot.cot.attention import step_attention
+
+    trace = generate_latent(smol_model, "Q: 3 + 4 = ?\nA:", 3, "argmax_embedding", end=" The answer is", max_new_tokens=3)
+    cot = CoT.from_latent(trace, correct_answer="7")
+    assert [s.tokens for s in cot.steps] == trace.step_spans() and all(s.kind == "latent" for s in cot.steps)
+    assert [cot.text[slice(*s.chars)] for s in cot.steps] == ["<latent:0>", "<latent:1>", "<latent:2>"]
+    assert cot.answer_text.startswith(" The answer is") and torch.equal(cot.embeds, trace.embeds)
+    attention = step_attention(smol_model, cot)  # runs on the embeddings: latent positions have no token
+    assert attention.matrix.shape[-2:] == (3, 3)
+    with pytest.raises(ValueError, match="re-split"):
+        cot.resplit("lines")
