@@ -19,6 +19,7 @@ ROW_KEYS = {
     "loading": {"model", "tool", "load_time_s", "torch_import_s", "import_s", "load_s", "load_again_s", "peak_rss_MiB",
                 "load_x_weights", "peak_x_weights"},
     "roofline": {"model", "tool", "time_s", "gflops", "fraction_of_peak"},
+    "rollouts": {"model", "tool", "rollouts", "new_tokens", "time_s", "tokens_per_s", "x_hf_generate"},
 }
 
 
