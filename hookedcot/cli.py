@@ -206,6 +206,22 @@ def patch_cmd(args: argparse.Namespace) -> int:
     return 0
 
 
+def cot_cmd(args: argparse.Namespace) -> int:
+    """Thought-Anchors anatomy of one trace: every step's importance, a table, figures, a page."""
+    from hookedcot.cot.analysis import analyze_cot
+
+    model = _load(args.model, args.dtype, args.device)
+    think = None if args.no_think else tuple(args.think.split(",", 1))
+    result = analyze_cot(
+        model, args.prompt, measures=args.measures.split(","), correct_answer=args.correct_answer, chat=not args.no_chat,
+        think=think, max_trace_tokens=args.max_trace_tokens, n_rollouts=args.n_rollouts, temperature=args.temperature,
+        top_p=args.top_p, max_new_tokens=args.max_new_tokens, seed=args.seed, rollout_dir=Path(args.out) / "rollouts")
+    paths = result.write(args.out)
+    print(result.summary())
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
 def _positions(spec: str | None) -> Any:
     """A position spec from the command line: 'all', 'last N', 'from N', 'A:B' (a slice) or '3,7,-1'."""
     if not spec or spec == "all":
@@ -256,6 +272,22 @@ def main(argv: list[str] | None = None) -> int:
     pp.add_argument("--hook", default="resid_pre")
     pp.add_argument("--positions", default=None, help="'all' (default), 'last N', 'from N', 'A:B' or '3,7,-1'")
     pp.set_defaults(fn=patch_cmd)
+
+    cp = sub.add_parser("cot", help="which steps of a chain of thought matter: rollouts, forced answers, attention")
+    common(cp, "hookedcot_out/cot")
+    cp.add_argument("--prompt", required=True, help="the question (through the chat template unless --no-chat)")
+    cp.add_argument("--correct-answer", default=None, help="scored by accuracy and forced answers (default: the trace's own)")
+    cp.add_argument("--n-rollouts", type=int, default=8, help="rollouts per cut point")
+    cp.add_argument("--max-new-tokens", type=int, default=128, help="per rollout")
+    cp.add_argument("--max-trace-tokens", type=int, default=512, help="for the greedy trace itself")
+    cp.add_argument("--temperature", type=float, default=0.6)
+    cp.add_argument("--top-p", type=float, default=0.95)
+    cp.add_argument("--seed", type=int, default=0)
+    cp.add_argument("--measures", default="resampling,counterfactual,forced,attention,suppression")
+    cp.add_argument("--think", default="<think>,</think>", help="the reasoning's delimiters, comma-separated")
+    cp.add_argument("--no-think", action="store_true", help="no delimiters: the whole completion is the reasoning")
+    cp.add_argument("--no-chat", action="store_true", help="use the prompt as it is, without the chat template")
+    cp.set_defaults(fn=cot_cmd)
 
     args = parser.parse_args(argv)
     from hookedcot import retain_freed_memory
