@@ -29,7 +29,8 @@ PREFIX_LEN = {"full": 256, "quick": 256, "tiny": 8}
 NEW_TOKENS = {"full": 64, "quick": 64, "tiny": 3}
 N_ROLLOUTS = {"full": 16, "quick": 16, "tiny": 3}
 GPU_N_ROLLOUTS = 64
-ROUNDS = {"full": 3, "quick": 2, "tiny": 2}
+ROUNDS = {"full": 5, "quick": 3, "tiny": 2}
+BIG_ROUNDS = {"full": 3, "quick": 2, "tiny": 2}  # models other than SmolLM2 on a CPU: minutes a round
 TEMPERATURE, TOP_P = 0.6, 0.95  # Thought Anchors' sampling
 BUDGET = 3.0
 SKIP_BY_DEFAULT = {"llama3.2-1b-shape"}  # minutes per round on a 2-core CPU; name it in --models to run it
@@ -91,12 +92,13 @@ def run(settings: Settings) -> dict:
         folder = checkpoint_folder(model, settings.cache_dir)
         _, vocab = checkpoint_shape(folder)
         prefix = random_tokens(1, n_prefix, vocab, seed=5)
-        log(f"rollouts {short(model)}: {n} × {n_new} new tokens from a {n_prefix}-token prefix, {ROUNDS[size]} rounds")
+        rounds = (ROUNDS if is_smollm2(model) or settings.gpu else BIG_ROUNDS)[size]
+        log(f"rollouts {short(model)}: {n} × {n_new} new tokens from a {n_prefix}-token prefix, {rounds} rounds")
         ours = start_tool("ours", folder, settings)
         ref = start_reference(folder, settings, model, skipped)
         tools = {"ours": (ours, ours_in_process), **({"hf_sdpa": (ref, hf_in_process)} if ref else {})}
         jobs = {name: (lambda t=t, fn=fn: t.run(fn, prefix, n, n_new, 0, device)) for name, (t, fn) in tools.items()}
-        runs = timed_rounds(jobs, ROUNDS[size])
+        runs = timed_rounds(jobs, rounds)
         hf_s = [r["s"] for r in runs.get("hf_sdpa", [])]
         for name, records in runs.items():
             secs = [r["s"] for r in records]

@@ -121,7 +121,8 @@ def test_temperature_0_makes_every_rollout_the_greedy_continuation(smol_model):
     rollouts = sample_rollouts(smol_model, prompt, 3, temperature=0, max_new_tokens=12, progress=False)
     assert [r.tokens for r in rollouts] == [greedy] * 3
     stopped = smol_model.generate(prompt[None], 12, stop_strings=["."], return_type="tokens")[0, len(prompt):].tolist()
-    at_stop = sample_rollouts(smol_model, prompt, 1, temperature=0, max_new_tokens=12, stop_strings=["."], progress=False)
+    at_stop = sample_rollouts(smol_model, prompt, 1, temperature=0, max_new_tokens=12, stop_strings=["."],
+                              progress=False)
     assert at_stop[0].tokens == stopped and at_stop[0].finish == "stop" and "." in at_stop[0].text
 
 
@@ -185,10 +186,12 @@ def test_resampling_writes_every_rollout_and_resumes_without_resampling(smol_mod
     import hookedcot.cot.importance as importance
 
     real = importance.run_prefix
-    monkeypatch.setattr(importance, "run_prefix", lambda m, p, jobs, *a, **k: asked.extend(jobs) or real(m, p, jobs, *a, **k))
+    monkeypatch.setattr(importance, "run_prefix",
+                        lambda m, p, jobs, *a, **k: asked.extend(jobs) or real(m, p, jobs, *a, **k))
     resumed = resample_steps(smol_model, arithmetic, 3, out_dir=part, **kwargs)
     assert resumed.n_sampled == n_total - 5 == len(asked)
-    assert resumed.to_dict() | {"rollouts_path": None, "n_sampled": 0} == full.to_dict() | {"rollouts_path": None, "n_sampled": 0}
+    same = {"rollouts_path": None, "n_sampled": 0}
+    assert resumed.to_dict() | same == full.to_dict() | same
     assert [[r.tokens for r in rs] for rs in resumed.rollouts] == [[r.tokens for r in rs] for rs in full.rollouts]
     after = (part / FILE_NAME).read_text().splitlines(keepends=True)
     assert after[:6] == lines[:6] and len(after) == n_total + 1

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
@@ -107,7 +107,7 @@ class ResamplingResult:
         return self.accuracy[1:]
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: v for k, v in asdict(self).items() if k != "rollouts"}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "rollouts"}  # not asdict: no copies
         out["rollouts_path"] = None if self.rollouts_path is None else str(self.rollouts_path)
         return {**out, "acc_without": self.acc_without, "acc_with": self.acc_with}
 

@@ -7,8 +7,8 @@ at once (`on_rollout`, e.g. a line of a resumable file) and stop costing compute
 of the batch is done the live rows move to the front of the cache, in place, and the batch
 narrows to them (SmolLM2, 1 CPU thread, a 1,500-token context: a row costs ~17 ms a step and
 moving one ~5 ms, so a compaction pays for itself within a step or two; gathering the rows into
-a new buffer instead cost 10 × more). Rows a batch holds
-follow a memory budget (`rows_per_batch`).
+a new buffer instead cost 10 × more). Rows a batch holds follow a memory budget (`rows_per_batch`).
+Temperature 0 decodes one row and copies it: every rollout is the greedy continuation.
 
 Seeds, the rule a rollout's tokens follow (documented so anyone can reproduce one):
 - rollout `index` of a prefix has its own seed `rollout_seed(seed, key, index)`: the first 8 bytes
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from hookedcot.hooked import HookedCoT
 
 FIRST_CANDIDATES = 64  # top-p looks at this many tokens first, 8 × more for rows whose mass falls short
-COMPACT_FRACTION = 0.25  # gather the live rows into a smaller batch once this fraction of the batch is done
+COMPACT_FRACTION = 0.25  # narrow the batch to its live rows once this fraction of it is done
 CPU_BUDGET = 2 << 30  # bytes of KV cache and per-row buffers on a CPU (capped at a quarter of free RAM)
 GPU_BUDGET_FRACTION = 0.5  # of the free GPU memory
 
@@ -134,7 +134,9 @@ def rollout_answer(text: str, think: tuple[str, str] | None = THINK) -> str | No
 
 @torch.inference_mode()
 def sample_tokens(logits: Tensor, u: Tensor, sampling: Sampling) -> Tensor:
-    """Each row's next token from its logits [b, vocab] and its uniform u [b] (the module's rule)."""
+    """Each row's next token from its logits [b, vocab] and its uniform u [b] (the module's rule).
+    Top-p reads the FIRST_CANDIDATES most likely tokens (8 × more for a row whose mass falls short)
+    instead of sorting the vocabulary; without top-p or top-k every step sorts it whole."""
     if sampling.temperature == 0:
         return logits.argmax(-1)
     z = logits.float() / sampling.temperature
@@ -208,7 +210,8 @@ def sample_rollouts(
     asking for 0..9. `on_rollout(r)` is called as each one finishes; `fwd_hooks` stay on for the
     prefix and every step (a finished row can leave the batch between steps)."""
     sampling = Sampling(temperature, top_p, top_k, max_new_tokens, tuple(stop_strings or ()), stop_at_eos, eos_token_id)
-    prefix = [int(t) for t in (prefix_tokens.reshape(-1).tolist() if isinstance(prefix_tokens, Tensor) else prefix_tokens)]
+    ids = prefix_tokens.reshape(-1).tolist() if isinstance(prefix_tokens, Tensor) else prefix_tokens
+    prefix = [int(t) for t in ids]
     key = prefix_key(prefix) if key is None else key
     wanted = list(range(n)) if indices is None else sorted(set(int(i) for i in indices))
     jobs = [(i, rollout_seed(seed, key, i)) for i in wanted]
@@ -220,7 +223,8 @@ def sample_rollouts(
             if on_rollout is not None:
                 on_rollout(r)
 
-        for r in run_prefix(model, prefix, jobs, sampling, think=think, memory_budget=memory_budget, fwd_hooks=fwd_hooks):
+        for r in run_prefix(model, prefix, jobs, sampling, think=think, memory_budget=memory_budget,
+                            fwd_hooks=fwd_hooks):
             finished(r)
     return sorted(out, key=lambda r: r.index)
 

@@ -11,9 +11,13 @@ Two choices make these cosines discriminate, measured on SmolLM2-135M (middle la
   ~100 × the norm of the others (norm 21,806 against 150-190), so with it every pair of
   sentences had cosine 1.00;
 - the vectors are centered on a reference text's mean token residual (for `resample_steps`, the
-  trace's own reasoning): without it unrelated sentences still scored 0.82-0.91 against 0.97-0.98
-  for paraphrases; centered, paraphrases score 0.68-0.81 and unrelated sentences -0.6-0.36.
-Any callable (a: str, b: str) -> float can replace it (e.g. a sentence-transformers model).
+  trace's own reasoning): uncentered, unrelated sentences still scored 0.82-0.91 against
+  0.97-0.98 for paraphrases. Centered on a short arithmetic reasoning, two paraphrase pairs
+  scored 0.91 ("I made an error ... backtrack" / "I made a mistake ... reconsider") and 0.65
+  ("So 12 times 7 equals 84" / "Multiplying 12 by 7 gives 84"), unrelated pairs -0.07-0.62.
+So the scale is not MiniLM's: the paper's 0.8 is a starting point, not a calibrated threshold for
+every model; read `n_kept`, or pass any callable (a: str, b: str) -> float (e.g. a
+sentence-transformers model's cosine) as `similarity`.
 """
 
 from __future__ import annotations
