@@ -25,11 +25,11 @@ from hookedcot.cot.suppression import SuppressionResult, suppress_steps
 from hookedcot.cot.trace import THINK, CoT
 
 MEASURES = ("resampling", "counterfactual", "forced", "attention", "suppression")
-LABELS = {
-    "resampling": "resampling importance: KL(answers without the step || with it)",
-    "counterfactual": "counterfactual importance: the same, over rollouts whose new step differs",
-    "forced": "forced importance: change in the answer's log-probability when forced after the step",
-    "vertical": "vertical score: attention the step receives from steps ≥ k later (receiver heads)",
+LABELS = {  # short: the page's measure switch shows them; the README and docstrings say the rest
+    "resampling": "resampling (KL, answers without ‖ with the step)",
+    "counterfactual": "counterfactual (the same, differing resamples only)",
+    "forced": "forced (Δ log p of the answer)",
+    "vertical": "vertical score (receiver heads)",
 }
 
 
