@@ -78,14 +78,19 @@ class Attention(nn.Module):
         q = run(self.hook_rot_q, apply_rotary(q, cos, signed_sin))
         key = run(self.hook_rot_k, apply_rotary(key, cos, signed_sin))
         q, key, v = q.transpose(1, 2), key.transpose(1, 2), v.transpose(1, 2)  # b heads p k
-        if past is not None:
-            key, v = past.write(self.layer, key, v)  # b g s k: cached prefix + these positions
-        if run.listens(self.hook_attn_scores) or run.listens(self.hook_pattern):
-            z = self._explicit(q, key, v, run, mask)
+        explicit = run.listens(self.hook_attn_scores) or run.listens(self.hook_pattern)
+        if past is not None and past.shared_prefix and not explicit:
+            key, v = past.write_own(self.layer, key, v)  # b g s k: the positions after the shared prefix
+            z = self._shared_prefix(q, key, v, *past.prefix(self.layer), mask)
         else:
-            z = F.scaled_dot_product_attention(
-                q, key, v, attn_mask=mask.bool_mask, is_causal=mask.is_causal, enable_gqa=h != g
-            )
+            if past is not None:
+                key, v = past.write(self.layer, key, v)  # b g s k: cached prefix + these positions
+            if explicit:
+                z = self._explicit(q, key, v, run, mask)
+            else:
+                z = F.scaled_dot_product_attention(
+                    q, key, v, attn_mask=mask.bool_mask, is_causal=mask.is_causal, enable_gqa=h != g
+                )
         z = run(self.hook_z, z.transpose(1, 2))  # b p h k
         if run.listens(self.hook_result):
             w_o = self.o_proj.weight.view(-1, h, k)  # d h k
@@ -104,6 +109,35 @@ class Attention(nn.Module):
         scores = run(self.hook_attn_scores, scores)
         pattern = run(self.hook_pattern, torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype))
         return torch.matmul(pattern, v)
+
+    def _shared_prefix(self, q: Tensor, key: Tensor, v: Tensor, prefix_key: Tensor, prefix_v: Tensor,
+                       mask: "AttentionMask") -> Tensor:
+        """Attention over [shared prefix ‖ each row's own positions] (SharedPrefixKVCache): the
+        prefix part is ONE matrix product for every row and query head of a kv group, [g, b·rep·q, k]
+        @ [g, k, P], where an expanded cache does b matrix-vector products over b copies; the own
+        part is per row. One softmax over both parts (float32, shared max and sum), as the explicit
+        path's. q: b h q k; key/v: b g s k; prefix_key/prefix_v: g P k."""
+        if mask.key_valid is not None:
+            raise ValueError(
+                "a shared-prefix KV cache has no padding: every row continues the same prefix; pass "
+                "attention_mask=None (or all ones), or use a KVCache per row for padded batches"
+            )
+        b, h, n, k = q.shape
+        g, s = self.n_kv_heads, key.shape[2]
+        rn = h // g * n  # query rows per kv head and batch row: (rep, q)
+        q = q.reshape(b, g, rn, k)
+        own = torch.matmul(q, key.transpose(2, 3)) * self.scaling  # b g rn s
+        if n > 1:  # causal within the new positions; the prefix is visible to all
+            blocked = torch.arange(s, device=q.device)[None] > torch.arange(s - n, s, device=q.device)[:, None]
+            own = own.masked_fill(blocked.repeat(h // g, 1), float("-inf"))
+        pre = torch.matmul(q.transpose(0, 1).reshape(g, b * rn, k), prefix_key.transpose(1, 2)) * self.scaling
+        pre, own = pre.view(g, b, rn, -1).float(), own.float().transpose(0, 1)  # g b rn P|s
+        top = torch.maximum(pre.amax(-1, keepdim=True), own.amax(-1, keepdim=True))
+        pre, own = (pre - top).exp(), (own - top).exp()
+        total = pre.sum(-1, keepdim=True) + own.sum(-1, keepdim=True)
+        pre, own = (pre / total).to(q.dtype), (own / total).to(q.dtype)
+        z = torch.matmul(pre.view(g, b * rn, -1), prefix_v).view(g, b, rn, k) + torch.matmul(own, v.transpose(0, 1))
+        return z.transpose(0, 1).reshape(b, h, n, k)
 
 
 class MLP(nn.Module):
