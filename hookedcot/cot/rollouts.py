@@ -1,13 +1,14 @@
 """Sampled continuations ("rollouts") of a prefix, all rows sharing the prefix's KV cache.
 
-The prefix runs once (batch 1) into a KV cache; its keys and values are copied to every row and
-its last logits give every row's first token, so N rollouts cost one prefill plus N rows of
-decoding, not N prefills. Rows that finish (eos, a stop string, `max_new_tokens`) are handed back
+The prefix runs once (batch 1) into a KV cache; its keys and values are held once for every row
+(`SharedPrefixKVCache`: each decode step reads them once for all rows, one matrix product per kv
+head group, instead of once per row) and its last logits give every row's first token, so N
+rollouts cost one prefill plus N rows of decoding, not N prefills. Rows that finish (eos, a stop string, `max_new_tokens`) are handed back
 at once (`on_rollout`, e.g. a line of a resumable file) and stop costing compute: once a quarter
 of the batch is done the live rows move to the front of the cache, in place, and the batch
-narrows to them (SmolLM2, 1 CPU thread, a 1,500-token context: a row costs ~17 ms a step and
-moving one ~5 ms, so a compaction pays for itself within a step or two; gathering the rows into
-a new buffer instead cost 10 × more). Rows a batch holds follow a memory budget (`rows_per_batch`).
+narrows to them (moving a row copies its new positions only; measured before the prefix was
+shared, when a move copied the whole context: SmolLM2, 1 CPU thread, 1,500 tokens, a row cost
+~17 ms a step and moving one ~5 ms, and gathering the rows into a new buffer 10 × more). Rows a batch holds follow a memory budget (`rows_per_batch`).
 Temperature 0 decodes one row and copies it: every rollout is the greedy continuation.
 
 Seeds, the rule a rollout's tokens follow (documented so anyone can reproduce one):
@@ -41,7 +42,7 @@ from tqdm.auto import tqdm
 from hookedcot.cot.answers import extract_answer
 from hookedcot.cot.trace import THINK
 from hookedcot.kernels import decode_kernels
-from hookedcot.kv_cache import KVCache
+from hookedcot.kv_cache import KVCache, SharedPrefixKVCache
 
 if TYPE_CHECKING:
     from hookedcot.hooked import HookedCoT
@@ -256,7 +257,7 @@ def run_prefix(
             for index, seed in jobs:
                 yield Rollout(index, seed, list(greedy.tokens), greedy.text, greedy.answer, greedy.finish)
             return
-        rows = rows_per_batch(model, len(prefix) + sampling.max_new_tokens, memory_budget)
+        rows = rows_per_batch(model, sampling.max_new_tokens, memory_budget)  # the prefix is held once
         n_batches = -(-len(jobs) // rows)
         size = -(-len(jobs) // n_batches)
         for lo in range(0, len(jobs), size):
@@ -265,15 +266,13 @@ def run_prefix(
 
 def _decode(model: "HookedCoT", prefix_cache: KVCache, last: Tensor, jobs: Sequence[tuple[int, int]],
             sampling: Sampling, think: tuple[str, str] | None) -> Iterator[Rollout]:
-    """One batch: the prefix cache copied to each row, then decode until every row is done."""
+    """One batch: every row continues the prefix's cache (held once, not copied per row), then
+    decode until every row is done."""
     from hookedcot.generate import _stop_ids
 
     dev, p, n_new = model.device, prefix_cache.length, sampling.max_new_tokens
     b = len(jobs)
-    cache = KVCache(model.cfg, b, p + n_new, model.dtype, dev)
-    cache.keys[:, :, :, :p] = prefix_cache.keys[:, :, :, :p]
-    cache.values[:, :, :, :p] = prefix_cache.values[:, :, :, :p]
-    cache.length = p
+    cache = SharedPrefixKVCache(prefix_cache, b, n_new)
     u = torch.stack([uniforms(seed, n_new) for _, seed in jobs]).to(dev)
     stops = set(_stop_ids(model, sampling.eos_token_ids)) if sampling.stop_at_eos else set()
     tok = model.tokenizer
@@ -312,13 +311,15 @@ def _decode(model: "HookedCoT", prefix_cache: KVCache, last: Tensor, jobs: Seque
         logits = model(next_in[:, None], past_kv=cache, last_logits_only=True)[:, -1]
 
 
-def _compact(cache: KVCache, keep: list[int]) -> None:
+def _compact(cache: SharedPrefixKVCache, keep: list[int]) -> None:
     """Move the kept rows (ascending) to the front of the batch in place, copying only the filled
-    positions, and narrow the cache to them: no new buffer, nothing copied for rows that stay put."""
+    positions, and narrow the cache to them: no new buffer, nothing copied for rows that stay put
+    (the shared prefix is no row's and stays where it is)."""
+    filled = cache.length - cache.prefix_len
     for slot, row in enumerate(keep):
         if slot != row:  # slot < row: the row in `slot` has moved already or is done
-            cache.keys[:, slot, :, : cache.length] = cache.keys[:, row, :, : cache.length]
-            cache.values[:, slot, :, : cache.length] = cache.values[:, row, :, : cache.length]
+            cache.keys[:, slot, :, :filled] = cache.keys[:, row, :, :filled]
+            cache.values[:, slot, :, :filled] = cache.values[:, row, :, :filled]
     cache.keys, cache.values = cache.keys[:, : len(keep)], cache.values[:, : len(keep)]
 
 
