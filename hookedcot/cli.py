@@ -212,6 +212,9 @@ def cot_cmd(args: argparse.Namespace) -> int:
 
     model = _load(args.model, args.dtype, args.device)
     think = None if args.no_think else tuple(args.think.split(",", 1))
+    if think is not None and len(think) != 2:
+        raise SystemExit(f"--think {args.think!r}: give the opening and closing delimiters as 'open,close', "
+                         "e.g. '<think>,</think>', or --no-think")
     result = analyze_cot(
         model, args.prompt, measures=args.measures.split(","), correct_answer=args.correct_answer, chat=not args.no_chat,
         think=think, max_trace_tokens=args.max_trace_tokens, n_rollouts=args.n_rollouts, temperature=args.temperature,

@@ -98,3 +98,21 @@ def test_the_example_writes_results_summary_and_figures(smol_model, tmp_path, mo
     assert json.loads((out / "results.json").read_text())["n_steps"] == results["n_steps"] > 0
     assert (out / "cot.html").exists() and (out / "importance_by_step.png").exists()
     sys.modules.pop("cot_anchors", None)
+
+
+def test_a_saved_analysis_without_an_answer_to_force_loads(smol_model, tmp_path):
+    cot = CoT.from_text(smol_model, PROMPT, " Tom has some apples. He buys a few more of them.", think=None)
+    result = analyze_cot(smol_model, cot, measures=["forced", "attention"], progress=False, proximity=1)
+    assert result.forced.answer is None and all(math.isnan(x) for x in result.forced.logprob)
+    loaded = CoTAnalysis.load(result.save(tmp_path / "none"))
+    assert json.dumps(loaded.rows()) == json.dumps(result.rows()) and loaded.summary()
+
+
+def test_latent_traces_get_a_clear_error_for_token_only_measures(smol_model, cot):
+    import copy as copy_
+
+    latent = copy_.copy(cot)
+    latent.embeds = smol_model.embed(__import__("torch").tensor([cot.tokens]))
+    with pytest.raises(ValueError, match="measures=\\('attention', 'suppression'\\)"):
+        analyze_cot(smol_model, latent)
+    assert analyze_cot(smol_model, latent, measures=["attention"], proximity=1).attention is not None

@@ -94,6 +94,8 @@ def test_other_step_rules():
     ("The answer is 1,000.", "1,000"),
     ("the final answer is: blue.", "blue"),
     ("We get 3 then 4.0 apples", "4.0"),
+    ("answer: 1/2", "1/2"),
+    ("The answer is 12/5 = 2.4", "12/5"),
     ("no answer here", None),
     ("", None),
 ])
@@ -114,10 +116,14 @@ COMPLETION = " Tom starts with 3 apples. He buys 2 more apples. So 3 + 2 = 5 app
 
 
 def check_token_map(cot: CoT) -> None:
-    """Spans tile the reasoning's tokens; each token's first non-space character is in its step."""
-    start, end = cot.reasoning_tokens
-    assert [s.tokens for s in cot.steps][0][0] == start
+    """Spans tile the reasoning's tokens; each token's first non-space character is in its step;
+    every token with a non-space character inside the reasoning belongs to a step."""
     assert all(a.tokens[1] == b.tokens[0] for a, b in zip(cot.steps, cot.steps[1:]))
+    r0, r1 = cot.reasoning_chars
+    for pos, (lo, hi) in enumerate(cot.token_chars):
+        inside = cot.text[max(lo, r0):min(hi, r1)]
+        if inside.strip():
+            assert cot.step_of(pos) is not None, (pos, cot.text[lo:hi])
     for step in cot.steps:
         for pos in step.positions:
             lo, hi = cot.token_chars[pos]
@@ -200,3 +206,27 @@ def test_forced_answers_do_not_depend_on_the_batching(smol_model):
     assert row_by_row.logprob == pytest.approx(one_batch.logprob, abs=1e-4)
     assert row_by_row.forced_answer == one_batch.forced_answer
     assert one_batch.forcing == "\n\nTherefore, the final answer is \\boxed{"  # no think block: no </think>
+
+
+# ----------------------------------------------------------------------- rollout answers
+def test_a_rollout_is_read_with_the_reasoning_it_completes(smol_model):
+    from hookedcot.cot.importance import rollout_outcome
+    from hookedcot.cot.rollouts import Rollout
+
+    cot = CoT.from_text(smol_model, PROMPT, COMPLETION, think=None, correct_answer="5")
+    last = cot.n_steps  # after "The answer is 5.": the prefix already states the answer
+    ended = Rollout(0, 1, [], "", None, "eos")
+    assert rollout_outcome(cot, last, ended) == "5"
+    cut_off = Rollout(0, 1, [], " Then we count 12 more and", None, "length")
+    assert rollout_outcome(cot, 1, cut_off) is None  # a number mid-reasoning is not an answer
+    assert rollout_outcome(cot, 1, Rollout(0, 1, [], " So it is 7 apples.", None, "eos")) == "7"
+    assert rollout_outcome(cot, 1, Rollout(0, 1, [], " The answer is 6 and we", None, "length")) == "6"
+    think = CoT.from_text(smol_model, PROMPT, " <think>\nWe add 3 and 2 together. That gives 5 apples.\n</think> 5")
+    closed = Rollout(0, 1, [], " Or 4 apples.</think> The answer is \\boxed{4}", None, "eos")
+    assert rollout_outcome(think, 1, closed) == "4"
+
+
+def test_correct_answers_are_strings_and_a_trace_without_delimiters_has_no_think_block(smol_model):
+    cot = CoT.from_text(smol_model, PROMPT, COMPLETION, correct_answer=5)
+    assert cot.correct_answer == "5" and cot.is_correct and cot.think is None
+    assert force_answers(smol_model, cot, answer_tokens=0).forcing.startswith("\n\nTherefore")

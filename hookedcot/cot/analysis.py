@@ -9,14 +9,18 @@ suppression. The result has one row per step (`to_pandas`), `save(dir)` / `CoTAn
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from hookedcot.cot.attention import StepAttention, step_attention
+import torch
+
+from hookedcot.cot.attention import StepAttention, save_figure, step_attention
 from hookedcot.cot.forced import ForcedAnswers, force_answers
 from hookedcot.cot.importance import ResamplingResult, resample_steps
 from hookedcot.cot.page import write_html
@@ -63,13 +67,14 @@ class CoTAnalysis:
         return self.attention.receiver_heads(top_k=self.settings.get("top_k_heads", 16), k=self.settings.get("proximity", 4))
 
     def receiver_vertical_scores(self) -> list[float]:
-        """Per step, the vertical score averaged over the receiver heads."""
+        """Per step, the vertical score averaged over the receiver heads (NaNs left out)."""
         k = self.settings.get("proximity", 4)
         scores = self.attention.vertical_scores(k)
         heads = self.receiver_heads()
         if not heads:
             return [math.nan] * self.cot.n_steps
-        return [float(x) for x in sum(scores[l, h] for l, h, _ in heads) / len(heads)]
+        rows = torch.stack([scores[self.attention.layers.index(l), h] for l, h, _ in heads])
+        return [float(x) for x in torch.nanmean(rows.double(), dim=0)]
 
     def rows(self) -> list[dict[str, Any]]:
         """One dict per step: index, text, token span, and every measure (None where not run)."""
@@ -118,7 +123,7 @@ class CoTAnalysis:
         return cls(
             cot=CoT.load(out / "cot.json"),
             resampling=None if data["resampling"] is None else _resampling_from_dict(data["resampling"]),
-            forced=None if data["forced"] is None else ForcedAnswers(**{k: v for k, v in data["forced"].items() if k != "importance"}),
+            forced=None if data["forced"] is None else _forced_from_dict(data["forced"]),
             attention=None if data["attention"] is None else StepAttention.from_dict(data["attention"]),
             suppression=None if data["suppression"] is None else SuppressionResult.from_dict(data["suppression"]),
             settings=data["settings"], seconds=data["seconds"],
@@ -210,12 +215,17 @@ def analyze_cot(
     unknown = sorted(set(measures) - set(MEASURES))
     if unknown:
         raise ValueError(f"unknown measure(s) {unknown}; choose from {', '.join(MEASURES)}")
+    correct_answer = None if correct_answer is None else str(correct_answer)
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     if isinstance(question_or_cot, CoT):
-        cot = question_or_cot
+        cot = copy.copy(question_or_cot)  # the caller's trace keeps its own correct_answer
         if correct_answer is not None:
             cot.correct_answer = correct_answer
+        token_only = sorted(set(measures) & {"resampling", "counterfactual", "forced"})
+        if cot.embeds is not None and token_only:
+            raise ValueError(f"{', '.join(token_only)} need a token trace; this CoT has latent positions: "
+                             "pass measures=('attention', 'suppression')")
     else:
         cot = CoT.generate(model, question_or_cot, chat=chat, think=think, steps=steps,
                            max_new_tokens=max_trace_tokens, correct_answer=correct_answer)
@@ -226,6 +236,7 @@ def analyze_cot(
                 "top_k_heads": top_k_heads, "forcing": forcing}
     result = CoTAnalysis(cot, settings=settings, seconds=seconds)
     if cot.n_steps == 0:
+        warnings.warn(f"the trace has no reasoning steps (reasoning {cot.reasoning!r}); nothing was measured", stacklevel=2)
         return result
     if "resampling" in measures or "counterfactual" in measures:
         t = time.perf_counter()
@@ -246,6 +257,12 @@ def analyze_cot(
         result.suppression = suppress_steps(model, cot)
         seconds["suppression"] = time.perf_counter() - t
     return result
+
+
+def _forced_from_dict(data: dict[str, Any]) -> ForcedAnswers:
+    kept = {k: v for k, v in data.items() if k != "importance"}
+    kept["logprob"] = [math.nan if v is None else v for v in kept["logprob"]]  # JSON wrote NaN as null
+    return ForcedAnswers(**kept)
 
 
 def _resampling_from_dict(data: dict[str, Any]) -> ResamplingResult:
@@ -270,16 +287,13 @@ def _write_csv(rows: list[dict[str, Any]], path: Path) -> Path:
 
 def _plot_measures(result: CoTAnalysis, path: Path) -> Path:
     """One bar chart per measure that was run, steps on the x axis (labelled with their start)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     names = [n for n in ("resampling", "counterfactual", "forced", "vertical")
              if any(v is not None for v in result.measure(n))]
     n_steps = result.cot.n_steps
-    fig, axes = plt.subplots(max(len(names), 1), 1, figsize=(max(6, 0.35 * n_steps + 2), 2.2 * max(len(names), 1) + 0.6),
-                             squeeze=False)
+    fig = Figure(figsize=(max(6, 0.35 * n_steps + 2), 2.2 * max(len(names), 1) + 0.6))
+    axes = fig.subplots(max(len(names), 1), 1, squeeze=False)  # no pyplot: a notebook's backend stays as it is
     for ax, name in zip(axes[:, 0], names):
         values = [math.nan if v is None else v for v in result.measure(name)]
         ax.bar(range(n_steps), values, color="tab:orange" if name != "vertical" else "tab:blue")
@@ -289,10 +303,7 @@ def _plot_measures(result: CoTAnalysis, path: Path) -> Path:
     axes[-1, 0].set_xticks(range(n_steps), labels, rotation=60, ha="right", fontsize=7)
     if not names:
         axes[0, 0].set_title("no per-step measure was run")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _finite(x: Any) -> float | None:

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import re
 
-_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+"
+_NUMBER = r"-?\$?\d[\d,]*(?:\.\d+)?(?:/\d+(?![\d.]))?|-?\.\d+"
 _ANSWER_IS = re.compile(
     r"(?:the\s+(?:final\s+)?answer\s+is|final\s+answer\s*[:=]|answer\s*[:=])\s*:?\s*([^\n]+)", re.IGNORECASE
 )
 
 
-def extract_answer(text: str | None) -> str | None:
-    """The answer `text` commits to, as written (normalise with `normalize_answer`), or None."""
+def extract_answer(text: str | None, last_number: bool = True) -> str | None:
+    """The answer `text` commits to, as written (normalise with `normalize_answer`), or None.
+    `last_number=False` accepts only an explicit answer (a box or "the answer is"): what a text cut
+    off mid-reasoning may be read for."""
     if not text:
         return None
     boxed = last_boxed(text)
@@ -32,7 +34,7 @@ def extract_answer(text: str | None) -> str | None:
             return number.group(1)
         tail = re.split(r"(?<=[^\d])\.(?:\s|$)", tail)[0].strip()
         return tail.rstrip(".").strip() or None
-    numbers = re.findall(_NUMBER, text)
+    numbers = re.findall(_NUMBER, text) if last_number else []
     return numbers[-1] if numbers else None
 
 

@@ -78,6 +78,9 @@ def force_answers(
     answer = answer if answer is not None else (cot.correct_answer or cot.answer)
     forcing_ids = tok.encode(forcing, add_special_tokens=False)
     answer_ids = tok.encode(answer, add_special_tokens=False) if answer else []
+    in_context = tok.encode(forcing + answer, add_special_tokens=False) if answer else []
+    if in_context[: len(forcing_ids)] == forcing_ids:  # the answer as it tokenizes after the forcing string
+        answer_ids = in_context[len(forcing_ids):]
     if not forcing_ids:
         raise ValueError("the forcing string is empty; the answer needs a position to be read from")
     ends = [len(cot.prefix(k)) for k in range(cot.n_steps + 1)]

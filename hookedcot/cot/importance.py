@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from hookedcot.cot.answers import answers_match, normalize_answer
+from hookedcot.cot.answers import answers_match, extract_answer, normalize_answer
 from hookedcot.cot.rollout_store import RolloutStore, trace_fingerprint
 from hookedcot.cot.rollouts import Rollout, Sampling, prefix_key, rollout_seed, run_prefix
 from hookedcot.cot.similarity import ResidualSimilarity
@@ -185,23 +185,49 @@ def measure_importance(cot: CoT, rollouts: list[list[Rollout]], similarity: Simi
     reference = cot.correct_answer or cot.answer
     rule = cot.meta.get("step_rule", "sentences")
     rule = rule if isinstance(rule, str) and (rule in ("sentences", "lines") or rule.startswith("re:")) else "sentences"
-    counts = [answer_counts(r.answer for r in rs) for rs in rollouts]
-    accuracy = [_accuracy(rs, reference) for rs in rollouts]
+    answers = [[rollout_outcome(cot, k, r) for r in rs] for k, rs in enumerate(rollouts)]
+    counts = [answer_counts(a) for a in answers]
+    accuracy = [_accuracy(a, reference) for a in answers]
     firsts = [[first_step(r.text, rule) for r in rs] for rs in rollouts[:-1]]
     if hasattr(similarity, "prepare"):  # batch the vectors of every text it will see
         similarity.prepare([t for fs in firsts for t in fs if t] + [s.text for s in cot.steps])
     importance, counterfactual, acc_cf, n_kept = [], [], [], []
     for i, step in enumerate(cot.steps):
         importance.append(answer_kl(counts[i], counts[i + 1], smoothing))
-        kept = [r for r, keep in zip(rollouts[i], keep_different(firsts[i], step.text, similarity, threshold)) if keep]
-        counterfactual.append(answer_kl(answer_counts(r.answer for r in kept), counts[i + 1], smoothing))
+        kept = [a for a, keep in zip(answers[i], keep_different(firsts[i], step.text, similarity, threshold)) if keep]
+        counterfactual.append(answer_kl(answer_counts(kept), counts[i + 1], smoothing))
         acc_cf.append(_accuracy(kept, reference))
         n_kept.append(len(kept))
     return ResamplingResult(cot.step_texts, reference, len(rollouts[0]), threshold, smoothing, accuracy, counts,
                             importance, counterfactual, acc_cf, n_kept, rollouts=rollouts)
 
 
-def _accuracy(rollouts: Sequence[Rollout], reference: str | None) -> float:
-    if reference is None or not rollouts:
+def rollout_outcome(cot: CoT, k: int, rollout: Rollout) -> str | None:
+    """The answer a rollout of prefix k commits to, read from the whole reasoning it completes
+    (the trace's reasoning before step k, then the rollout's text), as `CoT.answer` reads a trace:
+    after the closing think delimiter when the rollout writes one; else from the reasoning itself —
+    only an explicit answer (a box, "the answer is") when the rollout was cut off at
+    `max_new_tokens` (its last number is then mid-reasoning), any answer otherwise. So a rollout
+    of a prefix that already states the answer keeps it, and a cut-off one counts as no answer."""
+    close = cot.think[1] if cot.think else None
+    if close and close in rollout.text:
+        before, after = rollout.text.rsplit(close, 1)
+        if extract_answer(after) is not None:
+            return extract_answer(after)
+        text = _reasoning_before(cot, k) + before
+    else:
+        text = _reasoning_before(cot, k) + rollout.text
+    return extract_answer(text, last_number=rollout.finish != "length")
+
+
+def _reasoning_before(cot: CoT, k: int) -> str:
+    """The trace's reasoning text before step k (what prefix k holds of it)."""
+    r0 = cot.reasoning_chars[0]
+    end = cot.steps[k].chars[0] if k < cot.n_steps else cot.reasoning_chars[1]
+    return cot.text[r0:max(r0, end)]
+
+
+def _accuracy(answers: Sequence[str | None], reference: str | None) -> float:
+    if reference is None or not answers:
         return float("nan")
-    return sum(answers_match(r.answer, reference) for r in rollouts) / len(rollouts)
+    return sum(answers_match(a, reference) for a in answers) / len(answers)

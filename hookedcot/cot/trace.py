@@ -62,7 +62,7 @@ class CoT:
         self.answer_chars = (int(answer_chars[0]), int(answer_chars[1]))
         self.steps = list(steps)
         self.think = tuple(think) if think is not None else None
-        self.correct_answer = correct_answer
+        self.correct_answer = None if correct_answer is None else str(correct_answer)
         self.meta = dict(meta or {})
         self.embeds = None  # [1, pos, d_model] for traces with latent positions (CoT.from_latent)
         if len(self.token_chars) != len(self.tokens):
@@ -100,6 +100,8 @@ class CoT:
             if t not in specials:
                 content_end = max(content_end, hi)
         r0, r1, a0, a1 = _locate(text, prompt_end, content_end, think)
+        if think is not None and not any(tag and tag in text[max(0, prompt_end - 64):] for tag in think):
+            think = None  # neither delimiter in the trace: answer-forcing and rollouts should not close a block
         spans = [(r0 + a, r0 + b) for a, b in step_spans(text[r0:r1], steps)]
         step_list = _steps_with_tokens(text, chars, spans, (r0, r1))
         rule = steps if isinstance(steps, str) else type(steps).__name__
