@@ -115,28 +115,26 @@ class Attention(nn.Module):
         """Attention over [shared prefix ‖ each row's own positions] (SharedPrefixKVCache): the
         prefix part is ONE matrix product for every row and query head of a kv group, [g, b·rep·q, k]
         @ [g, k, P], where an expanded cache does b matrix-vector products over b copies; the own
-        part is per row. One softmax over both parts (float32, shared max and sum), as the explicit
-        path's. q: b h q k; key/v: b g s k; prefix_key/prefix_v: g P k."""
+        part is per row; one softmax over both (float32, as the explicit path's).
+        q: b h q k; key/v: b g s k; prefix_key/prefix_v: g P k."""
         if mask.key_valid is not None:
             raise ValueError(
                 "a shared-prefix KV cache has no padding: every row continues the same prefix; pass "
                 "attention_mask=None (or all ones), or use a KVCache per row for padded batches"
             )
         b, h, n, k = q.shape
-        g, s = self.n_kv_heads, key.shape[2]
+        g, n_pre, s = self.n_kv_heads, prefix_key.shape[1], key.shape[2]
         rn = h // g * n  # query rows per kv head and batch row: (rep, q)
-        q = q.reshape(b, g, rn, k)
-        own = torch.matmul(q, key.transpose(2, 3)) * self.scaling  # b g rn s
+        q = q.reshape(b, g, rn, k).transpose(0, 1)  # g b rn k
+        pre = torch.matmul(q.reshape(g, b * rn, k), prefix_key.transpose(1, 2)).view(g, b, rn, n_pre)
+        own = torch.matmul(q, key.transpose(0, 1).transpose(2, 3))  # g b rn s
+        scores = torch.cat([pre, own], dim=-1) * self.scaling
         if n > 1:  # causal within the new positions; the prefix is visible to all
             blocked = torch.arange(s, device=q.device)[None] > torch.arange(s - n, s, device=q.device)[:, None]
-            own = own.masked_fill(blocked.repeat(h // g, 1), float("-inf"))
-        pre = torch.matmul(q.transpose(0, 1).reshape(g, b * rn, k), prefix_key.transpose(1, 2)) * self.scaling
-        pre, own = pre.view(g, b, rn, -1).float(), own.float().transpose(0, 1)  # g b rn P|s
-        top = torch.maximum(pre.amax(-1, keepdim=True), own.amax(-1, keepdim=True))
-        pre, own = (pre - top).exp(), (own - top).exp()
-        total = pre.sum(-1, keepdim=True) + own.sum(-1, keepdim=True)
-        pre, own = (pre / total).to(q.dtype), (own / total).to(q.dtype)
-        z = torch.matmul(pre.view(g, b * rn, -1), prefix_v).view(g, b, rn, k) + torch.matmul(own, v.transpose(0, 1))
+            scores[..., n_pre:].masked_fill_(blocked.repeat(h // g, 1), float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        z = torch.matmul(probs[..., :n_pre].reshape(g, b * rn, n_pre), prefix_v).view(g, b, rn, k)
+        z = z + torch.matmul(probs[..., n_pre:], v.transpose(0, 1))
         return z.transpose(0, 1).reshape(b, h, n, k)
 
 

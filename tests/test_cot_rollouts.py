@@ -105,6 +105,23 @@ def test_a_batched_rollout_equals_the_same_rollout_run_alone_also_when_rows_fini
     assert alone[0].tokens == batched[6].tokens and alone[0].index == 6
 
 
+def test_a_hook_reading_the_pattern_sees_every_row_attend_to_the_whole_prefix_and_changes_nothing(tiny):
+    kwargs = dict(max_new_tokens=6, temperature=1.0, seed=3, stop_at_eos=False, progress=False)
+    plain = sample_rollouts(tiny, PREFIX, 4, **kwargs)
+    shapes = []
+
+    def record(pattern, hook):  # b h q s: the prefix copied to each row for the hooks
+        shapes.append(tuple(pattern.shape))
+        assert torch.allclose(pattern.sum(-1), torch.ones(()))
+        if pattern.shape[2] == 1:  # a decode step: the whole prefix is visible
+            assert (pattern[..., : len(PREFIX)] > 0).all()
+
+    hooked = sample_rollouts(tiny, PREFIX, 4, fwd_hooks=[("blocks.0.attn.hook_pattern", record)], **kwargs)
+    assert [r.tokens for r in hooked] == [r.tokens for r in plain]
+    h = tiny.cfg.n_heads
+    assert shapes == [(1, h, len(PREFIX), len(PREFIX))] + [(4, h, 1, len(PREFIX) + t) for t in range(1, 6)]
+
+
 def test_seeded_rollouts_are_reproducible_and_a_longer_budget_extends_them(tiny):
     a = sample_rollouts(tiny, PREFIX, 4, max_new_tokens=6, seed=5, stop_at_eos=False, progress=False)
     b = sample_rollouts(tiny, PREFIX, 4, max_new_tokens=6, seed=5, stop_at_eos=False, progress=False)

@@ -12,7 +12,7 @@ from hookedcot import HookedCoT
 from hookedcot.kv_cache import KVCache, SharedPrefixKVCache
 
 ROWS = 3
-ATOL = 1e-5
+ATOL = 3e-5  # logits up to ~55 here: the cached and the full forward, or SDPA and the explicit path, differ by 1.4e-5
 
 
 @pytest.fixture(scope="module")
