@@ -166,7 +166,9 @@ def test_kl_is_zero_for_identical_distributions_and_matches_a_hand_computation()
 def test_counterfactual_filter_keeps_exactly_the_dissimilar_rollouts(arithmetic):
     cot = arithmetic
     n = cot.n_steps + 1
-    texts = ["Same idea again. Then 84.", "A new plan. So 70.", "", "Same thing. Answer 84.", "Other route. 14."]
+    # cut off ("length") but each closes its think block and answers after it; "" says nothing
+    texts = ["Same idea again.</think> Then 84.", "A new plan.</think> So 70.", "", "Same thing.</think> Answer 84.",
+             "Other route.</think> 14."]
     answers = ["84", "70", None, "84", "14"]
     rollouts = [[Rollout(i, 0, [], t, a, "length", prefix=k) for i, (t, a) in enumerate(zip(texts, answers))]
                 for k in range(n)]
