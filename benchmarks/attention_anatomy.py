@@ -25,6 +25,7 @@ from benchmarks.common import (
     Settings, budget_verdict, checkpoint_folder, checkpoint_shape, interleaved, log, paired_ratio, random_tokens,
     result, short, stats,
 )
+from benchmarks.load_child import status_bytes
 from benchmarks.processes import close, start_tool
 
 NAME = "attention_anatomy"
@@ -67,14 +68,6 @@ def run_case(tool, case: str, tokens: torch.Tensor, spans: list, steps: list[int
         suppress_steps(model, tokens=tokens, spans=spans, steps=steps)
 
 
-def _status_bytes(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def peak_child(folder: str, dtype_name: str, device: str, threads: int, case: str, tokens, spans, steps) -> dict:
     """Runs in a fresh spawned process: the memory one case adds to a loaded model."""
     import ctypes
@@ -99,7 +92,7 @@ def peak_child(folder: str, dtype_name: str, device: str, threads: int, case: st
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            before = _status_bytes("VmRSS")
+            before = status_bytes("VmRSS")
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # VmHWM := VmRSS (Linux ≥ 4.0)
@@ -107,7 +100,7 @@ def peak_child(folder: str, dtype_name: str, device: str, threads: int, case: st
         except OSError:
             reset = False
         run_case(model, case, tokens, spans, steps)
-        peak = torch.cuda.max_memory_allocated() if gpu else _status_bytes("VmHWM")
+        peak = torch.cuda.max_memory_allocated() if gpu else status_bytes("VmHWM")
     return {"before": before, "peak": peak, "extra": peak - before, "hwm_reset": reset or gpu}
 
 

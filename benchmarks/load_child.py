@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 
-def _status_bytes(field: str) -> int:
+def status_bytes(field: str) -> int:
+    """A /proc/self/status size field (VmRSS, VmHWM) in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -26,7 +27,7 @@ def _peak_rss_bytes() -> int:
     """This process's peak RSS. VmHWM, not ru_maxrss: on Linux, exec records the forked parent's
     high-water mark into the child's ru_maxrss, so a child of a big benchmark process would
     report the parent's size (seen: every tool at the parent's 2.8 GiB)."""
-    hwm = _status_bytes("VmHWM")
+    hwm = status_bytes("VmHWM")
     return hwm or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
@@ -65,7 +66,7 @@ def _child(tool: str, source: str, dtype_name: str, threads: int, device: str = 
 
         load = lambda: load_tool(tool, Path(source), dtype, device)  # noqa: E731  (TL's path loads HF first)
     import_s = time.perf_counter() - t0
-    before = _status_bytes("VmRSS")
+    before = status_bytes("VmRSS")
     t1 = time.perf_counter()
     model = load()
     done()
