@@ -11,7 +11,7 @@ and attention suppression (the KL on each later sentence when no head may read i
 Writes `results.json` (every number), `summary.md` (the per-step table), `cot.html` (the trace,
 shaded; click a step for its links), PNG figures, `cot.json` and `rollouts/` (resumable).
 
-    python examples/cot_anchors.py                                   # SmolLM2-135M, 6 rollouts, CPU
+    python examples/cot_anchors.py                                   # SmolLM2-135M, 6 rollouts, CPU, ~1 min
     python examples/cot_anchors.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B --device cuda \\
         --dtype bfloat16 --think "<think>,</think>" --n-rollouts 100 --max-new-tokens 2048 \\
         --max-trace-tokens 4096 --proximity 4 --question "..." --correct-answer "..."
@@ -44,7 +44,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--question", default=QUESTION)
     p.add_argument("--correct-answer", default=ANSWER)
     p.add_argument("--n-rollouts", type=int, default=6, help="rollouts per cut point (the paper: 100)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="per rollout")
+    p.add_argument("--max-new-tokens", type=int, default=160,
+                   help="per rollout (a rollout cut off before it answers counts as no answer)")
     p.add_argument("--max-trace-tokens", type=int, default=256, help="for the greedy trace")
     p.add_argument("--temperature", type=float, default=0.6)
     p.add_argument("--top-p", type=float, default=0.95)

@@ -105,7 +105,7 @@ def test_answer_extraction(text, expected):
 
 def test_numeric_answers_compare_after_normalisation():
     assert normalize_answer("1,000") == normalize_answer("1000.0") == normalize_answer("$1000") == "1000"
-    assert normalize_answer("12.50") == "12.5" and normalize_answer(".5") == "0.5"
+    assert normalize_answer("12.50") == "12.5" and normalize_answer(".5") == "0.5" and normalize_answer("\"2\"") == "2"
     assert answers_match("5", " 5.") and answers_match("\\text{Blue}", "blue")
     assert not answers_match("5", "50") and not answers_match(None, None)
 

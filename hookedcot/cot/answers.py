@@ -58,10 +58,10 @@ def last_boxed(text: str) -> str | None:
 
 def normalize_answer(answer: str | None) -> str | None:
     """A canonical form: numbers without commas, `$`, `+` or a zero fraction (`12.50` -> `12.5`);
-    other text stripped of spaces, `$`, surrounding `\\text{}` and a trailing period, lower-cased."""
+    other text stripped of spaces, quotes, `*`, `$`, surrounding `\\text{}` and a trailing period, lower-cased."""
     if answer is None:
         return None
-    s = answer.strip().strip("$").strip()
+    s = answer.strip().strip("\"'`*").strip().strip("$").strip()
     s = re.sub(r"^\\text\{(.*)\}$", r"\1", s)
     s = s.rstrip(".").strip()
     plain = s.replace(",", "").replace("$", "").lstrip("+")
