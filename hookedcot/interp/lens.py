@@ -8,7 +8,9 @@
 Rows for `sources="resid"`: the residual entering each block (`"{L}_pre"`; row 0 is the
 embedding) and the residual after the last block (`"final_post"`). Each row goes through the final
 RMSNorm and the unembedding exactly as the model's own output does, so the `"final_post"` row *is*
-the model's logits (bit for bit). `"attn_out"` / `"mlp_out"` rows unembed each block's attention
+the model's logits (bit for bit). With `tuned=` (a `hookedcot.dictionaries.TunedLens`), each
+`"{L}_pre"` row first goes through translator L (`lens="tuned"` on the result and in plot titles);
+a lens with zero translators gives the logit lens exactly. `"attn_out"` / `"mlp_out"` rows unembed each block's attention
 or MLP output alone, put through the final norm **on its own scale** (its own RMS, not the full
 residual's) — a view of what the component writes, not an additive decomposition (for that use
 `cache.decompose_resid` with `cache.apply_ln_to_stack`).
@@ -64,6 +66,7 @@ class LogitLens:
     position_labels: list[str]
     targets: list[int] = field(default_factory=list)
     target_labels: list[str] = field(default_factory=list)
+    lens: str = "logit"  # "logit" or "tuned"
 
     def for_target(self, target: int | str = 0) -> dict[str, Result]:
         """{"prob", "logit", "rank"} as 2-d Results [layer, position] for one target (its index or label)."""
@@ -97,9 +100,9 @@ class LogitLens:
         for t in range(len(self.targets)):
             parts = self.for_target(t)
             label = repr(self.target_labels[t])
-            paths.append(parts["prob"].plot(Path(directory) / f"{parts['prob'].name}.png", title=f"logit lens: P({label})",
+            paths.append(parts["prob"].plot(Path(directory) / f"{parts['prob'].name}.png", title=f"{self.lens} lens: P({label})",
                                             cmap="viridis", center=None, value_label="probability"))
-            paths.append(parts["logit"].plot(Path(directory) / f"{parts['logit'].name}.png", title=f"logit lens: logit of {label}",
+            paths.append(parts["logit"].plot(Path(directory) / f"{parts['logit'].name}.png", title=f"{self.lens} lens: logit of {label}",
                                              value_label="logit"))
         return paths
 
@@ -113,12 +116,14 @@ def run_logit_lens(
     sources: str | Sequence[str] = "resid",
     top_k: int = 5,
     attention_mask: Tensor | None = None,
+    tuned: Any = None,
 ) -> LogitLens:
     """The logit lens of one sequence (a string, or token ids [pos] / [1, pos]).
 
     `positions` (any form positions.py documents; default: every non-padding position) limits
     what is kept. `sources`: "resid", "attn_out", "mlp_out" or a list (`LENS_SOURCES`); rows are
-    in firing order ("0_pre", "0_attn_out", "0_mlp_out", "1_pre", ..., "final_post")."""
+    in firing order ("0_pre", "0_attn_out", "0_mlp_out", "1_pre", ..., "final_post"). `tuned`: a
+    TunedLens whose translator L is applied to row "{L}_pre" (resid rows only) before unembedding."""
     tokens, attention_mask = _one_sequence(model, input, attention_mask)
     n_pos = tokens.shape[1]
     pos = resolve_positions(positions, n_pos)
@@ -128,13 +133,18 @@ def run_logit_lens(
     if bad := [c for c in chosen if c not in LENS_SOURCES]:
         raise ValueError(f"unknown lens sources {bad}; choose from {list(LENS_SOURCES)}")
     target_ids, target_labels = _targets(model, targets)
+    if tuned is not None and chosen != ["resid"]:
+        raise ValueError(f"a tuned lens translates the residual only; use sources='resid' with tuned=, got {chosen}")
+
 
     names: list[tuple[str, str]] = []  # (row label, hook name) in firing order
+    row_layers: list[int] = []
     for layer in range(model.cfg.n_layers):
         for source in chosen:
             hook_short = "resid_pre" if source == "resid" else source
             label = f"{layer}_pre" if source == "resid" else f"{layer}_{source}"
             names.append((label, get_act_name(hook_short, layer)))
+            row_layers.append(layer)
     kept: dict[str, Tensor] = {}
     index = torch.tensor(pos, device=tokens.device)
 
@@ -154,7 +164,12 @@ def run_logit_lens(
     tid = torch.tensor(target_ids, dtype=torch.long, device=logits.device)
     for r in range(n_rows):
         # The final row is the model's own output: its logits, not a recomputation.
-        row_logits = logits[0, index] if r == len(kept_rows) else model.unembed_resid(kept_rows[r])[0]
+        if r == len(kept_rows):
+            row_logits = logits[0, index]
+        elif tuned is not None:
+            row_logits = tuned.logits(model, kept_rows[r], row_layers[r])[0]
+        else:
+            row_logits = model.unembed_resid(kept_rows[r])[0]
         logp = torch.log_softmax(row_logits.float(), dim=-1)  # [n_pos, vocab]
         values, ids = logp.topk(k, dim=-1)
         top_ids[r], top_p[r] = ids.cpu(), values.exp().cpu()
@@ -169,11 +184,13 @@ def run_logit_lens(
     top_tokens = [[_token_strings(model, top_ids[r, i].tolist()) for i in range(len(pos))] for r in range(n_rows)]
     labels = {"target": target_labels, "layer": rows, "position": pos_labels}
     meta = {"positions": pos, "targets": target_ids, "sources": chosen}
+    if tuned is not None:
+        meta["lens"] = "tuned"
     results: dict[str, Result | None] = {}
     for i, kind in enumerate(("prob", "logit", "rank")):
         results[kind] = Result(stats[i], ("target", "layer", "position"), labels, name=f"lens_{kind}", meta=meta) if target_ids else None
     return LogitLens(results["prob"], results["logit"], results["rank"], top_ids, top_tokens, top_p.tolist(), rows,
-                     pos, pos_labels, target_ids, target_labels)
+                     pos, pos_labels, target_ids, target_labels, lens="logit" if tuned is None else "tuned")
 
 
 def _one_sequence(model: Any, input: str | Tensor, attention_mask: Tensor | None) -> tuple[Tensor, Tensor | None]:
