@@ -1,9 +1,21 @@
 """Readers of the residual stream: dictionaries (SAEs) attached by hook name, and the tuned lens.
 
 `load_sae` reads SAELens and EleutherAI sparsify folders; an `SAE` knows its hook name, encodes,
-decodes, saves in the SAELens layout and splices itself in (`sae.hook(edit=FeatureEdit(...))`).
+decodes, saves in the SAELens layout and splices itself in (`sae.hook(edit=FeatureEdit(...))`);
+`evaluate_accuracy` measures a problem set's accuracy once per intervention (Wilson intervals).
 """
 
+from hookedcot.dictionaries.evaluation import Accuracy, accuracy_table, evaluate_accuracy, load_problems, wilson_interval
 from hookedcot.dictionaries.sae import SAE, FeatureEdit, load_sae, sparsify_hook_name
 
-__all__ = ["SAE", "FeatureEdit", "load_sae", "sparsify_hook_name"]
+__all__ = [
+    "SAE",
+    "Accuracy",
+    "FeatureEdit",
+    "accuracy_table",
+    "evaluate_accuracy",
+    "load_problems",
+    "load_sae",
+    "sparsify_hook_name",
+    "wilson_interval",
+]
