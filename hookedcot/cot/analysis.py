@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from hookedcot.cot.attention import StepAttention, save_figure, step_attention
+from hookedcot.cot.attention import StepAttention, nan_to_none, save_figure, step_attention
 from hookedcot.cot.forced import ForcedAnswers, force_answers
 from hookedcot.cot.importance import ResamplingResult, resample_steps
 from hookedcot.cot.page import write_html
@@ -113,7 +113,7 @@ class CoTAnalysis:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.cot.save(out / "cot.json")
-        (out / "analysis.json").write_text(json.dumps(_jsonable(self.to_dict()), indent=1, ensure_ascii=False))
+        (out / "analysis.json").write_text(json.dumps(nan_to_none(self.to_dict()), indent=1, ensure_ascii=False))
         return out
 
     @classmethod
@@ -167,7 +167,7 @@ class CoTAnalysis:
         attention = None
         if self.attention is not None and self.receiver_heads():
             top_k, k = self.settings.get("top_k_heads", 16), self.settings.get("proximity", 4)
-            attention = _jsonable(self.attention.receiver_matrix(top_k=top_k, k=k).tolist())
+            attention = nan_to_none(self.attention.receiver_matrix(top_k=top_k, k=k).tolist())
         return {
             "title": f"Chain of thought: {self.cot.meta.get('question', self.cot.prompt)[:80]}",
             "prompt": self.cot.meta.get("question", self.cot.prompt), "answer": self.cot.answer,
@@ -175,7 +175,7 @@ class CoTAnalysis:
             "steps": [{"index": s.index, "text": s.text, "tokens": list(s.tokens)} for s in self.cot.steps],
             "measures": measures, "measure_labels": {k: LABELS[k] for k in measures},
             "attention": attention,
-            "suppression": None if self.suppression is None else _jsonable(self.suppression.matrix.tolist()),
+            "suppression": None if self.suppression is None else nan_to_none(self.suppression.matrix.tolist()),
             "receiver_heads": [{"layer": l, "head": h, "kurtosis": _finite(k)} for l, h, k in self.receiver_heads()],
         }
 
@@ -311,14 +311,3 @@ def _finite(x: Any) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
-
-
-def _jsonable(x: Any) -> Any:
-    """NaN and infinities become None (JSON has neither)."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x

@@ -380,9 +380,12 @@ class StepAttention:
 
 # ---------------------------------------------------------------- helpers shared with suppression.py
 def nan_to_none(x: Any) -> Any:
-    if isinstance(x, list):
+    """JSON-able: NaN (and ±inf, which JSON has neither) become None, through lists, tuples, dicts."""
+    if isinstance(x, dict):
+        return {k: nan_to_none(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
         return [nan_to_none(v) for v in x]
-    return None if isinstance(x, float) and math.isnan(x) else x
+    return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
 def none_to_nan(x: Any) -> Any:

@@ -65,12 +65,17 @@ def head_sites(model: Any, layers: Any = None, heads: Any = None) -> HeadSites |
 
 
 def _check_head(head: Any, n_heads: int) -> int:
+    return _index(head, n_heads, f"head {head!r} does not exist: this model has {n_heads} heads per layer")
+
+
+def _index(value: Any, n: int, problem: str) -> int:
+    """`value` as an int in 0..n-1 (not a bool), else ValueError: `problem` and the valid range."""
     try:
-        index = operator.index(head)
+        index = operator.index(value)
     except TypeError:
         index = -1
-    if isinstance(head, bool) or not 0 <= index < n_heads:
-        raise ValueError(f"head {head!r} does not exist: this model has {n_heads} heads per layer (0..{n_heads - 1})")
+    if isinstance(value, bool) or not 0 <= index < n:
+        raise ValueError(f"{problem} (0..{n - 1})")
     return index
 
 
@@ -102,13 +107,7 @@ def check_steps(steps: Any, n_steps: int) -> list[int]:
         return list(range(n_steps))
     out = []
     for step in [steps] if isinstance(steps, int) else list(steps):
-        try:
-            index = operator.index(step)
-        except TypeError:
-            index = -1
-        if isinstance(step, bool) or not 0 <= index < n_steps:
-            raise ValueError(f"step {step!r} does not exist: the trace has {n_steps} steps (0..{n_steps - 1})")
-        out.append(index)
+        out.append(_index(step, n_steps, f"step {step!r} does not exist: the trace has {n_steps} steps"))
     return sorted(set(out))
 
 
