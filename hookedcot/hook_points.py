@@ -4,7 +4,8 @@ Two kinds of hooks:
 - *persistent* hooks (`model.add_hook`) stay until `model.reset_hooks()` and every thread sees them;
 - *scoped* hooks (`run_with_hooks`, `run_with_cache`, `with model.hooks(...)`, `generate(fwd_hooks=)`)
   live in a `contextvars.ContextVar`: they vanish when their call returns or raises, and another
-  thread running the same model never sees them.
+  thread running the same model never sees them. Each belongs to the model that installed it: a
+  second model run inside the block (a diffing partner, a source of patched features) sees none.
 
 At the start of each forward pass the two are merged once into a `HookRun`; each hook point then
 costs one dict lookup when nothing listens. Everything a hook might need but the forward does not
@@ -59,7 +60,7 @@ class Hook:
         return int(self.positions[0]) if len(self.positions) else 0
 
 
-_SCOPED: contextvars.ContextVar[tuple[tuple[str, HookFn], ...]] = contextvars.ContextVar(
+_SCOPED: contextvars.ContextVar[tuple[tuple[object, str, HookFn], ...]] = contextvars.ContextVar(
     "hookedcot_scoped_hooks", default=()
 )
 
@@ -93,10 +94,11 @@ def resolve_hooks(
 
 
 class scoped_hooks:
-    """Context manager installing (name, fn) pairs for the current thread/context only."""
+    """Context manager installing (name, fn) pairs on `owner` (a model), for the current
+    thread/context only."""
 
-    def __init__(self, hooks: list[tuple[str, HookFn]]):
-        self.hooks = tuple(hooks)
+    def __init__(self, hooks: list[tuple[str, HookFn]], owner: object):
+        self.hooks = tuple((owner, name, fn) for name, fn in hooks)
         self._token: contextvars.Token | None = None
 
     def __enter__(self) -> "scoped_hooks":
@@ -119,8 +121,9 @@ class HookRun:
         positions: Tensor,
         position_ids: Tensor | None,
         attention_mask: Tensor | None,
+        owner: object = None,
     ):
-        scoped = _SCOPED.get()
+        scoped = [(name, fn) for who, name, fn in _SCOPED.get() if who is owner]
         if scoped:
             active = {name: list(fns) for name, fns in persistent.items()}
             for name, fn in scoped:

@@ -104,7 +104,7 @@ class HookedCoT(Transformer):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         if return_type in ("loss", "both") and tokens is None and stop_at_layer is None:
             raise ValueError("return_type='loss' needs token ids (the targets); it cannot be computed from embeddings")
-        run = HookRun(self._persistent, positions, position_ids, attention_mask)
+        run = HookRun(self._persistent, positions, position_ids, attention_mask, owner=self)
         out = super().forward(
             x, run, position_ids, attention_mask, past_kv,
             start_at_layer=None if start_at_layer is None else self._layer_index(start_at_layer, "start_at_layer"),
@@ -185,7 +185,7 @@ class HookedCoT(Transformer):
     def hooks(self, fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = ()) -> Iterator["HookedCoT"]:
         """`with model.hooks(fwd_hooks=[(name, fn)]):` — hooks for this block and this thread only,
         removed on exit, also when the block raises."""
-        with scoped_hooks(self._resolve(fwd_hooks)):
+        with scoped_hooks(self._resolve(fwd_hooks), owner=self):
             yield self
 
     def run_with_hooks(self, *args: Any, fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = (), **kwargs: Any) -> Any:
@@ -206,7 +206,7 @@ class HookedCoT(Transformer):
     def active_hook_names(self) -> list[str]:
         """Hook points a forward run here and now would call hooks on: persistent hooks plus
         those scoped to this thread by enclosing `hooks()` blocks."""
-        return sorted(HookRun(self._persistent, no_positions(), None, None).active)
+        return sorted(HookRun(self._persistent, no_positions(), None, None, owner=self).active)
 
     def cache_names(self, names_filter: NamesFilter = None) -> list[str]:
         """The hook names a `names_filter` selects (None: everything but the opt-in hook_result)."""

@@ -111,6 +111,17 @@ def test_scoped_hooks_are_invisible_to_other_threads(model, tokens):
     assert not torch.allclose(hooked, baseline)
 
 
+def test_scoped_hooks_belong_to_the_model_that_installed_them(model, tokens):
+    """A second model run inside another's hook block (a diffing partner, a patch source) sees none of them."""
+    other = random_model(CFG, seed=5)
+    baseline, fired = other(tokens), []
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, h: fired.append(1) or x * 0)]):
+        torch.testing.assert_close(other(tokens), baseline, rtol=0, atol=0)
+        assert not fired and other.active_hook_names() == []
+        model(tokens)
+    assert fired == [1]
+
+
 def test_persistent_hooks_until_reset(model, tokens):
     baseline = model(tokens)
     model.add_hook("blocks.2.hook_mlp_out", lambda x, h: x * 0)

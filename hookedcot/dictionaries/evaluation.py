@@ -20,6 +20,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from hookedcot.cot.answers import answers_match, extract_answer
+from hookedcot.dictionaries.feature_patch import generate_with
 
 
 def wilson_interval(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -70,20 +71,19 @@ def evaluate_accuracy(
     batch_size: int = 8,
     progress: bool = True,
 ) -> list[Accuracy]:
-    """One `Accuracy` per intervention (name -> hooks, as `fwd_hooks=` takes them; default: a
-    baseline without hooks). `problems`: (question, answer) pairs, `interp.data.Problem`s, or dicts
+    """One `Accuracy` per intervention (name -> hooks, as `fwd_hooks=` takes them, and/or live
+    interventions such as `FeaturePatch`; default: a baseline without hooks). `problems`: (question, answer) pairs, `interp.data.Problem`s, or dicts
     with "question" and "answer"."""
     pairs = [_pair(p) for p in problems]
     prompts = [model.apply_chat_template([{"role": "user", "content": q}]) if chat else q for q, _ in pairs]
     out = []
-    for name, hooks in (interventions or {"baseline": ()}).items():
-        hooks = list(hooks)
+    for name, spec in (interventions or {"baseline": ()}).items():
         completions: list[str] = []
         finished: list[bool] = []
         for lo in tqdm(range(0, len(prompts), batch_size), desc=f"accuracy: {name}", disable=not progress, leave=False):
             batch = prompts[lo : lo + batch_size]
             tokens, mask = model.tokenize(batch)
-            generated = model.generate(tokens, max_new_tokens, attention_mask=mask, fwd_hooks=hooks, return_type="tokens")
+            generated = generate_with(model, tokens, max_new_tokens, spec, attention_mask=mask, return_type="tokens")
             tok = model.tokenizer
             stops = set(getattr(tok, "eos_token_ids", []) or [])
             for row in generated[:, tokens.shape[1]:].tolist():

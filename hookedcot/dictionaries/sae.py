@@ -131,13 +131,14 @@ class FeatureEdit:
     position grammar, read against the absolute positions the hook sees, so it works during
     generation too). `op`: "zero", "scale" (by `value`), "clamp" (set to `value`), or "patch" (take
     the values of `source` [batch or 1, pos, d_sae], e.g. another model's features on the same
-    tokens, at the same absolute positions)."""
+    tokens, at the same absolute positions; or a callable `source(hook)` giving them at
+    `hook.positions`, as `FeaturePatch` does while a model generates)."""
 
     op: str
     features: Sequence[int] | None = None  # None: every feature
     value: float = 0.0
     positions: Any = None
-    source: Tensor | None = None
+    source: Tensor | Callable[[Any], Tensor] | None = None
     _compiled: Positions = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -149,7 +150,7 @@ class FeatureEdit:
 
     def __call__(self, features: Tensor, hook: Any) -> Tensor:
         where = self._compiled(hook.positions)  # [p] bool, or None for every position
-        cols = slice(None) if self.features is None else torch.as_tensor(list(self.features), device=features.device)
+        cols = slice(None) if self.features is None else torch.as_tensor(list(self.features), dtype=torch.long, device=features.device)
         out = features.clone()
         rows = slice(None) if where is None else where.to(features.device)
         current = out[:, rows][..., cols]
@@ -160,12 +161,20 @@ class FeatureEdit:
         elif self.op == "clamp":
             new = torch.full_like(current, self.value)
         else:
-            src = self.source.to(features.device, features.dtype)[:, hook.positions][:, rows][..., cols]
-            new = src.expand_as(current)
+            new = self._source_at(hook).to(features.device, features.dtype)[:, rows][..., cols].expand_as(current)
         block = out[:, rows]
         block[..., cols] = new
         out[:, rows] = block
         return out
+
+    def _source_at(self, hook: Any) -> Tensor:
+        if callable(self.source):
+            return self.source(hook)
+        if len(hook.positions) and int(hook.positions.max()) >= self.source.shape[1]:
+            raise ValueError(f"the patch source covers {self.source.shape[1]} positions but {hook.name} reads position "
+                             f"{int(hook.positions.max())}; during generation patch from a model running alongside "
+                             "(hookedcot.dictionaries.FeaturePatch)")
+        return self.source[:, hook.positions.to(self.source.device)]
 
 
 # ---------------------------------------------------------------------------------------- loading
