@@ -95,12 +95,15 @@ def test_training_recovers_the_true_features_and_their_owners(trained):
 
 def test_latent_scaling_equals_a_least_squares_fit_over_all_tokens(trained):
     coder, _ = trained
+    scale = torch.tensor([2.0, 0.5])  # raw activations = normalised ones / scale: the fit is in the normalised space
+    coder = CrossCoder(coder.W_enc, coder.b_enc, coder.W_dec, coder.b_dec, input_scale=scale,
+                       architecture=coder.architecture, k=coder.k, threshold=coder.threshold, models=coder.models)
     batches = list(synthetic(5, n_batches=3))
     features = best_matches(coder)[1][::6].tolist()
-    scaling = latent_scaling(coder, batches, features)
+    scaling = latent_scaling(coder, [b / scale[:, None] for b in batches], features)
     # the slow obvious fit: stack every token, solve the least-squares problem per feature and model
     x = torch.cat(batches).double()
-    f = coder.encode(x.float()).double()
+    f = torch.cat([coder.encode(b / scale[:, None]) for b in batches]).double()
     W = coder.W_dec.detach().double()
     recon = torch.einsum("bl,lmd->bmd", f, W) + coder.b_dec.double()
     for i, j in enumerate(features):
@@ -147,6 +150,22 @@ def test_latent_scaling_tells_a_child_only_latent_from_a_shared_one_whose_base_d
     assert scaling.count.tolist() == (coder.encode(x)[:, [0, 1, 2, 12, 13]] > 0).sum(0).tolist()
     dead = latent_scaling(coder, [torch.zeros(4, 2, D)], [0])
     assert dead.flags() == ["inactive"]
+
+
+def test_latent_scaling_flags_a_chat_only_latent_that_a_base_only_latent_rebuilds_in_the_base():
+    coder, _ = exact_coder()
+    u = coder.W_dec[12, 1].clone()  # chat-only latent 12's direction ...
+    coder.W_dec[8, 0] = u  # ... is also base-only latent 8's, and the two fire together: Latent Decoupling
+    coder.W_enc[0, :, 8] = u
+    g = torch.Generator().manual_seed(10)
+    coef = (torch.rand(1000, 16, generator=g) < 0.2) * torch.rand(1000, 16, generator=g)
+    coef[:, 8] = coef[:, 12]
+    x = torch.einsum("bf,fmd->bmd", coef, coder.W_dec)
+    assert torch.allclose(coder.encode(x), coef, atol=1e-5)
+    scaling = latent_scaling(coder, [x], [12])
+    assert scaling.nu_reconstruction.item() == pytest.approx(1.0, rel=1e-4)  # the base reconstruction has it
+    assert abs(scaling.nu_error.item()) < 1e-4  # nothing left for latent 12 to explain in the base
+    assert scaling.flags(0.3) == ["latent decoupling"]
 
 
 # ------------------------------------------------------------------------------- hooks on a model
