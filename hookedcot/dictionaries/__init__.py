@@ -10,8 +10,8 @@ decodes, saves in the SAELens layout and splices itself in (`sae.hook(edit=Featu
 generates (`generate_with`); `evaluate_accuracy` measures a problem set's accuracy once per intervention (Wilson intervals).
 """
 
-from hookedcot.dictionaries.crosscoder import (CrossCoder, FeatureStats, LatentScaling, TrainingLog, feature_stats,
-                                               fraction_of_variance_explained, latent_scaling, train_crosscoder)
+from hookedcot.dictionaries.crosscoder import CrossCoder, TrainingLog, fraction_of_variance_explained, train_crosscoder
+from hookedcot.dictionaries.feature_analysis import FeatureStats, LatentScaling, feature_stats, latent_scaling
 from hookedcot.dictionaries.feature_patch import FeaturePatch, generate_with
 from hookedcot.dictionaries.evaluation import Accuracy, accuracy_table, evaluate_accuracy, load_problems, wilson_interval
 from hookedcot.dictionaries.sae import SAE, FeatureEdit, load_sae, sparsify_hook_name
