@@ -102,3 +102,26 @@ def test_misuse_is_explained(models, sae):
         base.generate(tokens, 2, fwd_hooks=[sae.hook(short)])
     with pytest.raises(ValueError, match="crosscoder"):
         FeaturePatch(child, sae, FEATURES, source=1)
+
+
+def test_a_crosscoder_patch_reads_the_source_view_and_writes_through_the_target_decoder(models):
+    from hookedcot.dictionaries.crosscoder import CrossCoder
+
+    base, child = models
+    g = torch.Generator().manual_seed(4)
+    W_enc, W_dec = torch.randn(2, 32, 48, generator=g) * 0.4, torch.randn(48, 2, 32, generator=g) * 0.4
+    coder = CrossCoder(W_enc, torch.randn(48, generator=g) * 0.1, W_dec, torch.randn(2, 32, generator=g) * 0.1,
+                       input_scale=torch.tensor([0.7, 1.3]), models=["base", "child"], hook_name=HOOK)
+    tokens = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(5))
+    patch = FeaturePatch(child, coder, FEATURES, source="child", target="base").prepare(tokens)
+    got = base.run_with_hooks(tokens, fwd_hooks=patch.fwd_hooks())
+    _, cb = base.run_with_cache(tokens, names_filter=HOOK)
+    _, cc = child.run_with_cache(tokens, names_filter=HOOK)
+    fb = (cb[HOOK] * 0.7 @ W_enc[0] + coder.b_enc).relu()  # each model's own view, by hand
+    fc = (cc[HOOK] * 1.3 @ W_enc[1] + coder.b_enc).relu()
+    delta = torch.zeros_like(fb)
+    delta[..., FEATURES] = fc[..., FEATURES] - fb[..., FEATURES]
+    patched = cb[HOOK] + (delta @ W_dec[:, 0]) / 0.7
+    want = base.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda x, hook: patched)])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, base(tokens), atol=1e-3)
