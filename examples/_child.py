@@ -16,7 +16,15 @@ Questions are split between training and evaluation by a hash of their text, so
 whatever the seeds.
 
     child = make_child("smollm2-135m-instruct", "hookedcot_out/children")
-    child.child_info  # {"from_cache": ..., "seconds": ..., "losses": [...], "folder": ...}
+    child.child_info  # {"from_cache": ..., "seconds": ..., "losses": [...], "folder": ..., "fingerprint": ...}
+    problems = held_out_problems(32)  # [(question, answer)] for dictionaries.evaluation.evaluate_accuracy
+
+The defaults, measured on 2 CPU cores: 30 AdamW steps of 8 problems (lr 3e-4, warm-up then cosine)
+take about 2 minutes (3.7 s a step; a cached child loads in about 1.5 s) and bring the reply loss
+from 1.3 to about 0.12 nats a token. Greedy, 64 new tokens, batches of 8 (about 18 s a model for 32
+problems, 25 s for 48): the child answers 6 / 32 and 8 / 48 held-out problems correctly (seed 1:
+7 / 32, 12 / 48), the base 0 / 32 and 0 / 48 — and still 0 / 32 given 256 new tokens. The child
+writes the short reasoning and "The answer is N."; both slip on the arithmetic itself.
 """
 
 from __future__ import annotations
@@ -154,7 +162,8 @@ def train(
             schedule.step()
             losses.append(loss.detach().item())
             if progress and (step % 10 == 0 or step == steps - 1):
-                print(f"  child step {step + 1}/{steps}: loss {losses[-1]:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                seconds = time.perf_counter() - t0
+                print(f"  child step {step + 1}/{steps}: loss {losses[-1]:.3f} ({seconds:.0f} s)", flush=True)
     finally:
         for p in params.values():
             p.requires_grad_(False)
@@ -198,7 +207,7 @@ def make_child(
     base_name_or_model: str | HookedCoT,
     cache_dir: str | Path,
     *,
-    steps: int = 40,
+    steps: int = 30,
     seed: int = 0,
     n_train: int = 480,
     lr: float = 3e-4,
@@ -212,7 +221,8 @@ def make_child(
     child = _base(base_name_or_model)
     params = trained_parameters(child, train_layers)
     if not params:
-        raise ValueError(f"train_layers={list(train_layers)} selects no parameters of a {child.cfg.n_layers}-layer model")
+        raise ValueError(f"train_layers={list(train_layers)} selects no block of this "
+                         f"{child.cfg.n_layers}-layer model; give layer indices 0..{child.cfg.n_layers - 1}")
     base_name = str(base_name_or_model) if isinstance(base_name_or_model, (str, Path)) else child.cfg.model_name
     fingerprint = {
         "format": FORMAT, "hookedcot": hookedcot.__version__, "base": base_name, "base_digest": _digest(params),
