@@ -167,3 +167,39 @@ def test_example_on_smollm2(module, check, smollm2, monkeypatch, tmp_path):
 def test_seed001_latent_steps_on_smollm2(smollm2, monkeypatch, tmp_path):
     r = run(seed001, smollm2, monkeypatch, tmp_path / "seed001", "--latent-steps", "3", "--layer-step", "10")
     check_seed001_latent(r, tmp_path / "seed001", smollm2.cfg.n_layers, 3)
+
+
+SEED003_ARGS = ("--n-problems", "4", "--max-new-tokens", "8", "--n-store", "16", "--d-latent", "64", "--steps", "20",
+                "--batch-size", "64", "--child-steps", "3", "--min-relative-norm", "0", "--top-features", "3")
+
+
+def test_seed003_runs_the_whole_diffing_pipeline_on_tiny_model(tiny, monkeypatch, tmp_path):
+    import seed003_crosscoder_diffing as seed003
+
+    monkeypatch.setattr(_common, "load_model", lambda args: tiny)
+    out = tmp_path / "seed003"
+    r = seed003.main(["--out", str(out), "--cache-dir", str(tmp_path / "children"), *SEED003_ARGS])
+    assert json.loads((out / "results.json").read_text()).keys() == r.keys()
+    for f in ("summary.md", "crosscoder_loss.png", "relative_norms.png", "accuracy.png", "feature_stats.json",
+              "crosscoder/crosscoder.safetensors", "crosscoder/config.json", "store/store.json"):
+        assert (out / f).is_file(), f
+    names = [a["name"] for a in r["accuracy"]]
+    assert names == ["base", "child", "base ← child features (patched)", "child, features zeroed",
+                     "child, features ×1.5", "child, features ×0.5"]
+    assert all(a["n"] == 4 and 0 <= a["ci95"][0] <= a["accuracy"] <= a["ci95"][1] <= 1 for a in r["accuracy"])
+    assert len(r["features"]) == 3 and r["store"]["tokens"] > 0 and set(r["crosscoder"]["fve"]) == {"base", "child"}
+    assert "| child, features ×0.5 |" in (out / "summary.md").read_text()
+    again = seed003.main(["--out", str(tmp_path / "again"), "--cache-dir", str(tmp_path / "children"), *SEED003_ARGS])
+    assert again["child"]["from_cache"] and again["accuracy"] == r["accuracy"]  # the child is reused, the run repeats
+
+
+def test_tuned_lens_example_on_tiny_model(tiny, monkeypatch, tmp_path):
+    import tuned_lens
+
+    monkeypatch.setattr(_common, "load_model", lambda args: tiny)
+    out = tmp_path / "tuned"
+    r = tuned_lens.main(["--out", str(out), "--n-prompts", "4", "--held-out", "1", "--max-new-tokens", "6", "--steps", "5"])
+    assert len(r["kl_per_layer"]["tuned"]) == len(r["kl_per_layer"]["logit"]) == tiny.cfg.n_layers
+    assert (out / "kl_per_layer.png").is_file() and (out / "lens" / "params.pt").is_file()
+    assert list((out / "tuned").glob("*.png")) and list((out / "logit").glob("*.png"))
+    assert "| mean |" in (out / "summary.md").read_text()
