@@ -11,13 +11,17 @@ The pipeline, in the seed's order:
 4. per-feature statistics (relative decoder norm: base-only / shared / child-only; top contexts)
    and Minder et al.'s latent scaling for the features chosen;
 5. interventions, each one a row of the accuracy table: the child's chosen features patched into
-   the base (the child runs in lockstep on the base's tokens), the features zeroed in the child,
-   and scaled ×1.5 and ×0.5 in the child. Every edit keeps the crosscoder's reconstruction error,
-   so only the chosen features change.
+   the base, every latent patched (a control: the base's activation becomes the child's up to the
+   reconstruction errors), the chosen features zeroed in the child, and scaled ×1.5 and ×0.5.
+   The other model runs in lockstep on the same tokens, so every edit reads the crosscoder's joint
+   latent (`FeaturePatch`, `JointEdit`), and keeps the reconstruction error: only the chosen
+   features change.
 
-Features chosen (`--top-features N`): the N with the highest mean activation among the
-child-leaning ones (relative decoder norm ≥ `--min-relative-norm`), as the seed ranked by mean
-activation; fewer if fewer qualify.
+Features chosen (`--top-features N`, `--select`): "shift" (default) ranks latents by how far
+patching them moves the base, the mean over the store of f_j · ||d_j^child − d_j^base||;
+"mean-activation" is the seed's ranking; "relative-norm" takes the highest mean activation among
+child-leaning latents (relative decoder norm ≥ `--min-relative-norm`), Minder et al.'s notion of
+a child feature.
 
 With no `--child`, the child is the base fine-tuned on generated step-by-step arithmetic
 (`examples/_child.py`, cached under `--cache-dir`). Any real pair sharing a tokenizer works:
@@ -43,7 +47,7 @@ import _child  # noqa: E402
 import _common as C  # noqa: E402
 
 from hookedcot.dictionaries import (  # noqa: E402
-    FeatureEdit, FeaturePatch, accuracy_table, collect_activations, evaluate_accuracy, feature_stats,
+    FeatureEdit, FeaturePatch, JointEdit, accuracy_table, collect_activations, evaluate_accuracy, feature_stats,
     fraction_of_variance_explained, latent_scaling, train_crosscoder,
 )
 
@@ -64,7 +68,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=400, help="crosscoder training steps")
     p.add_argument("--batch-size", type=int, default=512, help="crosscoder tokens per step")
     p.add_argument("--top-features", type=int, default=8)
-    p.add_argument("--min-relative-norm", type=float, default=0.6)
+    p.add_argument("--select", default="shift", choices=["shift", "relative-norm", "mean-activation"],
+                   help="how the child's features are chosen (module docstring)")
+    p.add_argument("--min-relative-norm", type=float, default=0.6, help="for --select relative-norm")
     p.add_argument("--child-steps", type=int, default=30, help="fine-tuning steps of the made child")
     p.add_argument("--eval-batch-size", type=int, default=8)
     p.add_argument("--cache-dir", default="hookedcot_out/children", help="where made children are kept")
@@ -91,9 +97,26 @@ def store_texts(model: Any, n: int, seed: int) -> list[str]:
             for p in _child.training_problems(n, seed=seed + 1)]
 
 
-def choose_features(stats: Any, n: int, min_relative_norm: float) -> list[int]:
-    live = [j for j in stats.top(stats.mean_activation.numel(), by="mean_activation") if stats.classes[j] != "dead"]
-    return [j for j in live if float(stats.relative_norm[j]) >= min_relative_norm][:n]
+@torch.no_grad()
+def decoder_shift(coder: Any, store: Any, hook: str) -> torch.Tensor:
+    """Per latent, the mean over the store's tokens of f_j · ||d_j^child − d_j^base|| (raw scale):
+    how far patching latent j from child into base moves the base's activation."""
+    gap = (coder.W_dec[:, 1] / coder.input_scale[1] - coder.W_dec[:, 0] / coder.input_scale[0]).norm(dim=-1)
+    total, n = torch.zeros(coder.d_latent, dtype=torch.float64), 0
+    for batch in store.batches(hook, 4096, shuffle=False):
+        total += (coder.encode(batch.acts) * gap).sum(0).double()
+        n += len(batch.tokens)
+    return (total / max(n, 1)).float()
+
+
+def choose_features(rule: str, stats: Any, shift: torch.Tensor, n: int, min_relative_norm: float) -> list[int]:
+    live = [j for j in range(len(stats.classes)) if stats.classes[j] != "dead"]
+    if rule == "shift":
+        return sorted(live, key=lambda j: -float(shift[j]))[:n]
+    ranked = [j for j in stats.top(len(stats.classes), by="mean_activation") if j in set(live)]
+    if rule == "mean-activation":
+        return ranked[:n]
+    return [j for j in ranked if float(stats.relative_norm[j]) >= min_relative_norm][:n]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -134,23 +157,24 @@ def main(argv: list[str] | None = None) -> dict:
     with C.step("4. feature statistics and latent scaling") as s:
         stats = feature_stats(coder, store, hook, top_k=5)
         stats.save(out / "feature_stats.json")
-        top = choose_features(stats, args.top_features, args.min_relative_norm)
+        shift = decoder_shift(coder, store, hook)
+        top = choose_features(args.select, stats, shift, args.top_features, args.min_relative_norm)
         scaling = latent_scaling(coder, store, top, hook_name=hook, base="base", child="child") if top else None
     timings["analysis"] = s.seconds
     classes = {c: stats.classes.count(c) for c in sorted(set(stats.classes))}
     print(f"  classes: {classes}; chosen features: {top}", flush=True)
 
     with C.step("5. interventions") as s:
+        patch = {"base ← child, chosen features": FeaturePatch(child, coder, top, source="child", target="base"),
+                 "base ← child, every latent (control)": FeaturePatch(child, coder, None, source="child", target="base")}
+        accuracy += evaluate_accuracy(base, problems, patch if top else dict(list(patch.items())[1:]), **ev)
         if top:
-            accuracy += evaluate_accuracy(
-                base, problems, {"base ← child features (patched)": FeaturePatch(child, coder, top, source="child", target="base")}, **ev)
             accuracy += evaluate_accuracy(child, problems, {
-                "child, features zeroed": [coder.hook("child", FeatureEdit("zero", top))],
-                "child, features ×1.5": [coder.hook("child", FeatureEdit("scale", top, value=1.5))],
-                "child, features ×0.5": [coder.hook("child", FeatureEdit("scale", top, value=0.5))],
-            }, **ev)
+                f"child, {name}": JointEdit(base, coder, edit, model="child") for name, edit in (
+                    ("features zeroed", FeatureEdit("zero", top)), ("features ×1.5", FeatureEdit("scale", top, value=1.5)),
+                    ("features ×0.5", FeatureEdit("scale", top, value=0.5)))}, **ev)
         else:
-            print(f"  no feature has a relative norm ≥ {args.min_relative_norm}: interventions skipped", flush=True)
+            print(f"  no feature qualifies (--select {args.select}): only the control ran", flush=True)
     timings["interventions"] = s.seconds
 
     figures(out, stats, accuracy)
@@ -162,7 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
         "store": {"tokens": store.n_tokens, "shards": len(store.shards), "texts": args.n_store},
         "crosscoder": {"architecture": args.architecture, "d_latent": args.d_latent, "steps": args.steps,
                        "final_loss": log.loss[-1], "final_l0": log.sparsity[-1], "fve": fve},
-        "classes": classes, "features": top,
+        "classes": classes, "features": top, "select": args.select, "shift": [float(shift[j]) for j in top],
+        "shift_total": float(shift.sum()),
         "feature_table": [stats.to_rows()[j] for j in top],
         "latent_scaling": None if scaling is None else {
             "nu_error": scaling.nu_error.tolist(), "nu_reconstruction": scaling.nu_reconstruction.tolist(),
@@ -184,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
         "## Accuracy", "", table, "",
         "## Features", "",
         f"Classes by relative decoder norm: {classes}.",
-        f"Chosen (child-leaning, relative norm ≥ {args.min_relative_norm}, by mean activation): {top or 'none'}.",
+        f"Chosen (--select {args.select}): {top or 'none'}; their decoder shift (mean f_j · ||d_j^child − d_j^base||): "
+        + ", ".join(f"{float(shift[j]):.3g}" for j in top) + f" (all latents: {float(shift.sum()):.3g}).",
         *([f"Latent scaling flags: " + ", ".join(f"{j}: {flag}" for j, flag in zip(top, scaling.flags()))] if scaling else []),
         "", "Top contexts of the first chosen features:", "", "```", *contexts, "```", "",
         f"Figures: crosscoder_loss.png, relative_norms.png, accuracy.png. Runtime {runtime:.1f} s "

@@ -184,7 +184,8 @@ def test_seed003_runs_the_whole_diffing_pipeline_on_tiny_model(tiny, monkeypatch
               "crosscoder/crosscoder.safetensors", "crosscoder/config.json", "store/store.json"):
         assert (out / f).is_file(), f
     names = [a["name"] for a in r["accuracy"]]
-    assert names == ["base", "child", "base ← child features (patched)", "child, features zeroed",
+    assert names == ["base", "child", "base ← child, chosen features", "base ← child, every latent (control)",
+                     "child, features zeroed",
                      "child, features ×1.5", "child, features ×0.5"]
     assert all(a["n"] == 4 and 0 <= a["ci95"][0] <= a["accuracy"] <= a["ci95"][1] <= 1 for a in r["accuracy"])
     assert len(r["features"]) == 3 and r["store"]["tokens"] > 0 and set(r["crosscoder"]["fve"]) == {"base", "child"}

@@ -9,7 +9,7 @@ import torch
 
 from hookedcot import ModelConfig
 from hookedcot.dictionaries.evaluation import evaluate_accuracy
-from hookedcot.dictionaries.feature_patch import FeaturePatch, generate_with
+from hookedcot.dictionaries.feature_patch import FeaturePatch, JointEdit, generate_with
 from hookedcot.dictionaries.sae import SAE, FeatureEdit
 from model_factory import CharTokenizer, random_model
 
@@ -104,24 +104,52 @@ def test_misuse_is_explained(models, sae):
         FeaturePatch(child, sae, FEATURES, source=1)
 
 
-def test_a_crosscoder_patch_reads_the_source_view_and_writes_through_the_target_decoder(models):
+def crosscoder():
     from hookedcot.dictionaries.crosscoder import CrossCoder
 
-    base, child = models
     g = torch.Generator().manual_seed(4)
-    W_enc, W_dec = torch.randn(2, 32, 48, generator=g) * 0.4, torch.randn(48, 2, 32, generator=g) * 0.4
-    coder = CrossCoder(W_enc, torch.randn(48, generator=g) * 0.1, W_dec, torch.randn(2, 32, generator=g) * 0.1,
-                       input_scale=torch.tensor([0.7, 1.3]), models=["base", "child"], hook_name=HOOK)
+    return CrossCoder(torch.randn(2, 32, 48, generator=g) * 0.4, torch.randn(48, generator=g) * 0.1,
+                      torch.randn(48, 2, 32, generator=g) * 0.4, torch.randn(2, 32, generator=g) * 0.1,
+                      input_scale=torch.tensor([0.7, 1.3]), models=["base", "child"], hook_name=HOOK)
+
+
+def joint_latent(coder, x_base, x_child):
+    """The crosscoder's joint latent, by hand."""
+    return (x_base * 0.7 @ coder.W_enc[0] + x_child * 1.3 @ coder.W_enc[1] + coder.b_enc).relu()
+
+
+def test_a_crosscoder_patch_swaps_the_features_decoder_contributions_on_the_joint_latent(models):
+    base, child = models
+    coder = crosscoder()
     tokens = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(5))
     patch = FeaturePatch(child, coder, FEATURES, source="child", target="base").prepare(tokens)
     got = base.run_with_hooks(tokens, fwd_hooks=patch.fwd_hooks())
     _, cb = base.run_with_cache(tokens, names_filter=HOOK)
     _, cc = child.run_with_cache(tokens, names_filter=HOOK)
-    fb = (cb[HOOK] * 0.7 @ W_enc[0] + coder.b_enc).relu()  # each model's own view, by hand
-    fc = (cc[HOOK] * 1.3 @ W_enc[1] + coder.b_enc).relu()
-    delta = torch.zeros_like(fb)
-    delta[..., FEATURES] = fc[..., FEATURES] - fb[..., FEATURES]
-    patched = cb[HOOK] + (delta @ W_dec[:, 0]) / 0.7
+    chosen = torch.zeros(2, 9, 48)
+    chosen[..., FEATURES] = joint_latent(coder, cb[HOOK], cc[HOOK])[..., FEATURES]
+    patched = cb[HOOK] + chosen @ coder.W_dec[:, 1] / 1.3 - chosen @ coder.W_dec[:, 0] / 0.7
     want = base.run_with_hooks(tokens, fwd_hooks=[(HOOK, lambda x, hook: patched)])
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(got, base(tokens), atol=1e-3)
+    with pytest.raises(ValueError, match="same model"):
+        FeaturePatch(child, coder, FEATURES, source="base", target="base")
+
+
+def test_a_joint_edit_during_generation_equals_the_edit_by_hand_over_the_generated_tokens(models):
+    base, child = models
+    coder = crosscoder()
+    prompt = torch.randint(1, 128, (1, 6), generator=torch.Generator().manual_seed(6))
+    edit = JointEdit(base, coder, FeatureEdit("scale", FEATURES, value=3.0), model="child")
+    out = generate_with(child, prompt, 8, [edit], stop_at_eos=False).clone()
+    assert not torch.equal(out, child.generate(prompt, 8, stop_at_eos=False))
+    _, cb = base.run_with_cache(out, names_filter=HOOK)
+
+    def by_hand(x, hook):
+        f = joint_latent(coder, cb[HOOK], x)
+        return x + (2.0 * f[..., FEATURES]) @ coder.W_dec[FEATURES, 1] / 1.3
+
+    logits = child.run_with_hooks(out, fwd_hooks=[(HOOK, by_hand)])
+    assert torch.equal(logits[0, 5:-1].argmax(-1), out[0, 6:])
+    one = JointEdit(base, coder, FeatureEdit("scale", FEATURES, value=1.0), model="child").prepare(out)
+    assert torch.equal(child.run_with_hooks(out, fwd_hooks=one.fwd_hooks()), child(out))  # ×1 is the identity

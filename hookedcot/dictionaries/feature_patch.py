@@ -1,21 +1,27 @@
-"""Patching dictionary features from one model's run into another's, on the same tokens, in a
-forward pass and while the patched model generates.
+"""Interventions that need a second model running on the same tokens: patching one model's
+dictionary features into another's run, and editing a crosscoder's joint latents, in a forward
+pass and while the edited model generates.
 
-A `FeaturePatch(source_model, dictionary, features)` is an intervention on the *target* model:
-at the dictionary's hook, the target's features (`features`, at `positions`) are replaced by the
-source model's features on the same tokens, and the change is decoded and added (the
-reconstruction error stays, so unpatched features keep the target's own activation exactly).
-During generation the source model runs in lockstep: `prepare` runs it over the prompt, and
-`on_token` (the `on_token=` callback of `generate`) feeds it each token the target has just
-chosen, before the target's next forward reads the source's features at that position. The
-source runs only up to the hooked block, with a KV cache of its own.
+The partner model runs in lockstep (`Lockstep`): `prepare` runs it over the prompt, and `on_token`
+(the `on_token=` callback of `generate`) feeds it each token the edited model has just chosen,
+before the edited model's next forward reads the partner's activation at that position. The
+partner runs only up to the hooked block, with a KV cache of its own.
 
-With an SAE (one model's dictionary, applied to two models that share its basis, e.g. a base
-model's SAE on its fine-tune) both sides use the same encoder and decoder; with a crosscoder, the
-source's features are its single-model view (`encode(x, model=source)`) and the target's edit
-goes through the target's own decoder (`hook(target, ...)`). Interventions of this kind (objects
-with `fwd_hooks()`, `prepare(...)` and `on_token(...)`) are accepted by `generate_with` and
-`evaluate_accuracy` beside plain `(hook name, function)` pairs.
+- `FeaturePatch(source_model, dictionary, features)` on the target model. With an **SAE** (one
+  model's dictionary on two models that share its basis, e.g. a base model's SAE on its fine-tune)
+  the target's features are replaced by the source's (encode both, swap, decode the change). With a
+  **crosscoder** both activations give one *joint* latent f, and the two models differ only in their
+  decoders; patching feature j from source s into target t replaces its contribution to t,
+  f_j d_j^t, by its contribution to s, f_j d_j^s. Patching every feature turns t's activation into
+  s's up to the difference of their reconstruction errors.
+- `JointEdit(partner_model, coder, edit, model="child")`: a `FeatureEdit` (zero, scale, clamp) on
+  the joint latent while `model` runs, the partner supplying the other model's activation; the
+  change goes through `model`'s decoder. (`coder.hook(model, edit)` needs no partner but edits the
+  single-model view, an approximation of the joint latent.)
+
+All keep the reconstruction error by default, so features left alone keep the model's own
+activation exactly. Objects with `fwd_hooks()`, `prepare(...)` and `on_token(...)` are accepted
+by `generate_with` and `evaluate_accuracy` beside plain `(hook name, function)` pairs.
 """
 
 from __future__ import annotations
@@ -26,102 +32,188 @@ import torch
 from torch import Tensor
 
 from hookedcot.dictionaries.sae import FeatureEdit
+from hookedcot.interp.positions import Positions
 from hookedcot.kv_cache import KVCache
 
 
-class FeaturePatch:
-    """Replace the target's `features` (None: all) at `positions` by `source_model`'s.
-    `source` / `target`: which model of a crosscoder each side is (index or name; default 1 -> 0,
-    i.e. child into base when the crosscoder's models are [base, child])."""
+class Lockstep:
+    """A partner model's activation at `hook_name` on the tokens another model reads, kept for
+    every position so far (`at(hook)` gives it at the positions that hook sees)."""
 
-    def __init__(self, source_model: Any, dictionary: Any, features: Sequence[int] | None = None, *,
-                 positions: Any = None, source: int | str | None = None, target: int | str | None = None,
-                 hook_name: str | None = None, error: bool = True):
-        self.source_model, self.dictionary = source_model, dictionary
-        self.hook_name = hook_name or dictionary.hook_name
-        if self.hook_name is None:
-            raise ValueError("the dictionary does not know its hook name: pass hook_name=")
-        self.crosscoder = _is_crosscoder(dictionary)
-        if not self.crosscoder and (source is not None or target is not None):
-            raise ValueError("source= and target= choose a crosscoder's models; an SAE has one encoder and decoder")
-        self.source_index = 1 if source is None else source
-        self.target_index = 0 if target is None else target
-        self.error = error
-        self.edit = FeatureEdit("patch", features=features, positions=positions, source=self._features_at)
-        source_model.cache_names([self.hook_name])  # a wrong hook name raises here
-        self._layer = int(self.hook_name.split(".")[1]) if self.hook_name.startswith("blocks.") else None
+    def __init__(self, model: Any, hook_name: str):
+        model.cache_names([hook_name])  # a wrong hook name raises here, listing the nearest
+        self.model, self.hook_name = model, hook_name
+        layer = int(hook_name.split(".")[1]) if hook_name.startswith("blocks.") else None
+        self._stop = None if layer is None or layer + 1 >= model.cfg.n_layers else layer + 1
         self._buffer: Tensor | None = None
         self._length = 0
         self._cache: KVCache | None = None
         self._mask: Tensor | None = None
 
-    # -------------------------------------------------------------------------- the source side
-    def prepare(self, tokens: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 0) -> "FeaturePatch":
-        """Run the source over `tokens` [batch, pos] (left padded with `attention_mask`), keeping a
-        cache for `max_new_tokens` more positions."""
+    def prepare(self, tokens: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 0) -> None:
+        """Run over `tokens` [batch, pos] (left padded with `attention_mask`), keeping a cache for
+        `max_new_tokens` more positions."""
         tokens = tokens[None] if tokens.dim() == 1 else tokens
         b, p = tokens.shape
-        model = self.source_model
-        mask = torch.ones_like(tokens) if attention_mask is None else attention_mask
-        self._mask = torch.ones((b, p + max_new_tokens), dtype=torch.long, device=model.device)
-        self._mask[:, :p] = mask.to(model.device)
-        self._cache = KVCache(model.cfg, b, p + max_new_tokens, model.dtype, model.device) if max_new_tokens else None
+        device = self.model.device
+        self._mask = torch.ones((b, p + max_new_tokens), dtype=torch.long, device=device)
+        if attention_mask is not None:
+            self._mask[:, :p] = attention_mask.to(device)
+        self._cache = KVCache(self.model.cfg, b, p + max_new_tokens, self.model.dtype, device) if max_new_tokens else None
         self._buffer, self._length = None, 0
         self._run(tokens, p + max_new_tokens)
-        return self
 
     def on_token(self, step: int, next_tokens: Tensor) -> None:
-        """`generate`'s callback: the token each row just chose goes through the source."""
+        """`generate`'s callback: the token each row just chose goes through the partner."""
         if self._cache is None:
             raise RuntimeError("prepare(tokens, mask, max_new_tokens) with max_new_tokens > 0 before generating")
         self._run(next_tokens[:, None], None)
 
     @torch.inference_mode()
     def _run(self, tokens: Tensor, total: int | None) -> None:
-        model, kept = self.source_model, {}
+        kept = {}
 
         def keep(x: Tensor, hook: Any) -> None:
             kept["x"] = x
 
         end = self._length + tokens.shape[1]
-        mask = self._mask[:, :end]
-        stop = None if self._layer is None or self._layer + 1 >= model.cfg.n_layers else self._layer + 1
-        with model.hooks([(self.hook_name, keep)]):
-            model(tokens.to(model.device), attention_mask=mask, past_kv=self._cache, return_type=None, stop_at_layer=stop)
-        features = self._encode(kept["x"])
+        with self.model.hooks([(self.hook_name, keep)]):
+            self.model(tokens.to(self.model.device), attention_mask=self._mask[:, :end], past_kv=self._cache,
+                       return_type=None, stop_at_layer=self._stop)
+        x = kept["x"]
         if self._buffer is None:
-            self._buffer = features.new_zeros((*features.shape[:1], total or end, features.shape[-1]))
-        self._buffer[:, self._length : end] = features
+            self._buffer = x.new_zeros((x.shape[0], total or end, *x.shape[2:]))
+        self._buffer[:, self._length : end] = x
         self._length = end
 
-    def _encode(self, x: Tensor) -> Tensor:
-        if self.crosscoder:
-            return self.dictionary.encode(x, model=self.source_index)
-        return self.dictionary.encode(x)
-
-    def _features_at(self, hook: Any) -> Tensor:
+    def at(self, hook: Any) -> Tensor:
         if self._buffer is None:
-            raise RuntimeError("the source has not run: call patch.prepare(tokens, attention_mask, max_new_tokens) "
-                               "(generate_with and evaluate_accuracy do it)")
+            raise RuntimeError("the partner model has not run: call .prepare(tokens, attention_mask, max_new_tokens) "
+                               "first (generate_with and evaluate_accuracy do it)")
         positions = hook.positions
         if len(positions) and int(positions.max()) >= self._length:
-            raise RuntimeError(f"the target reads position {int(positions.max())} but the source has run "
-                               f"{self._length}: pass patch.on_token to generate(on_token=...)")
+            raise RuntimeError(f"the edited model reads position {int(positions.max())} but its partner has run "
+                               f"{self._length}: pass .on_token to generate(on_token=...) (or use generate_with)")
         return self._buffer[:, positions.to(self._buffer.device)]
 
-    # -------------------------------------------------------------------------- the target side
+
+class _WithPartner:
+    """What FeaturePatch and JointEdit share: the partner in lockstep, the intervention protocol."""
+
+    lockstep: Lockstep
+
+    def prepare(self, tokens: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 0) -> Any:
+        self.lockstep.prepare(tokens, attention_mask, max_new_tokens)
+        return self
+
+    def on_token(self, step: int, next_tokens: Tensor) -> None:
+        self.lockstep.on_token(step, next_tokens)
+
     def fwd_hooks(self) -> list[tuple[str, Any]]:
+        raise NotImplementedError
+
+
+class FeaturePatch(_WithPartner):
+    """Patch `features` (None: all) at `positions` from `source_model` into the target model's run
+    (module docstring). `source` / `target`: a crosscoder's models (name or index; default: its
+    second model into its first, i.e. child into base for models [base, child])."""
+
+    def __init__(self, source_model: Any, dictionary: Any, features: Sequence[int] | None = None, *,
+                 positions: Any = None, source: int | str | None = None, target: int | str | None = None,
+                 hook_name: str | None = None, error: bool = True):
+        self.dictionary, self.features, self.error = dictionary, features, error
+        self.hook_name = hook_name or dictionary.hook_name
+        if self.hook_name is None:
+            raise ValueError("the dictionary does not know its hook name: pass hook_name=")
+        self.crosscoder = _is_crosscoder(dictionary)
         if self.crosscoder:
-            return [self.dictionary.hook(self.target_index, self.edit, error=self.error, hook_name=self.hook_name)]
-        return [self.dictionary.hook(self.edit, error=self.error, hook_name=self.hook_name)]
+            _two_models(dictionary)
+            self.source = dictionary.model_index(1 if source is None else source)
+            self.target = dictionary.model_index(0 if target is None else target)
+            if self.source == self.target:
+                raise ValueError(f"source and target are the same model ({dictionary.models[self.source]!r})")
+        elif source is not None or target is not None:
+            raise ValueError("source= and target= choose a crosscoder's models; an SAE has one encoder and decoder")
+        self.lockstep = Lockstep(source_model, self.hook_name)
+        self._where = Positions(positions)
+        self._edit = FeatureEdit("patch", features=features, positions=positions,
+                                 source=lambda hook: dictionary.encode(self.lockstep.at(hook)))
+
+    def fwd_hooks(self) -> list[tuple[str, Any]]:
+        if not self.crosscoder:
+            return [self.dictionary.hook(self._edit, error=self.error, hook_name=self.hook_name)]
+        coder, s, t = self.dictionary, self.source, self.target
+
+        def patch(x: Tensor, hook: Any) -> Tensor:
+            f = coder.encode(_stack(x, self.lockstep.at(hook), t))
+            chosen = _select(f, self.features, self._where(hook.positions))
+            delta = (chosen @ coder.W_dec[:, s]) / coder.input_scale[s] - (chosen @ coder.W_dec[:, t]) / coder.input_scale[t]
+            base = x if self.error else coder.decode(f, model=t)
+            return base + delta.to(x.dtype)
+
+        return [(self.hook_name, patch)]
 
     def __repr__(self) -> str:
-        return (f"FeaturePatch({self.hook_name}, features {self.edit.features if self.edit.features is not None else 'all'}"
-                + (f", crosscoder {self.source_index} -> {self.target_index}" if self.crosscoder else "") + ")")
+        what = "all" if self.features is None else list(self.features)
+        route = f", {self.dictionary.models[self.source]} -> {self.dictionary.models[self.target]}" if self.crosscoder else ""
+        return f"FeaturePatch({self.hook_name}, features {what}{route})"
+
+
+class JointEdit(_WithPartner):
+    """`edit` (a FeatureEdit: zero, scale, clamp) on a two-model crosscoder's joint latent while
+    `model` runs, `partner_model` supplying the other model's activation on the same tokens."""
+
+    def __init__(self, partner_model: Any, coder: Any, edit: FeatureEdit, *, model: int | str = 1,
+                 hook_name: str | None = None, error: bool = True):
+        _two_models(coder)
+        self.coder, self.edit, self.error = coder, edit, error
+        self.model = coder.model_index(model)
+        self.hook_name = hook_name or coder.hook_name
+        if self.hook_name is None:
+            raise ValueError("the crosscoder does not know its hook name: pass hook_name=")
+        self.lockstep = Lockstep(partner_model, self.hook_name)
+
+    def fwd_hooks(self) -> list[tuple[str, Any]]:
+        coder, m = self.coder, self.model
+
+        def splice(x: Tensor, hook: Any) -> Tensor:
+            f = coder.encode(_stack(x, self.lockstep.at(hook), m))
+            edited = self.edit(f, hook)
+            if not self.error:
+                return coder.decode(edited, model=m).to(x.dtype)
+            return x + ((edited - f) @ coder.W_dec[:, m] / coder.input_scale[m]).to(x.dtype)
+
+        return [(self.hook_name, splice)]
+
+    def __repr__(self) -> str:
+        return f"JointEdit({self.hook_name}, {self.edit.op} on {self.coder.models[self.model]})"
 
 
 def _is_crosscoder(dictionary: Any) -> bool:
     return getattr(dictionary, "W_dec", None) is not None and dictionary.W_dec.dim() == 3
+
+
+def _two_models(coder: Any) -> None:
+    if coder.n_models != 2:
+        raise ValueError(f"a joint latent needs every model's activation; this crosscoder reads {coder.n_models} "
+                         f"models {coder.models} and a partner supplies one: use coder.hook(model, edit) instead")
+
+
+def _stack(x: Tensor, partner: Tensor, index: int) -> Tensor:
+    """[..., 2, d]: `x` at `index`, the partner's activation at the other place."""
+    pair = (x, partner.to(x.device, x.dtype)) if index == 0 else (partner.to(x.device, x.dtype), x)
+    return torch.stack(pair, dim=-2)
+
+
+def _select(f: Tensor, features: Sequence[int] | None, where: Tensor | None) -> Tensor:
+    """f with everything but `features` (None: all) at positions `where` ([p] bool, None: all) zeroed."""
+    keep = torch.zeros_like(f, dtype=torch.bool)
+    cols = slice(None) if features is None else torch.as_tensor(list(features), dtype=torch.long, device=f.device)
+    rows = slice(None) if where is None else where.to(f.device)
+    block = keep[:, rows]
+    block[..., cols] = True
+    keep[:, rows] = block
+    return f * keep
 
 
 def split_intervention(spec: Any) -> tuple[list[tuple[str, Any]], list[Any]]:
@@ -141,8 +233,8 @@ def split_intervention(spec: Any) -> tuple[list[tuple[str, Any]], list[Any]]:
 
 
 def generate_with(model: Any, input: Any, max_new_tokens: int, interventions: Iterable[Any] = (), **kwargs: Any) -> Any:
-    """`model.generate` with hook pairs and live interventions (`FeaturePatch`) together: each
-    live one is prepared on the prompt and fed every chosen token."""
+    """`model.generate` with hook pairs and live interventions (`FeaturePatch`, `JointEdit`)
+    together: each live one is prepared on the prompt and fed every chosen token."""
     hooks, live = split_intervention(interventions)
     if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
         tokens, mask = model.tokenize(input)
