@@ -104,7 +104,7 @@ def decoder_shift(coder: Any, store: Any, hook: str) -> torch.Tensor:
     gap = (coder.W_dec[:, 1] / coder.input_scale[1] - coder.W_dec[:, 0] / coder.input_scale[0]).norm(dim=-1)
     total, n = torch.zeros(coder.d_latent, dtype=torch.float64), 0
     for batch in store.batches(hook, 4096, shuffle=False):
-        total += (coder.encode(batch.acts) * gap).sum(0).double()
+        total += (coder.encode(batch.acts.to(gap.device)) * gap).sum(0).double().cpu()
         n += len(batch.tokens)
     return (total / max(n, 1)).float()
 
@@ -113,7 +113,8 @@ def choose_features(rule: str, stats: Any, shift: torch.Tensor, n: int, min_rela
     live = [j for j in range(len(stats.classes)) if stats.classes[j] != "dead"]
     if rule == "shift":
         return sorted(live, key=lambda j: -float(shift[j]))[:n]
-    ranked = [j for j in stats.top(len(stats.classes), by="mean_activation") if j in set(live)]
+    alive = set(live)
+    ranked = [j for j in stats.top(len(stats.classes), by="mean_activation") if j in alive]
     if rule == "mean-activation":
         return ranked[:n]
     return [j for j in ranked if float(stats.relative_norm[j]) >= min_relative_norm][:n]
@@ -139,17 +140,20 @@ def main(argv: list[str] | None = None) -> dict:
 
     with C.step(f"2. activation store: {hook} of both models on {args.n_store} texts") as s:
         store = collect_activations({"base": base, "child": child}, store_texts(base, args.n_store, args.seed), hook,
-                                    out / "store", batch_size=8, progress=False)
+                                    out / f"store_{layer}_{args.n_store}_{args.seed}", batch_size=8, progress=False)
     timings["store"] = s.seconds
+    tag = f"{args.architecture}_{args.d_latent}_{args.l1_coeff if args.architecture == 'l1' else args.k}_{args.steps}"
+    tag += f"_{args.batch_size}_{layer}_{args.n_store}_{args.seed}"  # a rerun with other settings never resumes these
     print(f"  {store}", flush=True)
 
     with C.step(f"3. crosscoder ({args.architecture}, {args.d_latent} latents, {args.steps} steps)") as s:
         coder, log = train_crosscoder(store, hook_name=hook, d_latent=args.d_latent, architecture=args.architecture,
                                       l1_coeff=args.l1_coeff, k=args.k, steps=args.steps, batch_size=args.batch_size,
-                                      seed=args.seed, checkpoint_dir=out / "crosscoder_checkpoints",
+                                      seed=args.seed, device=base.device, checkpoint_dir=out / f"crosscoder_checkpoints_{tag}",
                                       checkpoint_every=max(1, args.steps // 4), plot=out / "crosscoder_loss.png",
                                       progress=False)
         coder.save(out / "crosscoder")
+        coder = coder.to(base.device)
     timings["crosscoder"] = s.seconds
     fve = fraction_of_variance_explained(coder, store, hook_name=hook)
     print(f"  fraction of variance explained: " + ", ".join(f"{m} {v:.3f}" for m, v in fve.items()), flush=True)

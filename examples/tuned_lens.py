@@ -62,21 +62,20 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [model.apply_chat_template([{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}])
                for i in range(args.n_prompts)]
     with C.step(f"sampling {len(prompts)} texts of ≤ {args.max_new_tokens} tokens"):
-        texts = [model.generate(p, args.max_new_tokens, do_sample=True, temperature=0.8, seed=args.seed + i)
-                 for i, p in enumerate(prompts)]
-    train, held = texts[: -args.held_out], texts[-args.held_out:]
+        texts = [model.generate(p, args.max_new_tokens, do_sample=True, temperature=0.8, seed=args.seed + i,
+                                return_type="tokens")[0] for i, p in enumerate(prompts)]  # the model's own tokens
+    train, held = texts[: -args.held_out], texts[-args.held_out:]  # token ids [pos] each
     with C.step(f"training the tuned lens ({args.steps} steps)") as s:
         lens, losses = train_tuned_lens(model, train, steps=args.steps, lr=args.lr, seed=args.seed)
     train_s = s.seconds
     lens.save(out / "lens")
     kl = {"tuned": torch.zeros(model.cfg.n_layers), "logit": torch.zeros(model.cfg.n_layers)}
     n_tokens = 0
-    for text in held:
-        tokens = model.to_tokens(text)
-        per = lens.kl_per_layer(model, tokens)
+    for tokens in held:
+        per = lens.kl_per_layer(model, tokens[None])
         for k in kl:
-            kl[k] += per[k] * tokens.shape[1]
-        n_tokens += tokens.shape[1]
+            kl[k] += per[k] * len(tokens)
+        n_tokens += len(tokens)
     kl = {k: v / n_tokens for k, v in kl.items()}
     lenses = {name: run_logit_lens(model, PROBE[0], targets=PROBE[1], tuned=lens if name == "tuned" else None)
               for name in ("logit", "tuned")}
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
         result.plot(out / name)
     plot_kl(out / "kl_per_layer.png", kl)
     runtime = time.perf_counter() - t_start
-    results = {"args": vars(args), "train_tokens": sum(model.to_tokens(t).shape[1] for t in train),
+    results = {"args": vars(args), "train_tokens": sum(len(t) for t in train),
                "held_out_tokens": n_tokens, "train_seconds": train_s, "losses": losses,
                "kl_per_layer": {k: v.tolist() for k, v in kl.items()},
                "mean_kl": {k: float(v.mean()) for k, v in kl.items()}, "runtime_seconds": runtime}

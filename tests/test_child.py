@@ -15,7 +15,7 @@ import torch
 
 from hookedcot import HookedCoT, ModelConfig
 from hookedcot.interp.data import generate_pairs
-from model_factory import CharTokenizer
+from model_factory import CharTokenizer, random_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
@@ -26,14 +26,9 @@ SETTINGS = dict(steps=8, n_train=16, lr=1e-2, train_layers=(0, 1), batch_size=4,
 
 @pytest.fixture(scope="module")
 def tiny() -> HookedCoT:
-    torch.manual_seed(0)
     cfg = ModelConfig(n_layers=3, d_model=32, n_heads=4, n_key_value_heads=2, d_head=8, d_mlp=64, d_vocab=128,
                       norm_eps=1e-6, model_name="tiny-char")
-    m = HookedCoT(cfg, tokenizer=CharTokenizer()).eval()
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn_like(p) * 0.3)
-    return m
+    return random_model(cfg, tokenizer=CharTokenizer())
 
 
 @pytest.fixture(scope="module")

@@ -153,3 +153,33 @@ def test_a_joint_edit_during_generation_equals_the_edit_by_hand_over_the_generat
     assert torch.equal(logits[0, 5:-1].argmax(-1), out[0, 6:])
     one = JointEdit(base, coder, FeatureEdit("scale", FEATURES, value=1.0), model="child").prepare(out)
     assert torch.equal(child.run_with_hooks(out, fwd_hooks=one.fwd_hooks()), child(out))  # ×1 is the identity
+
+
+def test_patching_every_latent_makes_the_target_the_source_up_to_their_reconstruction_errors(models):
+    base, child = models
+    coder = crosscoder()
+    tokens = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(7))
+    patch = FeaturePatch(child, coder, None, source="child", target="base").prepare(tokens)
+    seen = {}
+    base.run_with_hooks(tokens, fwd_hooks=[*patch.fwd_hooks(), (HOOK, lambda x, hook: seen.update(x=x))])
+    _, cb = base.run_with_cache(tokens, names_filter=HOOK)
+    _, cc = child.run_with_cache(tokens, names_filter=HOOK)
+    f = joint_latent(coder, cb[HOOK], cc[HOOK])
+    recon_b = (f @ coder.W_dec[:, 0] + coder.b_dec[0]) / 0.7
+    recon_c = (f @ coder.W_dec[:, 1] + coder.b_dec[1]) / 1.3
+    want = cc[HOOK] + (cb[HOOK] - recon_b) - (cc[HOOK] - recon_c)
+    torch.testing.assert_close(seen["x"], want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_partner_is_never_silently_stale_and_a_model_can_be_its_own_partner_while_generating(models, sae):
+    base, child = models
+    patch = FeaturePatch(child, sae, FEATURES).prepare(torch.randint(1, 128, (1, 9)))
+    with pytest.raises(RuntimeError, match=r"call \.prepare"):
+        base.run_with_hooks(torch.randint(1, 128, (1, 6)), fwd_hooks=patch.fwd_hooks())
+    with pytest.raises(RuntimeError, match=r"1 row\(s\).*2 row\(s\)"):
+        base.run_with_hooks(torch.randint(1, 128, (2, 9)), fwd_hooks=patch.fwd_hooks())
+    with pytest.raises(ValueError, match="out of range"):
+        FeaturePatch(child, sae, [48])
+    prompt = torch.randint(1, 128, (1, 5), generator=torch.Generator().manual_seed(8))
+    itself = generate_with(base, prompt, 6, [FeaturePatch(base, sae, FEATURES)], stop_at_eos=False)
+    assert torch.equal(itself, base.generate(prompt, 6, stop_at_eos=False))

@@ -78,6 +78,7 @@ def evaluate_accuracy(
     prompts = [model.apply_chat_template([{"role": "user", "content": q}]) if chat else q for q, _ in pairs]
     out = []
     for name, spec in (interventions or {"baseline": ()}).items():
+        spec = spec if spec is None or hasattr(spec, "fwd_hooks") else list(spec)  # a generator serves every batch
         completions: list[str] = []
         finished: list[bool] = []
         for lo in tqdm(range(0, len(prompts), batch_size), desc=f"accuracy: {name}", disable=not progress, leave=False):

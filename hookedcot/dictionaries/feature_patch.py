@@ -12,8 +12,9 @@ partner runs only up to the hooked block, with a KV cache of its own.
   the target's features are replaced by the source's (encode both, swap, decode the change). With a
   **crosscoder** both activations give one *joint* latent f, and the two models differ only in their
   decoders; patching feature j from source s into target t replaces its contribution to t,
-  f_j d_j^t, by its contribution to s, f_j d_j^s. Patching every feature turns t's activation into
-  s's up to the difference of their reconstruction errors.
+  f_j d_j^t, by its contribution to s, f_j d_j^s. `features=None` patches the whole reconstruction
+  (every latent and the decoder bias): t's activation becomes s's up to the difference of their
+  reconstruction errors.
 - `JointEdit(partner_model, coder, edit, model="child")`: a `FeatureEdit` (zero, scale, clamp) on
   the joint latent while `model` runs, the partner supplying the other model's activation; the
   change goes through `model`'s decoder. (`coder.hook(model, edit)` needs no partner but edits the
@@ -26,12 +27,16 @@ by `generate_with` and `evaluate_accuracy` beside plain `(hook name, function)` 
 
 from __future__ import annotations
 
+import contextvars
+import dataclasses
 from typing import Any, Iterable, Sequence
 
 import torch
+from jaxtyping import Int
 from torch import Tensor
 
 from hookedcot.dictionaries.sae import FeatureEdit
+from hookedcot.hook_names import layer_of
 from hookedcot.interp.positions import Positions
 from hookedcot.kv_cache import KVCache
 
@@ -43,27 +48,32 @@ class Lockstep:
     def __init__(self, model: Any, hook_name: str):
         model.cache_names([hook_name])  # a wrong hook name raises here, listing the nearest
         self.model, self.hook_name = model, hook_name
-        layer = int(hook_name.split(".")[1]) if hook_name.startswith("blocks.") else None
+        layer = layer_of(hook_name)
         self._stop = None if layer is None or layer + 1 >= model.cfg.n_layers else layer + 1
         self._buffer: Tensor | None = None
         self._length = 0
         self._cache: KVCache | None = None
         self._mask: Tensor | None = None
 
-    def prepare(self, tokens: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 0) -> None:
-        """Run over `tokens` [batch, pos] (left padded with `attention_mask`), keeping a cache for
-        `max_new_tokens` more positions."""
+    def prepare(self, tokens: Int[Tensor, "batch pos"], attention_mask: Int[Tensor, "batch pos"] | None = None,
+                max_new_tokens: int = 0) -> None:
+        """Run over `tokens` (left padded with `attention_mask`), keeping a cache for
+        `max_new_tokens` more positions. Call it again for other tokens: nothing carries over."""
         tokens = tokens[None] if tokens.dim() == 1 else tokens
         b, p = tokens.shape
         device = self.model.device
+        # A row that has finished keeps a 1 here and reads generate's padding: rows are independent
+        # and a finished row's output is discarded, so this cannot reach the live rows.
         self._mask = torch.ones((b, p + max_new_tokens), dtype=torch.long, device=device)
         if attention_mask is not None:
             self._mask[:, :p] = attention_mask.to(device)
-        self._cache = KVCache(self.model.cfg, b, p + max_new_tokens, self.model.dtype, device) if max_new_tokens else None
+        layers = self._stop or self.model.cfg.n_layers  # the partner never runs past the hooked block
+        cfg = dataclasses.replace(self.model.cfg, n_layers=layers)
+        self._cache = KVCache(cfg, b, p + max_new_tokens, self.model.dtype, device) if max_new_tokens else None
         self._buffer, self._length = None, 0
         self._run(tokens, p + max_new_tokens)
 
-    def on_token(self, step: int, next_tokens: Tensor) -> None:
+    def on_token(self, step: int, next_tokens: Int[Tensor, " batch"]) -> None:
         """`generate`'s callback: the token each row just chose goes through the partner."""
         if self._cache is None:
             raise RuntimeError("prepare(tokens, mask, max_new_tokens) with max_new_tokens > 0 before generating")
@@ -76,10 +86,15 @@ class Lockstep:
         def keep(x: Tensor, hook: Any) -> None:
             kept["x"] = x
 
+        def forward() -> None:
+            with self.model.hooks([(self.hook_name, keep)]):
+                self.model(tokens.to(self.model.device), attention_mask=self._mask[:, :end], past_kv=self._cache,
+                           return_type=None, stop_at_layer=self._stop)
+
         end = self._length + tokens.shape[1]
-        with self.model.hooks([(self.hook_name, keep)]):
-            self.model(tokens.to(self.model.device), attention_mask=self._mask[:, :end], past_kv=self._cache,
-                       return_type=None, stop_at_layer=self._stop)
+        # A context of its own: the hooks the edited model runs under (even when the partner is the
+        # same model) and its decode-kernel setting stay out of the partner's forward.
+        contextvars.Context().run(forward)
         x = kept["x"]
         if self._buffer is None:
             self._buffer = x.new_zeros((x.shape[0], total or end, *x.shape[2:]))
@@ -94,6 +109,12 @@ class Lockstep:
         if len(positions) and int(positions.max()) >= self._length:
             raise RuntimeError(f"the edited model reads position {int(positions.max())} but its partner has run "
                                f"{self._length}: pass .on_token to generate(on_token=...) (or use generate_with)")
+        rows = hook.position_ids.shape[0] if hook.position_ids is not None else None
+        stale = self._cache is None and len(positions) != self._length
+        if (rows is not None and rows != self._buffer.shape[0]) or stale:
+            raise RuntimeError(f"the partner ran on {self._buffer.shape[0]} row(s) of {self._length} positions but the "
+                               f"edited model runs {rows} row(s) of {len(positions)}: call .prepare(tokens, "
+                               "attention_mask) with these tokens first")
         return self._buffer[:, positions.to(self._buffer.device)]
 
 
@@ -134,6 +155,7 @@ class FeaturePatch(_WithPartner):
                 raise ValueError(f"source and target are the same model ({dictionary.models[self.source]!r})")
         elif source is not None or target is not None:
             raise ValueError("source= and target= choose a crosscoder's models; an SAE has one encoder and decoder")
+        _check_features(features, dictionary.d_latent if self.crosscoder else dictionary.d_sae)
         self.lockstep = Lockstep(source_model, self.hook_name)
         self._where = Positions(positions)
         self._edit = FeatureEdit("patch", features=features, positions=positions,
@@ -146,8 +168,12 @@ class FeaturePatch(_WithPartner):
 
         def patch(x: Tensor, hook: Any) -> Tensor:
             f = coder.encode(_stack(x, self.lockstep.at(hook), t))
-            chosen = _select(f, self.features, self._where(hook.positions))
+            where = self._where(hook.positions)
+            chosen = _select(f, self.features, where)
             delta = (chosen @ coder.W_dec[:, s]) / coder.input_scale[s] - (chosen @ coder.W_dec[:, t]) / coder.input_scale[t]
+            if self.features is None:  # the whole reconstruction: the decoder biases too
+                bias = coder.b_dec[s] / coder.input_scale[s] - coder.b_dec[t] / coder.input_scale[t]
+                delta = delta + (bias if where is None else where.to(x.device)[:, None] * bias)
             base = x if self.error else coder.decode(f, model=t)
             return base + delta.to(x.dtype)
 
@@ -171,6 +197,7 @@ class JointEdit(_WithPartner):
         self.hook_name = hook_name or coder.hook_name
         if self.hook_name is None:
             raise ValueError("the crosscoder does not know its hook name: pass hook_name=")
+        _check_features(edit.features, coder.d_latent)
         self.lockstep = Lockstep(partner_model, self.hook_name)
 
     def fwd_hooks(self) -> list[tuple[str, Any]]:
@@ -191,6 +218,12 @@ class JointEdit(_WithPartner):
 
 def _is_crosscoder(dictionary: Any) -> bool:
     return getattr(dictionary, "W_dec", None) is not None and dictionary.W_dec.dim() == 3
+
+
+def _check_features(features: Sequence[int] | None, n: int) -> None:
+    bad = [j for j in (features or ()) if not 0 <= int(j) < n]
+    if bad:
+        raise ValueError(f"features {bad[:8]} out of range: the dictionary has {n} (0 to {n - 1})")
 
 
 def _two_models(coder: Any) -> None:
@@ -232,7 +265,8 @@ def split_intervention(spec: Any) -> tuple[list[tuple[str, Any]], list[Any]]:
     return hooks, live
 
 
-def generate_with(model: Any, input: Any, max_new_tokens: int, interventions: Iterable[Any] = (), **kwargs: Any) -> Any:
+def generate_with(model: Any, input: str | Sequence[str] | Int[Tensor, "batch pos"], max_new_tokens: int,
+                  interventions: Iterable[Any] = (), **kwargs: Any) -> Any:
     """`model.generate` with hook pairs and live interventions (`FeaturePatch`, `JointEdit`)
     together: each live one is prepared on the prompt and fed every chosen token."""
     hooks, live = split_intervention(interventions)

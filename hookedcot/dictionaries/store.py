@@ -40,6 +40,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hookedcot.generate import _stop_ids
+from hookedcot.hook_names import layer_of
+
 FORMAT = "hookedcot-activation-store/1"
 MANIFEST, TOKENS = "store.json", "tokens.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -206,8 +209,9 @@ def _stop_layer(model: Any, names: list[str]) -> int | None:
     blocks (ln_final, unembed)."""
     deepest = -1
     for name in names:
-        if name.startswith("blocks."):
-            deepest = max(deepest, int(name.split(".")[1]))
+        layer = layer_of(name)
+        if layer is not None:
+            deepest = max(deepest, layer)
         elif not name.startswith("hook_embed"):
             return None
     return min(deepest + 1, model.cfg.n_layers)
@@ -248,11 +252,12 @@ def _fingerprint(named: dict[str, Any], names: list[str], sequences: list[list[i
 def _model_id(model: Any) -> dict[str, Any]:
     """Enough of a model to refuse resuming with another one: its shape and a weight checksum."""
     cfg = model.cfg
-    params = list(model.parameters())
-    probe = params[:: max(1, len(params) // 8)]
-    checksum = [round(float(p.detach().float().flatten()[:4096].double().sum()), 6) for p in probe]
+    h = hashlib.sha256()
+    for p in model.parameters():  # a strided sample of every tensor: a fine-tune of any layer shows
+        flat = p.detach().flatten()
+        h.update(flat[:: max(1, flat.numel() // 1024)].float().cpu().numpy().tobytes())
     return {"name": getattr(cfg, "model_name", ""), "n_layers": cfg.n_layers, "d_model": cfg.d_model,
-            "checksum": checksum}
+            "checksum": h.hexdigest()[:24]}
 
 
 def _start_or_resume(out: Path, fingerprint: str, named: dict[str, Any], names: list[str],
@@ -264,12 +269,14 @@ def _start_or_resume(out: Path, fingerprint: str, named: dict[str, Any], names: 
             raise ValueError(f"{out} holds another collection (other models, texts, hooks or settings); "
                              "choose a new folder or delete this one")
         return manifest
-    if out.exists() and any(out.iterdir()):
+    leftovers = {f.name for f in out.iterdir()} if out.exists() else set()
+    if leftovers - {TOKENS, TOKENS + ".tmp"}:  # a start that died before its manifest leaves only these
         raise ValueError(f"{out} exists and is not an activation store; choose an empty or new folder")
     out.mkdir(parents=True, exist_ok=True)
     lengths = torch.tensor([0] + [len(s) for s in sequences]).cumsum(0)
     save_file({"ids": torch.tensor([i for s in sequences for i in s], dtype=torch.long), "offsets": lengths},
-              out / TOKENS)
+              out / (TOKENS + ".tmp"))
+    os.replace(out / (TOKENS + ".tmp"), out / TOKENS)
     manifest = {"format": FORMAT, "fingerprint": fingerprint,
                 "models": {n: _model_id(m) for n, m in named.items()}, "hooks": names, "d": {},
                 "dtype": str(storage).removeprefix("torch."), "skip_first": skip_first,
@@ -383,10 +390,14 @@ class ActivationStore:
                 models: Sequence[str] | None = None, normalize: bool = False, mix: int = 2,
                 drop_last: bool = False) -> Iterator[ActivationBatch]:
         """Minibatches of `batch_size` tokens. Shuffled: each epoch visits the shards in a seeded
-        order, pooling `mix` shards at a time and permuting the pool; memory holds `mix` shards.
-        `epochs=None` repeats forever. `normalize` multiplies by `scale(hook_name)`."""
+        order, pooling `mix` shards at a time and permuting the pool; memory holds about `mix` shards
+        (the pool and the batch being served). An epoch ends with its remainder, a shorter batch
+        (dropped with `drop_last`), so every token comes once per epoch. `epochs=None` repeats
+        forever. `normalize` multiplies by `scale(hook_name)`."""
         if not self.shards:
             raise ValueError(f"the store at {self.path} holds no shards yet")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive number of tokens, got {batch_size}")
         chosen = self._models(models)
         factor = self.scale(hook_name, chosen)[None, :, None] if normalize else None
         g = torch.Generator().manual_seed(seed)
@@ -400,6 +411,7 @@ class ActivationStore:
                 if carry is not None:
                     parts.insert(0, carry)
                 pool = _cat(parts)
+                del parts  # the pool is the only copy held while it is served
                 if shuffle:
                     pool = _take(pool, torch.randperm(len(pool.tokens), generator=g))
                 n = len(pool.tokens)
@@ -411,11 +423,11 @@ class ActivationStore:
                     yield batch
                 carry = _take(pool, slice(full, n)) if full < n else None
             epoch += 1
-            if epochs is not None and epoch == epochs and carry is not None and not drop_last:
+            if carry is not None and not drop_last:  # each epoch ends with its remainder, never mixed into the next
                 if factor is not None:
                     carry.acts = carry.acts * factor
                 yield carry
-                carry = None
+            carry = None
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -441,13 +453,16 @@ def generations(model: Any, prompts: Sequence[str], max_new_tokens: int = 128, *
     """Each prompt (through the chat template when `chat`) with the model's own completion, as token
     id lists without padding, ready for `collect_activations`: activations over what a model
     writes, e.g. its chains of thought. `generate_kwargs` go to `model.generate` (do_sample, seed, ...)."""
+    if generate_kwargs.get("stop_strings"):
+        raise ValueError("generations() cuts completions at stop tokens only; generate with stop_strings yourself "
+                         "and pass the cut token ids to collect_activations")
     texts = [model.apply_chat_template([{"role": "user", "content": p}]) if chat else p for p in prompts]
+    stops = set() if generate_kwargs.get("stop_at_eos") is False else set(_stop_ids(model, generate_kwargs.get("eos_token_id")))
     out: list[list[int]] = []
     for lo in tqdm(range(0, len(texts), batch_size), desc="generating", disable=not progress, leave=False):
         tokens, mask = model.tokenize(texts[lo : lo + batch_size])
         rows = model.generate(tokens, max_new_tokens, attention_mask=mask, return_type="tokens", **generate_kwargs)
         p0 = tokens.shape[1]
-        stops = set(getattr(model.tokenizer, "eos_token_ids", []) or [])
         for row, m in zip(rows.tolist(), mask.tolist()):
             prompt = [t for t, keep in zip(row[:p0], m) if keep]
             completion = row[p0:]
