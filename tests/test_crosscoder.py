@@ -282,6 +282,10 @@ def test_training_is_seeded_and_a_resumed_run_ends_with_the_uninterrupted_runs_w
     assert resumed.threshold == a.threshold and log_r.loss == log_a.loss and len(log_r) == 60
     fresh, _ = train_crosscoder(synthetic(0), checkpoint_dir=tmp_path / "run", resume=False, **kw)
     assert torch.equal(fresh.W_dec, a.W_dec)
+    with pytest.raises(ValueError, match=r"k: 3 then, 4 now.*resume=False"):  # other settings never resume silently
+        train_crosscoder(synthetic(0), checkpoint_dir=tmp_path / "run", **{**kw, "k": 4})
+    with pytest.raises(ValueError, match="input_scale"):
+        train_crosscoder(synthetic(0), checkpoint_dir=tmp_path / "run", input_scale=[2.0, 2.0], **kw)
 
 
 def test_the_loss_curve_is_written_as_a_png_without_pyplot_state(tmp_path):

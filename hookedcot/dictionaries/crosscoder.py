@@ -308,6 +308,7 @@ def train_crosscoder(batches: Any, *, d_latent: int, architecture: str = "l1", l
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     if ckpt is not None and resume and (latest := _latest_checkpoint(ckpt)) is not None:
         state = torch.load(latest, map_location="cpu", weights_only=True)
+        _check_resumable(latest, state, coder, lr=lr, steps=steps, seed=seed, batch_size=int(first.shape[0]))
         coder.load_state_dict(state["coder"])
         optimizer.load_state_dict(state["optimizer"])
         coder.threshold, start, log = state["threshold"], state["step"], TrainingLog(**state["log"])
@@ -412,6 +413,21 @@ def batch_acts(batch: Any) -> Tensor:
         raise ValueError(f"a crosscoder batch is a tensor [B, n_models, d_in] (or has .acts of that shape); got "
                          f"{tuple(acts.shape) if isinstance(acts, Tensor) else type(acts).__name__}")
     return acts.float()
+
+
+def _check_resumable(path: Path, state: dict[str, Any], coder: CrossCoder, **settings: Any) -> None:
+    """Refuse to continue a checkpoint made with other settings or data, naming what differs."""
+    saved, now = dict(state.get("config", {})), coder.config()
+    saved_training = saved.pop("training", {}) or {}
+    keys = ("architecture", "k", "d_in", "d_latent", "models", "hook_name", "l1_coeff")
+    differ = {k: (saved.get(k), now[k]) for k in keys if saved.get(k) != now[k]}
+    differ.update({k: (saved_training.get(k), v) for k, v in settings.items() if saved_training.get(k, v) != v})
+    scale = state["coder"].get("input_scale")
+    if scale is not None and not torch.allclose(scale.float(), coder.input_scale.float().cpu()):
+        differ["input_scale (the data's normalisation)"] = (scale.tolist(), coder.input_scale.tolist())
+    if differ:
+        shown = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in differ.items())
+        raise ValueError(f"{path} was made with other settings ({shown}); pass resume=False or another checkpoint_dir")
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
