@@ -7,7 +7,7 @@ held-out tokens for both lenses (`kl_per_layer.png`, the table in `summary.md`),
 lenses over one arithmetic prompt, as heatmaps of P(answer) per layer and position
 (`logit/`, `tuned/`). The lens is saved in tuned-lens' layout (`lens/`).
 
-    python examples/tuned_lens.py                           # SmolLM2-135M, CPU, about 4 minutes
+    python examples/tuned_lens.py                           # SmolLM2-135M, 2 CPU cores, about 8 minutes
     python examples/tuned_lens.py --model Qwen/Qwen2.5-1.5B --device cuda --steps 1000 --n-prompts 200
 """
 
