@@ -94,6 +94,9 @@ class Tokenizer:
         decoder = backend.decoder.__getstate__() if backend.decoder is not None else b""
         self._byte_level = b'"ByteLevel"' in decoder  # token strings are bytes in GPT-2's alphabet
         self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
+        self.padding_side: str = "left"  # the HF surface (`__call__`, `to_tokens`); `tokenize` pads left unless told
+        self.truncation_side: str = "right"
+        self.name_or_path: str = ""
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -181,10 +184,19 @@ class Tokenizer:
         return cls(backend, special, stops, template)
 
     # ------------------------------------------------------------------ text <-> ids
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+    def encode(self, text: str, add_special_tokens: bool = True, return_tensors: str | None = None) -> Any:
+        """Token ids of one text (a list; `return_tensors="pt"` gives a [1, pos] tensor, as in HF)."""
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids if return_tensors is None else _as_tensors([ids], return_tensors)
 
-    def decode(self, ids: Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> str:
+    def decode(
+        self, ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> str:
+        """Text of one sequence of ids (an int or a 0-d tensor is one id). `clean_up_tokenization_spaces`
+        is accepted and ignored, as transformers ignores it for byte-level BPE (it would drop spaces
+        before punctuation and make decoding non-invertible)."""
+        ids = [int(ids)] if isinstance(ids, int) or (isinstance(ids, torch.Tensor) and ids.dim() == 0) else ids
         return self.backend.decode(_as_list(ids), skip_special_tokens=skip_special_tokens)
 
     def token_strings(self, ids: Sequence[int] | torch.Tensor) -> list[str]:
@@ -198,15 +210,17 @@ class Tokenizer:
         return ids[0]
 
     def tokenize(
-        self, texts: str | Sequence[str], prepend_bos: bool | None = None, padding_side: str = "left"
+        self, texts: str | Sequence[str], prepend_bos: bool | None = None, padding_side: str = "left",
+        max_length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [batch, pos], attention mask [batch, pos]), padded with `pad_token_id` on `padding_side`.
+        """(ids [batch, pos], attention mask [batch, pos]), padded with `pad_token_id` on `padding_side`
+        (left unless asked: hookedcot's batch tools read the last position; `self.padding_side` is
+        for the HF / TransformerLens surface). Rows longer than `max_length` keep their first tokens.
 
         `prepend_bos=None` does what the tokenizer does by default (`add_bos`); True / False force
         BOS on or off (True adds it even if the text already starts with the BOS string)."""
-        if padding_side not in ("left", "right"):
-            raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        rows = [self._encode_row(t, prepend_bos) for t in ([texts] if isinstance(texts, str) else list(texts))]
+        _check_side(padding_side)
+        rows = [self._encode_row(t, prepend_bos)[:max_length] for t in ([texts] if isinstance(texts, str) else list(texts))]
         if not rows:
             raise ValueError("tokenize needs at least one string")
         width = max(len(r) for r in rows)
@@ -220,6 +234,21 @@ class Tokenizer:
             mask[i, span] = 1
         return tokens, mask
 
+    def get_token_position(
+        self, single_token: str | int | torch.Tensor, input: str | Sequence[int] | torch.Tensor, mode: str = "first",
+        prepend_bos: bool | None = None,
+    ) -> int:
+        """TransformerLens' `get_token_position`: where a single token (its string or id) first
+        (`mode="first"`) or last (`"last"`) occurs in a text or in one sequence of ids ([pos] or [1, pos])."""
+        if mode not in ("first", "last"):
+            raise ValueError(f"mode must be 'first' or 'last', not {mode!r}")
+        ids = self._encode_row(input, prepend_bos) if isinstance(input, str) else _as_list(input)
+        target = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
+        hits = [i for i, t in enumerate(ids) if t == target]
+        if not hits:
+            raise TokenizerError(f"token {target} ({self.decode([target])!r}) does not occur in the sequence")
+        return hits[0] if mode == "first" else hits[-1]
+
     def _encode_row(self, text: str, prepend_bos: bool | None) -> list[int]:
         ids = self.encode(text, add_special_tokens=True)
         if prepend_bos is None:
@@ -231,6 +260,105 @@ class Tokenizer:
                 raise TokenizerError("prepend_bos=True but this tokenizer has no BOS token")
             ids = [self.bos_token_id] + ids
         return ids
+
+    # ------------------------------------------------------------------ the Hugging Face tokenizer surface
+    def __call__(
+        self,
+        text: str | Sequence[str],
+        add_special_tokens: bool = True,
+        padding: bool | str = False,
+        truncation: bool | str | None = None,
+        max_length: int | None = None,
+        return_tensors: str | None = None,
+        return_attention_mask: bool = True,
+        padding_side: str | None = None,
+    ) -> "BatchEncoding":
+        """HF's `tokenizer(text_or_texts, ...)`: a dict-like with `input_ids` and `attention_mask`.
+
+        As in transformers: lists (flat for one string) unless `return_tensors="pt"` / `"np"`;
+        `padding=True` / `"longest"` pads to the longest row, `"max_length"` to `max_length`, on
+        `padding_side` (default: `self.padding_side`); `truncation=True` with `max_length` cuts rows
+        on `self.truncation_side`. Unequal rows without padding cannot become a tensor (an error)."""
+        single = isinstance(text, str)
+        rows = [self.encode(t, add_special_tokens=add_special_tokens) for t in ([text] if single else list(text))]
+        if truncation not in (None, False, "do_not_truncate") and max_length is not None:
+            rows = [r[:max_length] if self.truncation_side == "right" else r[len(r) - max_length:] if len(r) > max_length
+                    else r for r in rows]
+        masks = [[1] * len(r) for r in rows]
+        if padding not in (False, None, "do_not_pad"):
+            if padding == "max_length" and max_length is None:
+                raise ValueError("padding='max_length' needs max_length=")
+            width = max_length if padding == "max_length" else max((len(r) for r in rows), default=0)
+            side = padding_side or self.padding_side
+            _check_side(side)
+            if self.pad_token_id is None and any(len(r) < width for r in rows):
+                raise TokenizerError("padding asked for, but this tokenizer has no pad or eos token to pad with")
+            pads = [width - len(r) for r in rows]
+            rows = [[self.pad_token_id] * n + r if side == "left" else r + [self.pad_token_id] * n for r, n in zip(rows, pads)]
+            masks = [[0] * n + m if side == "left" else m + [0] * n for m, n in zip(masks, pads)]
+        out = BatchEncoding(input_ids=rows, attention_mask=masks)
+        if not return_attention_mask:
+            del out["attention_mask"]
+        if return_tensors is not None:
+            if len({len(r) for r in rows}) > 1:
+                raise ValueError("these texts tokenize to different lengths; pass padding=True to make one tensor of them")
+            return BatchEncoding({k: _as_tensors(v, return_tensors) for k, v in out.items()})
+        return BatchEncoding({k: v[0] for k, v in out.items()}) if single else out
+
+    def batch_decode(
+        self, sequences: Sequence[Sequence[int]] | torch.Tensor, skip_special_tokens: bool = False,
+        clean_up_tokenization_spaces: bool | None = None,
+    ) -> list[str]:
+        return [self.decode(row, skip_special_tokens, clean_up_tokenization_spaces) for row in sequences]
+
+    def convert_ids_to_tokens(self, ids: int | Sequence[int] | torch.Tensor, skip_special_tokens: bool = False) -> Any:
+        """Vocabulary entries (byte-alphabet spelling: ' the' is 'Ġthe'); an int gives one string."""
+        if isinstance(ids, int) or (isinstance(ids, torch.Tensor) and ids.dim() == 0):
+            return self.backend.id_to_token(int(ids))
+        special = set(self.all_special_ids) if skip_special_tokens else set()
+        return [self.backend.id_to_token(i) for i in _as_list(ids) if i not in special]
+
+    def convert_tokens_to_ids(self, tokens: str | Sequence[str]) -> Any:
+        """Ids of vocabulary entries; an unknown entry gives `unk_token_id` (None if there is none)."""
+        if isinstance(tokens, str):
+            found = self.backend.token_to_id(tokens)
+            return found if found is not None else self.unk_token_id
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self.backend.get_vocab(with_added_tokens=True)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.special_tokens.get("bos_token")
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.special_tokens.get("eos_token")
+
+    @property
+    def unk_token(self) -> str | None:
+        return self.special_tokens.get("unk_token")
+
+    @property
+    def pad_token(self) -> str | None:
+        """The pad token's string; the EOS string where padding falls back to EOS."""
+        return None if self.pad_token_id is None else self.backend.id_to_token(self.pad_token_id)
+
+    @property
+    def unk_token_id(self) -> int | None:
+        return None if self.unk_token is None else self.backend.token_to_id(self.unk_token)
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return list(dict.fromkeys(self.special_tokens.values()))
+
+    @property
+    def all_special_ids(self) -> list[int]:
+        return [self.backend.token_to_id(t) for t in self.all_special_tokens]
 
     # ------------------------------------------------------------------ positions
     def find_token_positions(
@@ -355,6 +483,35 @@ class Tokenizer:
 
 
 # ---------------------------------------------------------------------- helpers
+class BatchEncoding(dict):
+    """What `tokenizer(...)` returns, as in HF: a dict whose keys also read as attributes
+    (`enc.input_ids`), with `.to(device)` for tensors."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def to(self, device: Any) -> "BatchEncoding":
+        return BatchEncoding({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
+
+
+def _as_tensors(rows: list[list[int]], return_tensors: str) -> Any:
+    if return_tensors == "pt":
+        return torch.tensor(rows, dtype=torch.long)
+    if return_tensors == "np":
+        import numpy as np
+
+        return np.array(rows, dtype=np.int64)
+    raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
+
+
+def _check_side(side: str) -> None:
+    if side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
+
+
 def _gguf_metadata(source: Any) -> Mapping[str, Any]:
     if isinstance(source, Mapping):
         return source

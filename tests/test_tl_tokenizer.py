@@ -1,0 +1,145 @@
+"""`model.tokenizer` answers the Hugging Face tokenizer calls TransformerLens notebooks make.
+
+The oracle is transformers' own tokenizer for the same GGUF file (`AutoTokenizer.from_pretrained
+(dir, gguf_file=...)`): same ids, masks, padding, truncation, decoding and special tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from hookedcot.tokenizer import Tokenizer, TokenizerError
+
+transformers = pytest.importorskip("transformers")
+
+TEXTS = ["Hello world", "The cat sat on the mat, didn't it ?", "日本 🙂", "<|im_start|>user\nhi<|im_end|>", " a", ""]
+
+
+@pytest.fixture(scope="module")
+def ours(smol_model) -> Tokenizer:
+    return smol_model.tokenizer
+
+
+@pytest.fixture(scope="module")
+def theirs(smol_path):
+    return transformers.AutoTokenizer.from_pretrained(str(smol_path.parent), gguf_file=smol_path.name)
+
+
+@pytest.fixture
+def sides(ours, theirs):
+    """Restores both tokenizers' padding / truncation sides after a test changes them."""
+    saved = (ours.padding_side, theirs.padding_side, ours.truncation_side, theirs.truncation_side)
+    yield
+    ours.padding_side, theirs.padding_side, ours.truncation_side, theirs.truncation_side = saved
+
+
+def _plain(enc) -> dict:
+    return {k: v.tolist() if hasattr(v, "tolist") else v for k, v in dict(enc).items()}
+
+
+def test_special_token_strings_and_ids_match_transformers(ours, theirs):
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token",
+                 "bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "vocab_size"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert len(ours) == len(theirs)
+    assert sorted(ours.all_special_ids) == sorted(theirs.all_special_ids)
+    assert sorted(ours.all_special_tokens) == sorted(theirs.all_special_tokens)
+
+
+def test_get_vocab_and_token_conversions_match_transformers(ours, theirs):
+    vocab = ours.get_vocab()
+    assert vocab == theirs.get_vocab()
+    ids = [0, 1, 2, 3, 504, 260, 49151] + ours.encode(" naïve café 🙂")
+    assert ours.convert_ids_to_tokens(ids) == theirs.convert_ids_to_tokens(ids)
+    assert ours.convert_ids_to_tokens(504) == theirs.convert_ids_to_tokens(504)
+    assert ours.convert_ids_to_tokens(torch.tensor(ids)) == theirs.convert_ids_to_tokens(ids)
+    assert ours.convert_ids_to_tokens(ids, skip_special_tokens=True) == theirs.convert_ids_to_tokens(
+        ids, skip_special_tokens=True)
+    pieces = ["Ġthe", "<|im_end|>", "The", "not-a-token-zzz"]
+    assert ours.convert_tokens_to_ids(pieces) == theirs.convert_tokens_to_ids(pieces)
+    assert ours.convert_tokens_to_ids("Ġthe") == theirs.convert_tokens_to_ids("Ġthe") == vocab["Ġthe"]
+
+
+@pytest.mark.parametrize("text", [TEXTS[0], TEXTS, TEXTS[1:3]])
+def test_call_without_tensors_matches_transformers(ours, theirs, text):
+    assert _plain(ours(text)) == _plain(theirs(text))
+    assert _plain(ours(text, add_special_tokens=False)) == _plain(theirs(text, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_tensors_match_transformers_on_either_side(ours, theirs, sides, side):
+    ours.padding_side = theirs.padding_side = side
+    mine, ref = ours(TEXTS, return_tensors="pt", padding=True), theirs(TEXTS, return_tensors="pt", padding=True)
+    assert set(mine) == set(ref) == {"input_ids", "attention_mask"}
+    assert torch.equal(mine["input_ids"], ref["input_ids"]) and torch.equal(mine.attention_mask, ref["attention_mask"])
+    assert mine.input_ids.dtype == torch.long
+    # the side can also be given per call, whatever the attribute says
+    other = "right" if side == "left" else "left"
+    assert torch.equal(ours(TEXTS, return_tensors="pt", padding=True, padding_side=other)["input_ids"],
+                       theirs(TEXTS, return_tensors="pt", padding=True, padding_side=other)["input_ids"])
+
+
+def test_padding_to_max_length_truncation_and_numpy_match_transformers(ours, theirs, sides):
+    kw = dict(padding="max_length", truncation=True, max_length=5)
+    for side in ("left", "right"):
+        ours.truncation_side = theirs.truncation_side = ours.padding_side = theirs.padding_side = side
+        assert _plain(ours(TEXTS, **kw)) == _plain(theirs(TEXTS, **kw))
+        assert _plain(ours(TEXTS, return_tensors="pt", **kw)) == _plain(theirs(TEXTS, return_tensors="pt", **kw))
+    mine, ref = ours(TEXTS[:2], return_tensors="np", padding=True), theirs(TEXTS[:2], return_tensors="np", padding=True)
+    assert isinstance(mine["input_ids"], np.ndarray) and np.array_equal(mine["input_ids"], ref["input_ids"])
+    assert "attention_mask" not in ours(TEXTS[0], return_attention_mask=False)
+
+
+def test_one_string_to_pt_is_a_batch_of_one(ours, theirs):
+    mine = ours(TEXTS[1], return_tensors="pt")
+    assert mine["input_ids"].shape == (1, len(ours.encode(TEXTS[1])))
+    assert torch.equal(mine["input_ids"], theirs(TEXTS[1], return_tensors="pt")["input_ids"])
+    assert torch.equal(ours.encode(TEXTS[1], return_tensors="pt"), theirs.encode(TEXTS[1], return_tensors="pt"))
+    assert mine.to("cpu")["input_ids"].device.type == "cpu"
+
+
+def test_unequal_rows_without_padding_refuse_to_become_a_tensor(ours):
+    with pytest.raises(ValueError, match="padding=True"):
+        ours(TEXTS, return_tensors="pt")
+
+
+@pytest.mark.parametrize("skip", [False, True])
+@pytest.mark.parametrize("clean", [False, True])
+def test_decode_and_batch_decode_match_transformers(ours, theirs, skip, clean):
+    rows = theirs(TEXTS, return_tensors="pt", padding=True)["input_ids"]
+    kw = dict(skip_special_tokens=skip, clean_up_tokenization_spaces=clean)  # ignored by both for BPE
+    assert ours.batch_decode(rows, **kw) == theirs.batch_decode(rows, **kw)
+    assert ours.batch_decode(rows.tolist(), **kw) == theirs.batch_decode(rows.tolist(), **kw)
+    for row in rows:
+        assert ours.decode(row, **kw) == theirs.decode(row, **kw)
+    assert ours.decode(504) == theirs.decode(504) == ours.decode(torch.tensor(504))
+
+
+def test_padding_side_is_settable_and_model_tokenize_stays_left_padded(ours, smol_model, sides):
+    ours.padding_side = "right"
+    right = ours(TEXTS[:2], return_tensors="pt", padding=True)["attention_mask"]
+    assert right[:, 0].tolist() == [1, 1] and 0 in right[0].tolist()
+    _, mask = smol_model.tokenize(TEXTS[:2])  # hookedcot's batch tools read the last position
+    assert mask[:, -1].tolist() == [1, 1]
+    with pytest.raises(ValueError, match="'left' or 'right'"):
+        ours(TEXTS, padding=True, padding_side="middle")
+
+
+def test_get_token_position_finds_first_and_last(ours):
+    ids = ours.encode(" cat and dog and cat")
+    cat = ours.convert_tokens_to_ids("Ġcat")
+    assert ours.get_token_position(" cat", ids) == 0
+    assert ours.get_token_position(cat, torch.tensor([ids]), mode="last") == len(ids) - 1
+    assert ours.get_token_position(" and", " cat and dog and cat", mode="last") == 3
+    with pytest.raises(TokenizerError, match="does not occur"):
+        ours.get_token_position(" mouse", ids)
+    with pytest.raises(ValueError, match="mode"):
+        ours.get_token_position(" cat", ids, mode="middle")
+
+
+def test_tokenize_max_length_keeps_the_first_tokens(ours):
+    tokens, mask = ours.tokenize(TEXTS[:2], max_length=3)
+    assert tokens.shape == (2, 3)
+    assert tokens[1].tolist() == ours.encode(TEXTS[1])[:3]
