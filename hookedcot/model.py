@@ -19,6 +19,7 @@ from hookedcot.config import ModelConfig
 from hookedcot.hook_points import HookRun
 from hookedcot.kv_cache import KVCache
 from hookedcot.rope import apply_rotary, inv_freq, rotary_tables
+from hookedcot.tl_weights import AttentionWeights, MLPWeights, ModelWeights
 
 
 class RMSNorm(nn.Module):
@@ -50,7 +51,9 @@ class RMSNorm(nn.Module):
         return run(self.hook_normalized, out) if run is not None else out
 
 
-class Attention(nn.Module):
+class Attention(nn.Module, AttentionWeights):
+    """Rotary attention with GQA; `W_Q`, `W_O`, `OV`, ... are TransformerLens views (tl_weights.py)."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         h, g, k, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
@@ -138,8 +141,8 @@ class Attention(nn.Module):
         return z.transpose(0, 1).reshape(b, h, n, k)
 
 
-class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+class MLP(nn.Module, MLPWeights):
+    """SwiGLU: down(silu(gate(x)) * up(x)); `W_in`, `W_gate`, `W_out` are TL views (tl_weights.py)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -209,8 +212,9 @@ class AttentionMask:
         return allowed
 
 
-class Transformer(nn.Module):
-    """Embedding, blocks, final norm and unembedding. The hooked user surface is `HookedCoT`."""
+class Transformer(nn.Module, ModelWeights):
+    """Embedding, blocks, final norm and unembedding. The hooked user surface is `HookedCoT`;
+    TransformerLens' weight names (`W_E`, `W_U`, `W_Q` stacked, `OV`, ...) are in tl_weights.py."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -223,16 +227,6 @@ class Transformer(nn.Module):
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self.register_buffer("inv_freq", inv_freq(cfg.d_head, cfg.rope_theta, cfg.rope_scaling), persistent=False)
-
-    @property
-    def W_E(self) -> Tensor:
-        """[d_vocab, d_model]"""
-        return self.embed.weight
-
-    @property
-    def W_U(self) -> Tensor:
-        """[d_model, d_vocab] (a transposed view of the unembedding, as in TransformerLens)"""
-        return self.unembed.weight.T
 
     def forward(
         self,
@@ -287,6 +281,19 @@ class Linear(nn.Linear):
         if not self.weight.is_meta:
             super().reset_parameters()
 
+    # TransformerLens' names for the unembedding (`model.unembed.W_U`). They live on every Linear
+    # because a subclass for the unembedding would drop out of the decode kernels (kernels.py
+    # swaps exactly this class).
+    @property
+    def W_U(self) -> Tensor:
+        """[d_in, d_out]: a transposed view of the weight (for the unembedding, [d_model, d_vocab])."""
+        return self.weight.T
+
+    @property
+    def b_U(self) -> Tensor:
+        """[d_out]: the bias, or zeros."""
+        return self.bias if self.bias is not None else self.weight.new_zeros(self.weight.shape[0])
+
 
 class Embedding(nn.Embedding):
     """nn.Embedding that skips random init on the meta device (see Linear)."""
@@ -294,3 +301,8 @@ class Embedding(nn.Embedding):
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:
             super().reset_parameters()
+
+    @property
+    def W_E(self) -> Tensor:
+        """[d_vocab, d_model]: the weight (TransformerLens' `model.embed.W_E`)."""
+        return self.weight
