@@ -1,9 +1,18 @@
-"""ActivationCache: the activations a `run_with_cache` recorded, with TransformerLens' helpers."""
+"""ActivationCache: the activations a `run_with_cache` recorded, with TransformerLens' helpers.
+
+The helpers follow TransformerLens' semantics where they share its name (layer -1 / None /
+n_layers means "up to the unembedding"; an integer `pos_slice` drops the position axis; `to`
+moves in place). One deliberate difference: hookedcot never folds the norms' weights into the
+next matrices, so `apply_ln_to_stack` multiplies by the norm's weight after dividing by the
+cached scale; the components then still sum to what the next layer (or the unembedding) reads.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator
+import logging
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Sequence, Union
 
+import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -13,20 +22,66 @@ from hookedcot.hook_names import get_act_name, suggest
 if TYPE_CHECKING:
     from hookedcot.hooked import HookedCoT
 
+SliceInput = Union[None, int, slice, tuple, Sequence[int], Tensor, np.ndarray]
+
+
+class Slice:
+    """TransformerLens' slice: None keeps the axis, an int indexes it (the axis is dropped), a
+    tuple `(start, stop[, step])` or a `slice` slices it, a list / tensor / array takes those indices."""
+
+    def __init__(self, input_slice: "SliceInput | Slice" = None):
+        if isinstance(input_slice, Slice):
+            self.slice, self.mode = input_slice.slice, input_slice.mode
+        elif isinstance(input_slice, tuple):
+            self.slice, self.mode = slice(*input_slice), "slice"
+        elif isinstance(input_slice, (int, np.integer)) and not isinstance(input_slice, bool):
+            self.slice, self.mode = int(input_slice), "int"
+        elif isinstance(input_slice, slice):
+            self.slice, self.mode = input_slice, "slice"
+        elif isinstance(input_slice, (list, Tensor, np.ndarray)):
+            index = torch.as_tensor(np.asarray(input_slice.cpu() if isinstance(input_slice, Tensor) else input_slice))
+            self.slice, self.mode = (int(index), "int") if index.dim() == 0 else (index, "array")
+        elif input_slice is None:
+            self.slice, self.mode = slice(None), "identity"
+        else:
+            raise ValueError(f"invalid slice {input_slice!r}: use None, an int, a tuple, a slice, or a list/tensor of indices")
+
+    def apply(self, tensor: Tensor, dim: int = 0) -> Tensor:
+        if self.mode == "identity":
+            return tensor
+        index: list[Any] = [slice(None)] * tensor.ndim
+        index[dim] = self.slice.to(tensor.device) if isinstance(self.slice, Tensor) else self.slice
+        return tensor[tuple(index)]
+
+    def __repr__(self) -> str:
+        return f"Slice({self.slice!r}, mode={self.mode!r})"
+
 
 class ActivationCache:
     """A dict of hook name -> tensor. `cache["resid_post", 3]` is short for
-    `cache["blocks.3.hook_resid_post"]`; `cache["scale", 3, "ln2"]` picks a norm."""
+    `cache["blocks.3.hook_resid_post"]`; `cache["scale", 3, "ln2"]` picks a norm; a negative
+    layer counts from the end (`cache["resid_post", -1]`)."""
 
-    def __init__(self, store: dict[str, Tensor], model: "HookedCoT"):
+    def __init__(self, store: dict[str, Tensor], model: "HookedCoT", has_batch_dim: bool = True):
         self.cache_dict = store
         self.model = model
+        self.has_batch_dim = has_batch_dim
+
+    @property
+    def has_embed(self) -> bool:
+        return "hook_embed" in self.cache_dict
 
     # dict-like
     def _key(self, key: Any) -> str:
+        if isinstance(key, str):
+            if key in self.cache_dict:
+                return key
+            return get_act_name(key) if "." not in key and not key.startswith("hook_") else key
         if isinstance(key, tuple):
+            if len(key) > 1 and key[1] is not None and key[1] < 0:
+                key = (key[0], self.model.cfg.n_layers + key[1], *key[2:])
             return get_act_name(*key)
-        return get_act_name(key) if isinstance(key, str) and "." not in key and not key.startswith("hook_") else key
+        raise KeyError(f"a cache key is a hook name or a tuple like ('resid_post', 3), got {key!r}")
 
     def __getitem__(self, key: Any) -> Tensor:
         name = self._key(key)
@@ -40,7 +95,10 @@ class ActivationCache:
         return self.cache_dict[name]
 
     def __contains__(self, key: Any) -> bool:
-        return self._key(key) in self.cache_dict
+        try:
+            return self._key(key) in self.cache_dict
+        except (KeyError, TypeError, ValueError):  # "pattern" without a layer names nothing
+            return False
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.cache_dict)
@@ -58,15 +116,59 @@ class ActivationCache:
         return self.cache_dict.items()
 
     def to(self, device: torch.device | str) -> "ActivationCache":
-        return ActivationCache({k: v.to(device) for k, v in self.cache_dict.items()}, self.model)
+        """Move every activation to `device`, in place (as TransformerLens does); returns self."""
+        self.cache_dict = {k: v.to(device) for k, v in self.cache_dict.items()}
+        return self
 
     def __repr__(self) -> str:
         return f"ActivationCache({len(self)} activations: {', '.join(list(self.cache_dict)[:4])}{', ...' if len(self) > 4 else ''})"
 
+    # batch axis
+    def remove_batch_dim(self) -> "ActivationCache":
+        """Drop the batch axis of a batch-1 cache, in place (TransformerLens'); returns self."""
+        if not self.has_batch_dim:
+            logging.warning("Tried removing batch dimension after already having removed it.")
+            return self
+        for name, value in self.cache_dict.items():
+            if value.size(0) != 1:
+                raise ValueError(
+                    f"cannot remove the batch axis of a cache with batch size {value.size(0)} ({name!r} has shape "
+                    f"{tuple(value.shape)}); use cache.apply_slice_to_batch_dim(i) to pick one row"
+                )
+        self.cache_dict = {k: v[0] for k, v in self.cache_dict.items()}
+        self.has_batch_dim = False
+        return self
+
+    def apply_slice_to_batch_dim(self, batch_slice: SliceInput | Slice) -> "ActivationCache":
+        """A new cache with `batch_slice` applied to every activation's batch axis (an int drops it)."""
+        batch_slice = Slice(batch_slice)
+        if not self.has_batch_dim and batch_slice.mode != "identity":
+            raise ValueError("this cache has no batch axis (remove_batch_dim was called)")
+        return ActivationCache(
+            {k: batch_slice.apply(v, dim=0) for k, v in self.cache_dict.items()},
+            self.model,
+            has_batch_dim=self.has_batch_dim and batch_slice.mode != "int",
+        )
+
+    def toggle_autodiff(self, mode: bool = False) -> None:
+        """`torch.set_grad_enabled(mode)` for the whole process, as TransformerLens' does.
+        `with torch.no_grad():` does the same without changing global state."""
+        logging.warning("Changed the global state, set autodiff to %s", mode)
+        torch.set_grad_enabled(mode)
+
     # TransformerLens helpers
-    def stack_activation(self, activation_name: str, layer: int = -1, sublayer_type: str | None = None) -> Tensor:
-        """[n_layers (up to `layer`), *shape]: one per-layer activation stacked across layers."""
-        n = self.model.cfg.n_layers if layer == -1 else layer
+    def _layer(self, layer: int | None) -> int:
+        """None, -1 and n_layers all mean "the input of the unembedding"."""
+        n = self.model.cfg.n_layers
+        if layer is None or layer == -1:
+            return n
+        if not 0 <= layer <= n:
+            raise ValueError(f"layer={layer} is out of range: use 0..{n}, or -1 / None for the whole stack")
+        return layer
+
+    def stack_activation(self, activation_name: str, layer: int | None = -1, sublayer_type: str | None = None) -> Tensor:
+        """[layers before `layer` (all for -1 / None), *shape]: one per-layer activation stacked."""
+        n = self._layer(layer)
         return torch.stack([self[get_act_name(activation_name, i, sublayer_type)] for i in range(n)], dim=0)
 
     def accumulated_resid(
@@ -74,64 +176,112 @@ class ActivationCache:
         layer: int | None = None,
         incl_mid: bool = False,
         apply_ln: bool = False,
-        pos_slice: slice | int | None = None,
+        pos_slice: SliceInput | Slice = None,
+        mlp_input: bool = False,
         return_labels: bool = False,
     ) -> Any:
-        """The residual stream before each layer (and the final residual when `layer` is None):
-        [component, batch, pos, d_model]. With `apply_ln` each component goes through the final
-        RMSNorm on its own scale (the logit lens), so `model.unembed(out[-1])` equals the logits."""
-        n = self.model.cfg.n_layers if layer is None else layer
+        """The residual stream entering each block up to and including block `layer`'s input
+        (`"{l}_pre"`), and with `layer` = -1 / None / n_layers also the final residual
+        (`"final_post"`): [component, batch, pos, d_model].
+
+        `incl_mid` adds `resid_mid` of the earlier layers, `mlp_input` that of layer `layer`.
+        `apply_ln` for the whole stack puts each component through the final norm on its own
+        scale (the logit lens: `model.unembed(out[-1])` equals the logits); for a block's input
+        it divides by that block's cached ln1 (ln2 with `mlp_input`) scale, as TransformerLens does.
+
+        >>> resid, labels = cache.accumulated_resid(apply_ln=True, pos_slice=-1, return_labels=True)
+        >>> layer_logits = model.unembed(resid)       # [n_layers + 1, batch, d_vocab]
+        """
+        pos_slice = Slice(pos_slice)
+        layer = self._layer(layer)
+        n = self.model.cfg.n_layers
         parts, labels = [], []
-        for i in range(n):
+        for i in range(layer + 1):
+            if i == n:
+                parts.append(self["resid_post", n - 1]); labels.append("final_post")
+                continue
             parts.append(self["resid_pre", i]); labels.append(f"{i}_pre")
-            if incl_mid:
+            if (incl_mid and i < layer) or (mlp_input and i == layer):
                 parts.append(self["resid_mid", i]); labels.append(f"{i}_mid")
-        if layer is None or layer == self.model.cfg.n_layers:
-            parts.append(self["resid_post", self.model.cfg.n_layers - 1]); labels.append("final_post")
-        stack = torch.stack(parts, dim=0)
-        stack = _slice_pos(stack, pos_slice)
+        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in parts], dim=0)
         if apply_ln:
-            stack = self.apply_ln_to_stack(stack, recompute_ln=True)
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice, recompute_ln=layer == n)
         return (stack, labels) if return_labels else stack
 
     def apply_ln_to_stack(
         self,
-        residual_stack: Float[Tensor, "... d_model"],
+        residual_stack: Float[Tensor, "component *batch_and_pos d_model"],
         layer: int | None = None,
-        pos_slice: slice | int | None = None,
+        mlp_input: bool = False,
+        pos_slice: SliceInput | Slice = None,
+        batch_slice: SliceInput | Slice = None,
+        has_batch_dim: bool = True,
         recompute_ln: bool = False,
     ) -> Tensor:
-        """Apply the final RMSNorm (or block `layer`'s ln1) to a stack of residual components.
+        """Treat each component of `residual_stack` as input to block `layer`'s ln1 (ln2 with
+        `mlp_input`), or to the final norm for `layer` -1 / None / n_layers, and normalise it.
 
-        By default each component is divided by the *cached* scale of the full residual (so the
-        components still sum to the normalised residual — direct logit attribution); with
-        `recompute_ln=True` each component is normalised on its own (the logit lens).
-        The norm's weight is applied in both cases (hookedcot does not fold weights)."""
-        norm = self.model.ln_final if layer is None or layer == self.model.cfg.n_layers else self.model.blocks[layer].ln1
-        if recompute_ln:
+        By default each component is divided by the *cached* scale of the full residual, so the
+        components still sum to the normalised residual (direct logit attribution). With
+        `recompute_ln=True` and the final norm, each component is normalised on its own (the logit
+        lens). `pos_slice` / `batch_slice` say which positions / rows the stack holds (they are
+        applied to the cached scale; `batch_slice` also to the stack's axis 1).
+        Unlike TransformerLens (whose weights are folded by default), the norm's weight is applied:
+        hookedcot's weights are never folded."""
+        pos_slice, batch_slice = Slice(pos_slice), Slice(batch_slice)
+        layer = self._layer(layer)
+        n = self.model.cfg.n_layers
+        if layer == n:
+            norm = self.model.ln_final
+        else:
+            norm = self.model.blocks[layer].ln2 if mlp_input else self.model.blocks[layer].ln1
+        if has_batch_dim:
+            residual_stack = batch_slice.apply(residual_stack, dim=1)
+        if recompute_ln and layer == n:
             return norm(residual_stack)
         scale_name = norm.hook_scale
         if scale_name not in self.cache_dict:
-            raise KeyError(f"apply_ln_to_stack needs {scale_name!r} in the cache (or recompute_ln=True)")
-        scale = _slice_pos(self.cache_dict[scale_name], pos_slice)
+            raise KeyError(
+                f"apply_ln_to_stack needs {scale_name!r} in the cache"
+                + (" (or recompute_ln=True)" if layer == n else "")
+                + "; widen run_with_cache's names_filter to record it"
+            )
+        scale = pos_slice.apply(self.cache_dict[scale_name], dim=-2)
+        if self.has_batch_dim:
+            scale = batch_slice.apply(scale, dim=0)
         dtype = residual_stack.dtype
         return norm.weight * (residual_stack.float() / scale).to(dtype)
 
-    def decompose_resid(self, layer: int | None = None, pos_slice: slice | int | None = None, return_labels: bool = False) -> Any:
-        """[component, batch, pos, d_model]: embedding, then each layer's attn_out and mlp_out."""
-        n = self.model.cfg.n_layers if layer is None else layer
-        parts, labels = [self["hook_embed"]], ["embed"]
-        for i in range(n):
-            parts += [self["attn_out", i], self["mlp_out", i]]
-            labels += [f"{i}_attn_out", f"{i}_mlp_out"]
-        stack = _slice_pos(torch.stack(parts, dim=0), pos_slice)
+    def decompose_resid(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        mode: Literal["all", "mlp", "attn"] = "all",
+        apply_ln: bool = False,
+        pos_slice: SliceInput | Slice = None,
+        incl_embeds: bool = True,
+        return_labels: bool = False,
+    ) -> Any:
+        """The residual entering block `layer` (-1 / None / n_layers: the unembedding) as a stack
+        of what wrote it: [component, batch, pos, d_model] — the embedding, then each earlier
+        layer's attn_out and mlp_out (`mode` "attn" / "mlp" keeps one kind; `mlp_input` adds layer
+        `layer`'s attn_out). The components sum to that residual; `apply_ln` divides them by its
+        cached norm scale (see `apply_ln_to_stack`)."""
+        if mode not in ("all", "mlp", "attn"):
+            raise ValueError(f"mode must be 'all', 'mlp' or 'attn', got {mode!r}")
+        pos_slice = Slice(pos_slice)
+        layer = self._layer(layer)
+        parts, labels = [], []
+        if incl_embeds and self.has_embed:
+            parts.append(self["hook_embed"]); labels.append("embed")
+        for i in range(layer):
+            if mode != "mlp":
+                parts.append(self["attn_out", i]); labels.append(f"{i}_attn_out")
+            if mode != "attn":
+                parts.append(self["mlp_out", i]); labels.append(f"{i}_mlp_out")
+        if mlp_input and mode != "mlp":
+            parts.append(self["attn_out", layer]); labels.append(f"{layer}_attn_out")
+        stack = torch.stack([pos_slice.apply(c, dim=-2) for c in parts], dim=0)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
-
-
-def _slice_pos(t: Tensor, pos_slice: slice | int | None) -> Tensor:
-    """Slice the position axis (the second to last) of a [..., batch, pos, d] tensor."""
-    if pos_slice is None:
-        return t
-    if isinstance(pos_slice, int):
-        pos_slice = slice(pos_slice, pos_slice + 1 if pos_slice != -1 else None)
-    return t[..., pos_slice, :]

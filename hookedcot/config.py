@@ -48,6 +48,11 @@ class ModelConfig:
     family: str = "custom"
     # Where the weights came from; informative only, never read by the forward pass.
     source: str = field(default="", compare=False)
+    # TransformerLens' fields that describe the loaded model rather than its math (not compared):
+    # where the weights are (HookedCoT keeps it current through `model.to(...)`), and whether
+    # text gets a BOS token by default (the tokenizer's own habit unless from_pretrained was told).
+    device: str = field(default="cpu", compare=False)
+    default_prepend_bos: bool = field(default=True, compare=False)
 
     def __post_init__(self) -> None:
         problems = []
@@ -67,9 +72,59 @@ class ModelConfig:
         if problems:
             raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
 
+    # TransformerLens' read-only fields, for code written against `HookedTransformerConfig`.
+    @property
+    def d_vocab_out(self) -> int:
+        return self.d_vocab
+
+    @property
+    def tokenizer_name(self) -> str:
+        """Where the tokenizer came from (the checkpoint's folder, hub id or GGUF file)."""
+        return self.source or self.model_name
+
+    @property
+    def positional_embedding_type(self) -> str:
+        return "rotary"
+
+    @property
+    def normalization_type(self) -> str:
+        return "RMS"
+
+    @property
+    def gated_mlp(self) -> bool:
+        return True
+
+    @property
+    def attn_only(self) -> bool:
+        return False
+
+    @property
+    def rotary_base(self) -> float:
+        return self.rope_theta
+
+    @property
+    def rotary_dim(self) -> int:
+        return self.d_head
+
+    @property
+    def eps(self) -> float:
+        return self.norm_eps
+
+    @property
+    def original_architecture(self) -> str:
+        return {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}.get(self.family, self.family)
+
     @property
     def n_params(self) -> int:
-        """Parameter count, counting tied embeddings once."""
+        """TransformerLens' count: the hidden weights only — attention projections and MLP
+        matrices, without embeddings, unembedding, biases or norms (`n_params_total` counts all).
+        TransformerLens counts K and V as if every head had its own; this counts the real GQA sizes."""
+        d, k, h, g, m = self.d_model, self.d_head, self.n_heads, self.n_key_value_heads, self.d_mlp
+        return self.n_layers * (2 * d * h * k + 2 * d * g * k + 3 * d * m)
+
+    @property
+    def n_params_total(self) -> int:
+        """Every parameter, counting tied embeddings once (`sum(p.numel() for p in model.parameters())`)."""
         d, k, h, g, m, v = self.d_model, self.d_head, self.n_heads, self.n_key_value_heads, self.d_mlp, self.d_vocab
         attn = d * h * k + 2 * d * g * k + h * k * d
         attn += (h * k + 2 * g * k) * self.qkv_bias + d * self.o_bias

@@ -99,15 +99,22 @@ class scoped_hooks:
 
     def __init__(self, hooks: list[tuple[str, HookFn]], owner: object):
         self.hooks = tuple((owner, name, fn) for name, fn in hooks)
-        self._token: contextvars.Token | None = None
 
     def __enter__(self) -> "scoped_hooks":
-        self._token = _SCOPED.set(_SCOPED.get() + self.hooks)
+        _SCOPED.set(_SCOPED.get() + self.hooks)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        assert self._token is not None
-        _SCOPED.reset(self._token)
+        # Remove exactly this block's hooks (by identity): hooks the block's body removed with
+        # `remove_scoped_hooks` stay removed, and an enclosing block's hooks stay put.
+        mine = {id(h) for h in self.hooks}
+        _SCOPED.set(tuple(h for h in _SCOPED.get() if id(h) not in mine))
+
+
+def remove_scoped_hooks(owner: object) -> None:
+    """Drop every scoped hook `owner` holds in the current context (`model.reset_hooks()` inside
+    a `with model.hooks(...)` block, as in TransformerLens); other threads' hooks are untouched."""
+    _SCOPED.set(tuple(h for h in _SCOPED.get() if h[0] is not owner))
 
 
 class HookRun:

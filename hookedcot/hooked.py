@@ -19,7 +19,9 @@ from torch import Tensor
 from hookedcot.cache import ActivationCache
 from hookedcot.config import ModelConfig
 from hookedcot.hook_names import all_hook_names, spec_of
-from hookedcot.hook_points import HookFn, HookRun, NameOrFilter, no_positions, resolve_hooks, scoped_hooks
+from hookedcot.hook_points import (
+    HookFn, HookRun, NameOrFilter, no_positions, remove_scoped_hooks, resolve_hooks, scoped_hooks,
+)
 from hookedcot.kv_cache import KVCache
 from hookedcot.model import Transformer
 
@@ -37,6 +39,18 @@ class HookedCoT(Transformer):
         self._persistent: dict[str, list[HookFn]] = {}
         self._hook_names = all_hook_names(cfg.n_layers)
         self._default_cache_names = [n for n in self._hook_names if not spec_of(n).opt_in]
+        self._sync_cfg_device()
+
+    def _sync_cfg_device(self) -> None:
+        """Keep `cfg.device` (TransformerLens' field) equal to where the weights are."""
+        device = str(self.embed.weight.device)
+        if self.cfg.device != device:
+            self.cfg = self.cfg.replace(device=device)
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "HookedCoT":
+        out = super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), .cpu(), .half() all end here
+        self._sync_cfg_device()
+        return out
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -47,10 +61,27 @@ class HookedCoT(Transformer):
         device: torch.device | str | None = None,
         **kwargs: Any,
     ) -> "HookedCoT":
-        """Load an HF checkpoint folder, a hub id, a GGUF file, or an embedded model's name."""
+        """Load an HF checkpoint folder, a hub id, a GGUF file, or an embedded model's name.
+
+        TransformerLens' options are accepted: `default_prepend_bos` and `default_padding_side`
+        set the tokenizer's defaults; the weight-processing flags (`fold_ln`,
+        `center_writing_weights`, `center_unembed`, `fold_value_biases`,
+        `refactor_factored_attn_matrices`) change nothing, because hookedcot never folds or
+        centres weights (its logits equal transformers'); asking for them warns once.
+        Weights require grad (as in TransformerLens and transformers): wrap inference in
+        `torch.no_grad()` / `torch.inference_mode()`, or pass `requires_grad=False`."""
         from hookedcot.loading import load_pretrained
 
         return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
+
+    @classmethod
+    def from_pretrained_no_processing(cls, name_or_path: str | Path, **kwargs: Any) -> "HookedCoT":
+        """TransformerLens' name for loading without weight processing — what `from_pretrained`
+        always does here."""
+        for flag in ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                     "refactor_factored_attn_matrices"):
+            kwargs.setdefault(flag, False)
+        return cls.from_pretrained(name_or_path, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -200,8 +231,13 @@ class HookedCoT(Transformer):
             persistent.setdefault(n, []).append(f)
         self._persistent = persistent  # replaced, never mutated: a running forward keeps its view
 
-    def reset_hooks(self) -> None:
+    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both", including_permanent: bool = False) -> None:
+        """Remove this model's persistent hooks and, as in TransformerLens, the hooks that
+        enclosing `with model.hooks(...)` blocks added to it in this thread (they stay removed
+        when the block ends). TransformerLens' arguments are accepted; hookedcot has no permanent
+        hooks or backward hooks apart from these."""
         self._persistent = {}
+        remove_scoped_hooks(self)
 
     def active_hook_names(self) -> list[str]:
         """Hook points a forward run here and now would call hooks on: persistent hooks plus
@@ -228,20 +264,47 @@ class HookedCoT(Transformer):
         fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = (),
         device: torch.device | str | None = None,
         detach: bool = True,
+        remove_batch_dim: bool = False,
+        pos_slice: Any = None,
+        return_cache_object: bool = True,
+        incl_bwd: bool = False,
         **kwargs: Any,
     ) -> tuple[Any, ActivationCache]:
         """Forward once, recording the activations `names_filter` selects (after any `fwd_hooks`
-        edits). `detach=False` keeps them in the autograd graph (attribution patching)."""
+        edits). `detach=False` keeps them in the autograd graph (attribution patching).
+
+        As in TransformerLens: `remove_batch_dim=True` stores row 0 of a batch-1 run without the
+        batch axis; `pos_slice` (an int, a tuple, a slice, indices) keeps those positions of each
+        activation's position axis (the query axis of scores and patterns; an int keeps a
+        size-1 axis); `return_cache_object=False` returns a plain dict."""
+        if incl_bwd:
+            raise NotImplementedError(
+                "run_with_cache(incl_bwd=True) is not supported yet: run with detach=False and call "
+                "torch.autograd.grad(value, [cache[name] for name in names]) for activation gradients"
+            )
+        from hookedcot.cache import Slice
+
+        positions = Slice([pos_slice] if isinstance(pos_slice, int) else pos_slice)
         store: dict[str, Tensor] = {}
 
         def record(x: Tensor, hook) -> None:
             x = x.detach() if detach else x
+            if remove_batch_dim:
+                if x.shape[0] != 1:
+                    raise ValueError(f"remove_batch_dim=True needs a batch of 1; {hook.name!r} has batch {x.shape[0]}")
+                x = x[0]
+            if positions.mode != "identity":
+                axis = _position_axis(hook.name)
+                if axis is not None:
+                    x = positions.apply(x, dim=axis - (1 if remove_batch_dim else 0))
             store[hook.name] = x.to(device) if device is not None else x
 
         cache_hooks = [(n, record) for n in self.cache_names(names_filter)]
         with self.hooks(list(fwd_hooks) + cache_hooks):
             out = self(*args, **kwargs)
-        return out, ActivationCache(store, self)
+        if not return_cache_object:
+            return out, store
+        return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
 
     # ---------------------------------------------------------------- text
     def _require_tokenizer(self):
@@ -320,4 +383,13 @@ class HookedCoT(Transformer):
 
 
 def _noop(x: Tensor, hook: Any) -> None:
+    return None
+
+
+def _position_axis(name: str) -> int | None:
+    """The position axis of hook `name` (the query axis of scores and patterns), or None."""
+    letters = spec_of(name).shape.split()
+    for letter in ("p", "q"):
+        if letter in letters:
+            return letters.index(letter)
     return None

@@ -9,6 +9,7 @@ of the weights; a failed load leaves nothing.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +81,14 @@ def download_from_hub(repo_id: str, revision: str | None = None) -> Path:
         ) from exc
 
 
+# TransformerLens' weight processing: hookedcot never folds or centres weights, so these change nothing.
+WEIGHT_PROCESSING_FLAGS = ("fold_ln", "center_writing_weights", "center_unembed", "fold_value_biases",
+                           "refactor_factored_attn_matrices")
+# TransformerLens' loading options that have no meaning here (one device, our own tokenizer setup).
+_IGNORED_TL_OPTIONS = ("move_to_device", "n_devices", "first_n_layers", "fold_value_bias", "checkpoint_index",
+                       "checkpoint_value", "n_ctx")
+
+
 def load_pretrained(
     cls: type,
     name_or_path: str | Path,
@@ -87,11 +96,45 @@ def load_pretrained(
     device: torch.device | str | None = None,
     strict_config: bool = True,
     revision: str | None = None,
+    requires_grad: bool = True,
+    default_prepend_bos: bool | None = None,
+    default_padding_side: str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
+    **tl_options: Any,
 ) -> Any:
-    target_dtype = parse_dtype(dtype)
+    """`requires_grad` (default True, as in TransformerLens and transformers) lets
+    `model(tokens).sum().backward()` work; it costs nothing under `torch.no_grad()` /
+    `torch.inference_mode()`, which every hookedcot tool and `generate` use."""
+    unknown = sorted(set(tl_options) - set(WEIGHT_PROCESSING_FLAGS) - set(_IGNORED_TL_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"from_pretrained got unknown options {unknown}; it takes dtype, device, strict_config, revision, "
+            f"requires_grad, default_prepend_bos, default_padding_side and TransformerLens' {', '.join(WEIGHT_PROCESSING_FLAGS)}"
+        )
+    asked = [flag for flag in WEIGHT_PROCESSING_FLAGS if tl_options.get(flag)]
+    if asked:
+        warnings.warn(
+            f"{', '.join(asked)}: hookedcot never folds or centres weights (its logits equal transformers'), so these "
+            "options change nothing; cache.apply_ln_to_stack applies the norm's weight itself. "
+            "HookedCoT.from_pretrained_no_processing says the same without this warning.",
+            stacklevel=3,
+        )
+    if default_padding_side not in (None, "left", "right"):
+        raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
+    if dtype is not None and torch_dtype is not None:
+        raise ValueError("pass dtype or torch_dtype, not both")
+    target_dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
     converted = convert_source(name_or_path, strict_config=strict_config, revision=revision)
     target_dtype = target_dtype or _default_dtype(converted.source_dtype)
-    return build_model(cls, converted, target_dtype, torch.device(device or "cpu"))
+    model = build_model(cls, converted, target_dtype, torch.device(device or "cpu"), requires_grad=requires_grad)
+    tokenizer = model.tokenizer
+    if tokenizer is not None and default_prepend_bos is not None:
+        tokenizer.add_bos = bool(default_prepend_bos)
+    if tokenizer is not None and default_padding_side is not None:
+        tokenizer.padding_side = default_padding_side
+    prepend = bool(getattr(tokenizer, "add_bos", True)) if default_prepend_bos is None else bool(default_prepend_bos)
+    model.cfg = model.cfg.replace(default_prepend_bos=prepend)
+    return model
 
 
 def _default_dtype(source: torch.dtype | None) -> torch.dtype:
@@ -99,7 +142,9 @@ def _default_dtype(source: torch.dtype | None) -> torch.dtype:
     return source if source in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
 
 
-def build_model(cls: type, converted: ConvertedCheckpoint, dtype: torch.dtype, device: torch.device) -> Any:
+def build_model(
+    cls: type, converted: ConvertedCheckpoint, dtype: torch.dtype, device: torch.device, requires_grad: bool = True
+) -> Any:
     """Create the model on the meta device, check the checkpoint against its parameters, and
     stream each tensor into place."""
     cfg = converted.config
@@ -109,10 +154,11 @@ def build_model(cls: type, converted: ConvertedCheckpoint, dtype: torch.dtype, d
     for name, ref in converted.tensors.items():
         tensor = ref.load(dtype).to(device=device, dtype=dtype)
         module_name, attr = name.rsplit(".", 1)
-        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+        model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=requires_grad)
     if cfg.tie_embeddings:
         model.unembed.weight = model.embed.weight
     model.inv_freq = inv_freq(cfg.d_head, cfg.rope_theta, cfg.rope_scaling).to(device)
+    model.cfg = model.cfg.replace(device=str(model.embed.weight.device))
     return model.eval()
 
 

@@ -56,9 +56,10 @@ def test_dtypes():
         parse_dtype("float8")
 
 
-def test_loaded_model_is_frozen_eval_and_tied(tiny_checkpoints):
+def test_loaded_model_is_eval_tied_and_takes_gradients(tiny_checkpoints):
     model = HookedCoT.from_pretrained(tiny_checkpoints["qwen2"], dtype="bfloat16")
     assert not model.training and model.dtype is torch.bfloat16
-    assert all(not p.requires_grad for p in model.parameters())
+    # As in TransformerLens and transformers (issue 14); no gradient buffers until a backward.
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
     assert model.unembed.weight is model.embed.weight
     assert not any(p.is_meta for p in model.parameters()) and not model.inv_freq.is_meta
