@@ -285,3 +285,134 @@ class ActivationCache:
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
+
+    # per-head and per-neuron contributions
+    def _W_O(self, layer: int) -> Tensor:
+        """[n_heads, d_head, d_model]: head h's slice of block `layer`'s output projection."""
+        attn = self.model.blocks[layer].attn
+        return attn.o_proj.weight.T.reshape(attn.n_heads, attn.d_head, -1)
+
+    def compute_head_results(self) -> None:
+        """Fill `blocks.L.attn.hook_result` ([batch, pos, head, d_model], what each head writes,
+        without the output bias) from the cached `hook_z`, unless it was recorded already."""
+        for layer in range(self.model.cfg.n_layers):
+            name = f"blocks.{layer}.attn.hook_result"
+            if name not in self.cache_dict:
+                z = self["z", layer]
+                self.cache_dict[name] = torch.einsum("...hk,hkd->...hd", z, self._W_O(layer).to(z.dtype))
+
+    def stack_head_results(
+        self,
+        layer: int | None = -1,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        pos_slice: SliceInput | Slice = None,
+        apply_ln: bool = False,
+    ) -> Any:
+        """[layer × n_heads (labels "L{l}H{h}"), batch, pos, d_model]: every head's result in the
+        layers before `layer` (-1 / None: all); `incl_remainder` adds the rest of that residual."""
+        pos_slice = Slice(pos_slice)
+        layer = self._layer(layer)
+        self.compute_head_results()
+        labels = [f"L{l}H{h}" for l in range(layer) for h in range(self.model.cfg.n_heads)]
+        heads = [pos_slice.apply(self["result", l], dim=-3).movedim(-2, 0) for l in range(layer)]
+        shape = pos_slice.apply(self["hook_embed"], dim=-2).shape
+        stack = torch.cat(heads) if heads else self["hook_embed"].new_zeros(0, *shape)
+        if incl_remainder:
+            residual = pos_slice.apply(self["resid_pre", layer] if layer < self.model.cfg.n_layers
+                                       else self["resid_post", layer - 1], dim=-2)
+            stack = torch.cat([stack, (residual - stack.sum(0))[None]])
+            labels.append("remainder")
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def get_neuron_results(self, layer: int, neuron_slice: SliceInput | Slice = None, pos_slice: SliceInput | Slice = None) -> Tensor:
+        """[batch, pos, neuron, d_model]: what each MLP neuron of `layer` writes (no bias)."""
+        neuron_slice, pos_slice = Slice(neuron_slice), Slice(pos_slice)
+        acts = neuron_slice.apply(pos_slice.apply(self["post", layer], dim=-2), dim=-1)
+        W_out = neuron_slice.apply(self.model.blocks[layer].mlp.down_proj.weight.T, dim=0)
+        return acts[..., None] * W_out.to(acts.dtype)
+
+    def stack_neuron_results(
+        self,
+        layer: int | None,
+        pos_slice: SliceInput | Slice = None,
+        neuron_slice: SliceInput | Slice = None,
+        return_labels: bool = False,
+        incl_remainder: bool = False,
+        apply_ln: bool = False,
+    ) -> Any:
+        """[layer × neurons (labels "L{l}N{n}"), batch, pos, d_model]: every MLP neuron's result in
+        the layers before `layer`. Large: batch × pos × d_mlp × d_model per layer."""
+        pos_slice, neuron_slice = Slice(pos_slice), Slice(neuron_slice)
+        layer = self._layer(layer)
+        ids = neuron_slice.apply(torch.arange(self.model.cfg.d_mlp), dim=0).reshape(-1).tolist()
+        labels = [f"L{l}N{i}" for l in range(layer) for i in ids]
+        parts = []
+        for l in range(layer):
+            part = self.get_neuron_results(l, neuron_slice, pos_slice)
+            parts.append((part[..., None, :] if neuron_slice.mode == "int" else part).movedim(-2, 0))
+        shape = pos_slice.apply(self["hook_embed"], dim=-2).shape
+        stack = torch.cat(parts) if parts else self["hook_embed"].new_zeros(0, *shape)
+        if incl_remainder:
+            residual = pos_slice.apply(self["resid_post", layer - 1], dim=-2) if layer else pos_slice.apply(self["hook_embed"], dim=-2)
+            stack = torch.cat([stack, (residual - stack.sum(0))[None]])
+            labels.append("remainder")
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def get_full_resid_decomposition(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        expand_neurons: bool = True,
+        apply_ln: bool = False,
+        pos_slice: SliceInput | Slice = None,
+        return_labels: bool = False,
+    ) -> Any:
+        """The residual entering block `layer` (-1 / None: the unembedding) as every head's result,
+        every neuron's (or, without `expand_neurons`, every MLP's) output, the embedding and the
+        summed biases ("bias") — TransformerLens' order. The components sum to that residual."""
+        pos_slice = Slice(pos_slice)
+        layer = self._layer(layer)
+        heads, labels = self.stack_head_results(layer + (1 if mlp_input else 0), pos_slice=pos_slice, return_labels=True)
+        parts = [heads]
+        if layer > 0:
+            if expand_neurons:
+                mlps, mlp_labels = self.stack_neuron_results(layer, pos_slice=pos_slice, return_labels=True)
+            else:
+                mlps, mlp_labels = self.decompose_resid(layer, mode="mlp", pos_slice=pos_slice, incl_embeds=False, return_labels=True)
+            parts.append(mlps); labels = labels + mlp_labels
+        if self.has_embed:
+            parts.append(pos_slice.apply(self["hook_embed"], dim=-2)[None]); labels.append("embed")
+        bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)
+        parts.append(bias.to(heads.dtype).expand(1, *heads.shape[1:])); labels.append("bias")
+        stack = torch.cat(parts)
+        if apply_ln:
+            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        return (stack, labels) if return_labels else stack
+
+    def logit_attrs(
+        self,
+        residual_stack: Float[Tensor, "component *batch_and_pos d_model"],
+        tokens: Any,
+        incorrect_tokens: Any = None,
+        pos_slice: SliceInput | Slice = None,
+        batch_slice: SliceInput | Slice = None,
+        has_batch_dim: bool = True,
+    ) -> Tensor:
+        """[component, *batch_and_pos]: each component's direct contribution to the logit of
+        `tokens` (minus that of `incorrect_tokens`), through the final norm's cached scale. The
+        components of `decompose_resid()` sum to the logit (difference) itself."""
+        directions = self.model.tokens_to_residual_directions(tokens)
+        if incorrect_tokens is not None:
+            wrong = self.model.tokens_to_residual_directions(incorrect_tokens)
+            if wrong.shape != directions.shape:
+                raise ValueError(f"tokens and incorrect_tokens must have the same shape, got {tuple(directions.shape)} "
+                                 f"and {tuple(wrong.shape)}")
+            directions = directions - wrong
+        scaled = self.apply_ln_to_stack(residual_stack, -1, pos_slice=pos_slice, batch_slice=batch_slice,
+                                        has_batch_dim=has_batch_dim)
+        return (scaled * directions.to(scaled.dtype)).sum(-1)

@@ -306,6 +306,41 @@ class HookedCoT(Transformer):
             return out, store
         return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
 
+    # ---------------------------------------------------------------- TransformerLens' helpers
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, "d_model"]:
+        """[d_model]: the output biases (attention's o_proj, the MLP's down_proj, where the model
+        has them) written before block `layer`'s input (`mlp_input`: its MLP's). Zero for
+        checkpoints without those biases (most)."""
+        if not 0 <= layer <= self.cfg.n_layers or (mlp_input and layer == self.cfg.n_layers):
+            raise ValueError(f"layer={layer} is out of range (0..{self.cfg.n_layers}; mlp_input needs < {self.cfg.n_layers})")
+        total = torch.zeros(self.cfg.d_model, device=self.device, dtype=self.dtype)
+        for i in range(layer + (1 if mlp_input else 0)):
+            block = self.blocks[i]
+            if block.attn.o_proj.bias is not None:
+                total = total + block.attn.o_proj.bias
+            if include_mlp_biases and i < layer and block.mlp.down_proj.bias is not None:
+                total = total + block.mlp.down_proj.bias
+        return total
+
+    def tokens_to_residual_directions(self, tokens: str | int | Tensor) -> Tensor:
+        """The unembedding direction(s) of `tokens`: [d_model] for one token (an int, a string of
+        one token, a 1-element tensor), [..., d_model] for a tensor of several. Residual vectors
+        after the final norm (e.g. `cache.apply_ln_to_stack`) dot with these to give logits."""
+        if isinstance(tokens, Tensor) and tokens.numel() > 1:
+            return self.unembed.weight[tokens.to(self.device)]
+        if isinstance(tokens, str):
+            token = self.to_single_token(tokens)
+        elif isinstance(tokens, Tensor):
+            token = int(tokens.item())
+        elif isinstance(tokens, int):
+            token = tokens
+        else:
+            raise ValueError(f"tokens must be a string, an int or a tensor of token ids, got {type(tokens).__name__}")
+        return self.unembed.weight[token]
+
+    def all_head_labels(self) -> list[str]:
+        return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
+
     # ---------------------------------------------------------------- text
     def _require_tokenizer(self):
         if self.tokenizer is None:

@@ -294,3 +294,62 @@ def test_transformer_lens_loading_options(smol_path, smol_model):
     assert plain.cfg.default_prepend_bos == bool(plain.tokenizer.add_bos)
     with pytest.raises(TypeError, match="unknown options"):
         HookedCoT.from_pretrained(smol_path, fold_layer_norm=True)
+
+
+# --------------------------------------------------------------------- per-head / per-neuron decompositions
+BIASED = CFG.replace(o_bias=True, mlp_bias=True)
+
+
+@pytest.fixture(scope="module")
+def biased_run(tokens):
+    model = random_model(BIASED, seed=4)
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+        _, with_result = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("hook_result"))
+    return model, logits, cache, with_result
+
+
+def test_compute_head_results_equals_the_models_own_hook_result(biased_run):
+    model, _, cache, recorded = biased_run
+    heads, labels = cache.stack_head_results(return_labels=True)
+    assert labels == model.all_head_labels() and heads.shape == (N * CFG.n_heads, 2, 7, CFG.d_model)
+    for l in range(N):
+        close(heads[l * CFG.n_heads:(l + 1) * CFG.n_heads], recorded.cache_dict[f"blocks.{l}.attn.hook_result"].movedim(2, 0))
+        close(heads[l * CFG.n_heads:(l + 1) * CFG.n_heads].sum(0) + model.blocks[l].attn.o_proj.bias,
+              raw(cache, f"blocks.{l}.hook_attn_out"))
+    with_rest = cache.stack_head_results(layer=2, incl_remainder=True, pos_slice=-1)
+    close(with_rest.sum(0), raw(cache, "blocks.2.hook_resid_pre")[:, -1])
+
+
+def test_neuron_results_sum_to_the_mlp_output_less_its_bias(biased_run):
+    model, _, cache, _ = biased_run
+    neurons, labels = cache.stack_neuron_results(layer=2, return_labels=True)
+    assert labels[:2] == ["L0N0", "L0N1"] and len(labels) == 2 * CFG.d_mlp
+    for l in range(2):
+        part = neurons[l * CFG.d_mlp:(l + 1) * CFG.d_mlp].sum(0)
+        close(part + model.blocks[l].mlp.down_proj.bias, raw(cache, f"blocks.{l}.hook_mlp_out"), tol=1e-4)
+    some = cache.stack_neuron_results(layer=1, neuron_slice=[3, 5], pos_slice=-1)
+    w = model.blocks[0].mlp.down_proj.weight
+    close(some[1], raw(cache, "blocks.0.mlp.hook_post")[:, -1, 5, None] * w[:, 5])
+
+
+@pytest.mark.parametrize("expand_neurons", [True, False])
+def test_full_resid_decomposition_sums_to_the_residual(biased_run, expand_neurons):
+    model, _, cache, _ = biased_run
+    stack, labels = cache.get_full_resid_decomposition(expand_neurons=expand_neurons, return_labels=True)
+    assert labels[-2:] == ["embed", "bias"] and len(labels) == stack.shape[0]
+    close(stack.sum(0), raw(cache, f"blocks.{N - 1}.hook_resid_post"), tol=1e-4)
+    mid = cache.get_full_resid_decomposition(layer=1, mlp_input=True, expand_neurons=expand_neurons)
+    close(mid.sum(0), raw(cache, "blocks.1.hook_resid_mid"), tol=1e-4)
+    hand = sum(model.blocks[i].attn.o_proj.bias + model.blocks[i].mlp.down_proj.bias for i in range(2))
+    close(model.accumulated_bias(2), hand)
+
+
+def test_logit_attrs_sum_to_the_logit_difference(biased_run):
+    model, logits, cache, _ = biased_run
+    answers, wrong = torch.tensor([5, 9]), torch.tensor([11, 2])
+    attrs = cache.logit_attrs(cache.decompose_resid(pos_slice=-1), answers, incorrect_tokens=wrong, pos_slice=-1)
+    rows = torch.arange(2)
+    close(attrs.sum(0), logits[rows, -1, answers] - logits[rows, -1, wrong], tol=1e-4)
+    close(model.tokens_to_residual_directions(7), model.W_U[:, 7])
+    assert model.tokens_to_residual_directions(answers).shape == (2, CFG.d_model)
