@@ -21,6 +21,11 @@ reduces over that batch.
 | `get_act_patch_block_every` | resid_pre, attn_out, mlp_out stacked | [3, n_layers, pos] |
 | `get_act_patch_attn_head_all_pos_every` | out, q, k, v, pattern stacked | [5, n_layers, n_heads] |
 | `get_act_patch_attn_head_by_pos_every` | out, q, k, v, pattern stacked | [5, n_layers, pos, n_heads] |
+| `get_act_patch_attn_head_pattern_dest_src_pos` | one (layer, head, dest, src) entry of the pattern | [n_layers, n_heads, pos, pos] |
+| `generic_activation_patch` | whatever a `patch_setter` writes, per index | one axis per index name |
+
+The last two run TransformerLens' loop (one forward per patch): an arbitrary setter, or a single
+pattern entry, is not a site the engine knows.
 
 "out" patches `hook_z` (as TL does); k and v index the key/value heads (n_key_value_heads of them
 under GQA; the `_every` stacks pad them with zeros to n_heads, as TL does). The clean cache must
@@ -29,6 +34,7 @@ hold the patched hooks: `model.run_with_cache(clean_tokens)` with no `names_filt
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Sequence, Union
 
 import torch
@@ -265,3 +271,116 @@ def get_act_patch_attn_head_by_pos_every(
         out.append(F.pad(part, (0, n_heads - n)))
         start += n_layers * n_pos * n
     return torch.stack(out)
+
+
+# ------------------------------------------------------------------------- TL's generic loop
+
+
+def layer_pos_patch_setter(corrupted_activation: Tensor, index: Sequence[int], clean_activation: Tensor) -> Tensor:
+    """index = (layer, pos) on a [batch, pos, ...] activation."""
+    _, pos = index
+    corrupted_activation[:, pos, ...] = clean_activation[:, pos, ...]
+    return corrupted_activation
+
+
+def layer_pos_head_vector_patch_setter(corrupted_activation: Tensor, index: Sequence[int],
+                                       clean_activation: Tensor) -> Tensor:
+    """index = (layer, pos, head) on a [batch, pos, head, ...] activation (q, k, v, z)."""
+    _, pos, head = index
+    corrupted_activation[:, pos, head] = clean_activation[:, pos, head]
+    return corrupted_activation
+
+
+def layer_head_vector_patch_setter(corrupted_activation: Tensor, index: Sequence[int], clean_activation: Tensor) -> Tensor:
+    """index = (layer, head) on a [batch, pos, head, ...] activation, every position."""
+    _, head = index
+    corrupted_activation[:, :, head] = clean_activation[:, :, head]
+    return corrupted_activation
+
+
+def layer_head_pattern_patch_setter(corrupted_activation: Tensor, index: Sequence[int], clean_activation: Tensor) -> Tensor:
+    """index = (layer, head) on a [batch, head, dest, src] pattern or scores."""
+    _, head = index
+    corrupted_activation[:, head] = clean_activation[:, head]
+    return corrupted_activation
+
+
+def layer_head_pos_pattern_patch_setter(corrupted_activation: Tensor, index: Sequence[int],
+                                        clean_activation: Tensor) -> Tensor:
+    """index = (layer, head, dest_pos) on a [batch, head, dest, src] pattern."""
+    _, head, dest = index
+    corrupted_activation[:, head, dest] = clean_activation[:, head, dest]
+    return corrupted_activation
+
+
+def layer_head_dest_src_pos_pattern_patch_setter(corrupted_activation: Tensor, index: Sequence[int],
+                                                 clean_activation: Tensor) -> Tensor:
+    """index = (layer, head, dest_pos, src_pos) on a [batch, head, dest, src] pattern."""
+    _, head, dest, src = index
+    corrupted_activation[:, head, dest, src] = clean_activation[:, head, dest, src]
+    return corrupted_activation
+
+
+AXIS_RANGES = {"layer": "n_layers", "head_index": "heads", "head": "heads", "pos": "pos", "src_pos": "pos",
+               "dest_pos": "pos"}
+
+
+@torch.no_grad()
+def generic_activation_patch(
+    model: Any,
+    corrupted_tokens: Int[Tensor, "batch pos"],
+    clean_cache: Any,
+    patching_metric: PatchingMetric,
+    patch_setter: Callable[[Tensor, Sequence[int], Tensor], Tensor],
+    activation_name: str,
+    index_axis_names: Sequence[str] | None = None,
+    index_df: Any = None,
+    return_index_df: bool = False,
+) -> Tensor | tuple[Tensor, Any]:
+    """TransformerLens' generic patch: for every index (layer first), `patch_setter(corrupted,
+    index, clean)` edits hook `activation_name` of that layer in one forward of the corrupted run.
+    Indices come from `index_axis_names` (every combination, result shaped by their ranges) or
+    from a pandas `index_df` (one row per patch, result flat). Heads range over key/value heads for
+    "k" and "v". One forward per index, as in TL."""
+    tokens = corrupted_tokens.to(model.device)
+    tokens = tokens[None] if tokens.dim() == 1 else tokens
+    if index_df is None:
+        if index_axis_names is None:
+            raise ValueError("give index_axis_names (e.g. ('layer', 'pos')) or an index_df")
+        if unknown := [a for a in index_axis_names if a not in AXIS_RANGES]:
+            raise ValueError(f"unknown index axis names {unknown}; known: {sorted(AXIS_RANGES)}")
+        sizes = {"n_layers": model.cfg.n_layers, "pos": tokens.shape[1], "heads": _heads(model, activation_name)}
+        shape = [sizes[AXIS_RANGES[a]] for a in index_axis_names]
+        indices = [list(i) for i in itertools.product(*(range(n) for n in shape))]
+    else:
+        if index_axis_names is not None:
+            raise ValueError("give index_axis_names or index_df, not both")
+        indices = [[int(v) for v in row] for _, row in index_df.iterrows()]
+        shape = [len(indices)]
+    values = torch.empty(len(indices))
+    for i, index in enumerate(indices):
+        name = get_act_name(activation_name, index[0])
+        clean = _clean_activation(clean_cache, name, tokens)
+
+        def hook(x: Tensor, hook: Any, index: list = index, clean: Tensor = clean) -> Tensor:
+            return patch_setter(x.clone(), index, clean)
+
+        values[i] = float(patching_metric(model.run_with_hooks(tokens, fwd_hooks=[(name, hook)])))
+    values = values.view(*shape).to(model.device)
+    if not return_index_df:
+        return values
+    if index_df is None:
+        import pandas as pd  # only for the index table TL returns
+
+        index_df = pd.DataFrame(indices, columns=list(index_axis_names))
+    return values, index_df
+
+
+def get_act_patch_attn_head_pattern_dest_src_pos(
+    model: Any, corrupted_tokens: Int[Tensor, "batch pos"], clean_cache: Any, patching_metric: PatchingMetric
+) -> Float[Tensor, "n_layers n_heads dest_pos src_pos"]:
+    """Each (layer, head, destination, source) entry of the attention pattern patched alone:
+    [n_layers, n_heads, pos, pos]. One forward per entry (TL's loop)."""
+    return generic_activation_patch(model, corrupted_tokens, clean_cache, patching_metric,
+                                    layer_head_dest_src_pos_pattern_patch_setter, "pattern",
+                                    ("layer", "head_index", "dest_pos", "src_pos"))

@@ -26,9 +26,9 @@ architecture lacks read as zeros (LLaMA has none; Qwen2 has q/k/v biases only).
 
 Example (TL's OV-circuit recipe, unchanged):
 
-    >>> ov = model.OV[1, 3]                         # layer 1, head 3: FactoredMatrix [d_model, d_model]
-    >>> full = model.W_E @ ov @ model.W_U            # FactoredMatrix [d_vocab, d_vocab], never materialised
-    >>> full.eigenvalues.shape                       # the d_head non-trivial eigenvalues
+    ov = model.OV[1, 3]                   # layer 1, head 3: FactoredMatrix [d_model, d_model]
+    full = model.W_E @ ov @ model.W_U     # FactoredMatrix [d_vocab, d_vocab], never materialised
+    full.eigenvalues                      # its d_head non-trivial eigenvalues (complex)
 """
 
 from __future__ import annotations

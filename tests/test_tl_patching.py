@@ -137,3 +137,40 @@ def test_a_clean_cache_without_the_patched_hook_is_refused_with_the_fix(model, p
     _, cache = model.run_with_cache(clean, names_filter=lambda n: n.endswith("hook_resid_pre"))
     with pytest.raises(KeyError, match="without a names_filter"):
         patching.get_act_patch_mlp_out(model, corrupted, cache, lambda lg: lg[0, -1, 0])
+
+
+def test_generic_patch_with_tl_setters_equals_the_batched_sweeps_and_its_index_table(model, setup):  # noqa: F811
+    corrupted, cache, metric = setup
+    generic = patching.generic_activation_patch(model, corrupted, cache, metric, patching.layer_pos_patch_setter,
+                                                "mlp_out", index_axis_names=("layer", "pos"))
+    torch.testing.assert_close(generic, patching.get_act_patch_mlp_out(model, corrupted, cache, metric), **TOL)
+    heads, df = patching.generic_activation_patch(
+        model, corrupted, cache, metric, patching.layer_head_vector_patch_setter, "k",
+        index_axis_names=("layer", "head"), return_index_df=True)
+    assert heads.shape == (L, G) and len(df) == L * G and list(df.columns) == ["layer", "head"]
+    torch.testing.assert_close(heads, patching.get_act_patch_attn_head_k_all_pos(model, corrupted, cache, metric), **TOL)
+    flat = patching.generic_activation_patch(model, corrupted, cache, metric, patching.layer_head_pattern_patch_setter,
+                                             "pattern", index_df=df.iloc[[1, 6]])
+    all_pos = patching.get_act_patch_attn_head_pattern_all_pos(model, corrupted, cache, metric)
+    torch.testing.assert_close(flat, torch.stack([all_pos[0, 1], all_pos[3, 0]]), **TOL)
+
+
+def test_one_pattern_entry_patched_equals_the_naive_loop(model, pair):  # noqa: F811
+    clean, corrupted = pair
+    clean, corrupted = clean[:, 2:6], corrupted[:, 2:6]  # n_layers * n_heads * pos * pos forwards: a short prompt
+    with torch.no_grad():
+        _, cache = model.run_with_cache(clean)
+
+    def metric(logits):
+        return logits[0, -1].log_softmax(-1)[11]
+
+    ours = patching.get_act_patch_attn_head_pattern_dest_src_pos(model, corrupted, cache, metric)
+    assert ours.shape == (L, H, 4, 4)
+    for layer, h, dest, src in ((1, 2, 3, 3), (3, 0, 3, 0), (0, 3, 2, 1)):
+        want = _oracle(model, corrupted, cache, metric, f"blocks.{layer}.attn.hook_pattern", (ALL, h, dest, src))
+        torch.testing.assert_close(ours[layer, h, dest, src], torch.tensor(want), **TOL)
+    with torch.no_grad():
+        base = float(metric(model(corrupted)))
+    future = torch.ones(4, 4, dtype=torch.bool).triu(1)  # src after dest: 0 in both runs' patterns
+    torch.testing.assert_close(ours[:, :, future], torch.full_like(ours[:, :, future], base), **TOL)
+    assert (ours[:, :, ~future] - base).abs().max() > 1e-4
