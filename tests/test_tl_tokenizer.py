@@ -143,3 +143,80 @@ def test_tokenize_max_length_keeps_the_first_tokens(ours):
     tokens, mask = ours.tokenize(TEXTS[:2], max_length=3)
     assert tokens.shape == (2, 3)
     assert tokens[1].tolist() == ours.encode(TEXTS[1])[:3]
+
+
+# ---------------------------------------------------------------------- hookedcot.utils (TL's utils)
+from hookedcot import utils  # noqa: E402
+
+
+def test_array_helpers_follow_transformer_lens():
+    x = torch.arange(24.0).reshape(1, 2, 3, 4)
+    assert utils.get_corner(x, n=2).shape == (1, 2, 2, 2) and torch.equal(utils.get_corner(x), x[:, :, :, :3])
+    assert utils.remove_batch_dim(x).shape == (2, 3, 4) and utils.remove_batch_dim(x[0]).shape == (2, 3, 4)
+    assert utils.transpose(x).shape == (1, 2, 4, 3)
+    half = utils.to_numpy(x.to(torch.bfloat16).requires_grad_())
+    assert isinstance(half, np.ndarray) and half.dtype == np.float32 and half[0, 1, 2, 3] == 23
+    assert utils.to_numpy([1, 2]).tolist() == [1, 2] and utils.to_numpy(3).item() == 3
+    with pytest.raises(ValueError, match="invalid type"):
+        utils.to_numpy(object())
+    assert utils.get_act_name("resid_pre", 3) == "blocks.3.hook_resid_pre"
+
+
+def test_lm_loss_and_accuracy_equal_a_hand_loop():
+    gen = torch.Generator().manual_seed(0)
+    logits, tokens = torch.randn(2, 5, 7, generator=gen), torch.randint(0, 7, (2, 5), generator=gen)
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    nll = [[-(logits[b, p, tokens[b, p + 1]] - logits[b, p].exp().sum().log()).item() for p in range(4)] for b in range(2)]
+    keep = [[p >= 1 for p in range(4)], [True] * 4]
+    per_token = utils.lm_cross_entropy_loss(logits, tokens, per_token=True)
+    torch.testing.assert_close(per_token, torch.tensor(nll))
+    torch.testing.assert_close(utils.lm_cross_entropy_loss(logits, tokens), torch.tensor(nll).mean())
+    masked = sum(v for row, k in zip(nll, keep) for v, kk in zip(row, k) if kk) / 7
+    torch.testing.assert_close(utils.lm_cross_entropy_loss(logits, tokens, attention_mask=mask), torch.tensor(masked))
+    hits = [[int(logits[b, p].argmax()) == int(tokens[b, p + 1]) for p in range(4)] for b in range(2)]
+    assert utils.lm_accuracy(logits, tokens, per_token=True).tolist() == hits
+    assert utils.lm_accuracy(logits, tokens).item() == pytest.approx(sum(map(sum, hits)) / 8)
+
+
+def test_test_prompt_prints_the_answers_rank_logit_and_prob(smol_model, theirs, capsys):
+    prompt = "The capital of France is"
+    utils.test_prompt(prompt, "Paris", smol_model, top_k=3)
+    out = capsys.readouterr().out.splitlines()
+    ids = theirs(prompt)["input_ids"]
+    assert out[0] == f"Tokenized prompt: {[theirs.decode([i]) for i in ids]}"
+    assert out[1] == "Tokenized answer: [' Paris']"
+    with torch.no_grad():
+        logits = smol_model(torch.tensor([ids]))[0, -1].float()
+    probs = logits.softmax(-1)
+    paris = theirs.convert_tokens_to_ids("ĠParis")
+    rank = int((probs > probs[paris]).sum())
+    assert out[2] == "Performance on answer token:"
+    assert out[3] == f"Rank: {rank: <8} Logit: {logits[paris]:5.2f} Prob: {probs[paris]:6.2%} Token: | Paris|"
+    top = int(logits.argmax())
+    assert out[4] == f"Top 0th token. Logit: {logits[top]:5.2f} Prob: {probs[top]:6.2%} Token: |{theirs.decode([top])}|"
+    assert len(out) == 8 and out[-1] == f"Ranks of the answer tokens: [(' Paris', {rank})]"
+
+    utils.test_prompt(prompt, ["Paris", " London"], smol_model, print_details=False)
+    london = theirs.convert_tokens_to_ids("ĠLondon")
+    ranks = [(" Paris", rank), (" London", int((probs > probs[london]).sum()))]
+    assert capsys.readouterr().out.splitlines() == [f"Ranks of the answer tokens: {[ranks]}"]
+
+
+def test_tokenize_and_concatenate_joins_documents_with_eos_and_rows_start_with_bos(ours, theirs):
+    docs = ["Hello world", "The cat sat on the mat.", "日本 🙂 and more text here"]
+    flat = theirs(docs[0], add_special_tokens=False)["input_ids"] + [2] + theirs(docs[1], add_special_tokens=False)[
+        "input_ids"] + [2] + theirs(docs[2], add_special_tokens=False)["input_ids"]
+    out = utils.tokenize_and_concatenate(docs, ours, max_length=5)["tokens"]
+    n = len(flat) // 4
+    assert out.tolist() == [[1] + flat[4 * i: 4 * i + 4] for i in range(n)]
+    assert torch.equal(utils.tokenize_and_concatenate({"text": docs}, theirs, max_length=5)["tokens"], out)
+    short = utils.tokenize_and_concatenate(["hi"], ours, max_length=6, add_bos_token=False)["tokens"]
+    assert short.tolist() == [theirs("hi")["input_ids"] + [2] * (6 - len(theirs("hi")["input_ids"]))]
+
+
+def test_input_to_embed_gives_the_embedding_rows_and_the_mask(smol_model):
+    resid, tokens, shortformer, mask = utils.input_to_embed(smol_model, ["Hello world", "a"])
+    assert shortformer is None and mask.tolist() == [[1, 1], [0, 1]]  # the tokenizer's side: left
+    assert torch.equal(resid, smol_model.embed.weight[tokens])
+    resid, tokens, _, mask = utils.input_to_embed(smol_model, tokens[0])
+    assert tokens.shape == (1, 2) and mask is None and resid.shape == (1, 2, smol_model.cfg.d_model)
