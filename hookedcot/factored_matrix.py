@@ -7,7 +7,9 @@ and indexing a FactoredMatrix indexes them: `model.OV[layer, head]`.
 
 The semantics are TransformerLens' (so its notebooks run unchanged), including two of its habits:
 `svd()` returns (U, S, V) with `M == U @ diag(S) @ V^T` (V, not V^H), and `Vh` is the same V
-(TL's historical name). `eigenvalues` are those of the smaller B @ A (AB's others are zero).
+(TL's historical name, with TL's DeprecationWarning). `eigenvalues` are those of the smaller
+B @ A (AB's others are zero). Shape errors are `FactoredShapeError`, a ValueError that is also the
+AssertionError / RuntimeError TransformerLens raised, so code that catches those still does.
 
     >>> m = FactoredMatrix(torch.randn(5, 2), torch.randn(2, 5))
     >>> torch.allclose(m.AB, m.A @ m.B), m.shape, m.S.shape
@@ -16,6 +18,7 @@ The semantics are TransformerLens' (so its notebooks run unchanged), including t
 
 from __future__ import annotations
 
+import warnings
 from functools import cached_property
 from typing import Union
 
@@ -24,16 +27,20 @@ from jaxtyping import Complex, Float
 from torch import Tensor
 
 
+class FactoredShapeError(ValueError, AssertionError, RuntimeError):
+    """Factors or operands whose shapes do not fit (TL raised AssertionError or RuntimeError)."""
+
+
 class FactoredMatrix:
     def __init__(self, A: Float[Tensor, "... ldim mdim"], B: Float[Tensor, "... mdim rdim"]):
         if A.shape[-1] != B.shape[-2]:
-            raise ValueError(f"FactoredMatrix factors must share their inner dimension: A is {tuple(A.shape)}, "
+            raise FactoredShapeError(f"FactoredMatrix factors must share their inner dimension: A is {tuple(A.shape)}, "
                              f"B is {tuple(B.shape)} (A's last dimension must equal B's second-to-last)")
         self.ldim, self.mdim, self.rdim = A.shape[-2], A.shape[-1], B.shape[-1]
         try:
             lead = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
         except RuntimeError as e:
-            raise ValueError(f"FactoredMatrix factors' leading dimensions do not broadcast: A is {tuple(A.shape)}, "
+            raise FactoredShapeError(f"Shape mismatch: FactoredMatrix factors' leading dimensions do not broadcast: A is {tuple(A.shape)}, "
                              f"B is {tuple(B.shape)}") from e
         self.shape = torch.Size(lead + (self.ldim, self.rdim))
         self.A = A.broadcast_to(lead + (self.ldim, self.mdim))
@@ -48,7 +55,7 @@ class FactoredMatrix:
         if other.ndim < 2:
             return (self.A @ (self.B @ other.unsqueeze(-1))).squeeze(-1)
         if other.shape[-2] != self.rdim:
-            raise ValueError(f"cannot multiply a FactoredMatrix of shape {tuple(self.shape)} by a tensor of shape "
+            raise FactoredShapeError(f"cannot multiply a FactoredMatrix of shape {tuple(self.shape)} by a tensor of shape "
                              f"{tuple(other.shape)}: inner dimensions {self.rdim} and {other.shape[-2]} differ")
         # keep the inner dimension as small as possible (TL's rule)
         return FactoredMatrix(self.A, self.B @ other) if self.rdim > self.mdim else FactoredMatrix(self.AB, other)
@@ -56,7 +63,7 @@ class FactoredMatrix:
     def __rmatmul__(self, other: Tensor) -> Union["FactoredMatrix", Tensor]:
         """other @ self."""
         if other.shape[-1] != self.ldim:
-            raise ValueError(f"cannot multiply a tensor of shape {tuple(other.shape)} by a FactoredMatrix of shape "
+            raise FactoredShapeError(f"cannot multiply a tensor of shape {tuple(other.shape)} by a FactoredMatrix of shape "
                              f"{tuple(self.shape)}: inner dimensions {other.shape[-1]} and {self.ldim} differ")
         if other.ndim < 2:
             return ((other.unsqueeze(-2) @ self.A) @ self.B).squeeze(-2)
@@ -64,7 +71,7 @@ class FactoredMatrix:
 
     def __mul__(self, scalar: Union[int, float, Tensor]) -> "FactoredMatrix":
         if isinstance(scalar, Tensor) and scalar.numel() != 1:
-            raise ValueError(f"`*` scales by a scalar; got a tensor of shape {tuple(scalar.shape)} (use @ for products)")
+            raise FactoredShapeError(f"`*` scales by a scalar; got a tensor of shape {tuple(scalar.shape)} (use @ for products)")
         return FactoredMatrix(self.A * scalar, self.B)
 
     __rmul__ = __mul__
@@ -78,7 +85,7 @@ class FactoredMatrix:
     def BA(self) -> Float[Tensor, "... mdim mdim"]:
         """The reverse product B @ A (square matrices only)."""
         if self.ldim != self.rdim:
-            raise ValueError(f"BA needs a square FactoredMatrix; this one is {tuple(self.shape)}")
+            raise FactoredShapeError(f"BA needs a square FactoredMatrix; this one is {tuple(self.shape)}")
         return self.B @ self.A
 
     @property
@@ -118,6 +125,8 @@ class FactoredMatrix:
     @property
     def Vh(self) -> Float[Tensor, "... rdim mdim"]:
         """V, as TransformerLens' `Vh` has always been (not V^H): AB == U @ diag(S) @ Vh^T."""
+        warnings.warn("FactoredMatrix.Vh is V (the right singular vectors), not V^H, as in TransformerLens; "
+                      "use .V", DeprecationWarning, stacklevel=2)
         return self._svd[2]
 
     @property

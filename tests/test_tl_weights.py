@@ -173,8 +173,10 @@ def test_factored_matrix_products_transpose_and_shape_match_the_dense_product():
     torch.testing.assert_close(square.BA, square.B @ square.A)
     with pytest.raises(ValueError, match="square"):
         fm.BA
-    with pytest.raises(ValueError, match="inner dimension"):
+    with pytest.raises(AssertionError, match="inner dimension"):  # TL raised AssertionError: caught as before
         FactoredMatrix(torch.randn(3, 4), torch.randn(5, 3))
+    with pytest.raises(RuntimeError, match="mismatch"):  # and RuntimeError here
+        FactoredMatrix(torch.randn(2, 3, 4), torch.randn(3, 4, 3))
 
 
 def test_factored_svd_eigenvalues_and_norm_match_torch_linalg_on_the_dense_product():
@@ -184,7 +186,8 @@ def test_factored_svd_eigenvalues_and_norm_match_torch_linalg_on_the_dense_produ
     assert U.shape == (2, 7, 3) and S.shape == (2, 3) and V.shape == (2, 6, 3)
     torch.testing.assert_close(U @ torch.diag_embed(S) @ V.transpose(-2, -1), AB)
     torch.testing.assert_close(S, torch.linalg.svdvals(AB)[..., :3])
-    torch.testing.assert_close(fm.Vh, V)  # TL's Vh is V
+    with pytest.warns(DeprecationWarning):
+        torch.testing.assert_close(fm.Vh, V)  # TL's Vh is V
     torch.testing.assert_close(U.transpose(-2, -1) @ U, torch.eye(3, dtype=torch.float64).expand(2, 3, 3))
     torch.testing.assert_close(fm.norm(), torch.linalg.matrix_norm(AB))
     torch.testing.assert_close(fm.U @ fm.collapse_l(), AB)
