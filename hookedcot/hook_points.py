@@ -111,10 +111,11 @@ class scoped_hooks:
         _SCOPED.set(tuple(h for h in _SCOPED.get() if id(h) not in mine))
 
 
-def remove_scoped_hooks(owner: object) -> None:
-    """Drop every scoped hook `owner` holds in the current context (`model.reset_hooks()` inside
-    a `with model.hooks(...)` block, as in TransformerLens); other threads' hooks are untouched."""
-    _SCOPED.set(tuple(h for h in _SCOPED.get() if h[0] is not owner))
+def remove_scoped_hooks(owner: object, which: Callable[[HookFn], bool] | None = None) -> None:
+    """Drop the scoped hooks `owner` holds in the current context (those `which(fn)` picks; all
+    by default) — `model.reset_hooks()` inside a `with model.hooks(...)` block, as in
+    TransformerLens; other threads' hooks are untouched."""
+    _SCOPED.set(tuple(h for h in _SCOPED.get() if not (h[0] is owner and (which is None or which(h[2])))))
 
 
 class HookRun:

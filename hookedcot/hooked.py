@@ -213,31 +213,96 @@ class HookedCoT(Transformer):
         return resolve_hooks(fwd_hooks, self._hook_names)
 
     @contextlib.contextmanager
-    def hooks(self, fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = ()) -> Iterator["HookedCoT"]:
+    def hooks(
+        self,
+        fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = (),
+        bwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+    ) -> Iterator["HookedCoT"]:
         """`with model.hooks(fwd_hooks=[(name, fn)]):` — hooks for this block and this thread only,
-        removed on exit, also when the block raises."""
-        with scoped_hooks(self._resolve(fwd_hooks), owner=self):
+        removed on exit, also when the block raises.
+
+        `bwd_hooks` (TransformerLens') call `fn(grad, hook)` with the gradient of that activation
+        when a backward pass reaches it (a returned tensor replaces the gradient); they attach to
+        the activations of forwards run inside the block, so run the backward inside it too.
+        `reset_hooks_end=False` is not supported: use `model.add_hook` for hooks that outlive a call."""
+        if not reset_hooks_end:
+            raise ValueError("reset_hooks_end=False is not supported: add hooks that should stay with model.add_hook(name, fn)")
+        resolved = self._resolve(fwd_hooks) + [(n, _backward(f)) for n, f in self._resolve(bwd_hooks)]
+        with scoped_hooks(resolved, owner=self):
             yield self
 
-    def run_with_hooks(self, *args: Any, fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = (), **kwargs: Any) -> Any:
-        with self.hooks(fwd_hooks):
+    def run_with_hooks(
+        self,
+        *args: Any,
+        fwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = (),
+        bwd_hooks: Iterable[tuple[NameOrFilter, HookFn]] = (),
+        reset_hooks_end: bool = True,
+        clear_contexts: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """One forward with these hooks. Backward hooks stay attached to the activations of this
+        forward, so `model.run_with_hooks(x, bwd_hooks=...).sum().backward()` calls them (in
+        TransformerLens they are removed before a backward can happen)."""
+        with self.hooks(fwd_hooks, bwd_hooks, reset_hooks_end=reset_hooks_end):
             return self(*args, **kwargs)
 
-    def add_hook(self, name: NameOrFilter, fn: HookFn) -> None:
-        """A persistent hook: every later forward, in every thread, until `reset_hooks()`."""
+    def add_hook(
+        self,
+        name: NameOrFilter,
+        fn: HookFn,
+        dir: Literal["fwd", "bwd"] = "fwd",
+        is_permanent: bool = False,
+        level: int | None = None,
+        prepend: bool = False,
+    ) -> None:
+        """A persistent hook: every later forward, in every thread, until `reset_hooks()`
+        (`is_permanent=True` / `add_perma_hook`: until `reset_hooks(including_permanent=True)`).
+        `dir="bwd"`: `fn(grad, hook)` on the activation's gradient. `prepend`: run before the
+        hooks already there."""
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
         resolved = self._resolve([(name, fn)])
         persistent = {k: list(v) for k, v in self._persistent.items()}
         for n, f in resolved:
-            persistent.setdefault(n, []).append(f)
+            f = _backward(f) if dir == "bwd" else _Persistent(f)
+            f.is_permanent = is_permanent
+            fns = persistent.setdefault(n, [])
+            if prepend:
+                fns.insert(0, f)
+            else:
+                fns.append(f)
         self._persistent = persistent  # replaced, never mutated: a running forward keeps its view
 
-    def reset_hooks(self, clear_contexts: bool = True, direction: str = "both", including_permanent: bool = False) -> None:
-        """Remove this model's persistent hooks and, as in TransformerLens, the hooks that
-        enclosing `with model.hooks(...)` blocks added to it in this thread (they stay removed
-        when the block ends). TransformerLens' arguments are accepted; hookedcot has no permanent
-        hooks or backward hooks apart from these."""
-        self._persistent = {}
-        remove_scoped_hooks(self)
+    def add_perma_hook(self, name: NameOrFilter, fn: HookFn, dir: Literal["fwd", "bwd"] = "fwd") -> None:
+        """A hook that `reset_hooks()` leaves alone (only `reset_hooks(including_permanent=True)` removes it)."""
+        self.add_hook(name, fn, dir=dir, is_permanent=True)
+
+    def reset_hooks(self, clear_contexts: bool = True, direction: Literal["fwd", "bwd", "both"] = "both",
+                    including_permanent: bool = False, level: int | None = None) -> None:
+        """Remove this model's hooks of `direction`: persistent ones (permanent ones too with
+        `including_permanent`) and, as in TransformerLens, those that enclosing
+        `with model.hooks(...)` blocks added to it in this thread (they stay removed when the
+        block ends; other threads' and other models' hooks are untouched)."""
+        if direction not in ("fwd", "bwd", "both"):
+            raise ValueError(f"direction must be 'fwd', 'bwd' or 'both', got {direction!r}")
+
+        def removed(fn: Any) -> bool:
+            kind = "bwd" if isinstance(fn, _backward) else "fwd"
+            return direction in ("both", kind) and (including_permanent or not getattr(fn, "is_permanent", False))
+
+        kept = {name: [f for f in fns if not removed(f)] for name, fns in self._persistent.items()}
+        self._persistent = {name: fns for name, fns in kept.items() if fns}
+        remove_scoped_hooks(self, removed)
+
+    @property
+    def hook_dict(self) -> dict[str, "HookPoint"]:
+        """name -> HookPoint (TransformerLens' `model.hook_dict` / `mod_dict`): `.name`,
+        `.add_hook(fn, dir=, prepend=)`, `.add_perma_hook(fn)`, `.remove_hooks()`."""
+        return {name: HookPoint(self, name) for name in self._hook_names}
+
+    mod_dict = hook_dict
 
     def active_hook_names(self) -> list[str]:
         """Hook points a forward run here and now would call hooks on: persistent hooks plus
@@ -276,32 +341,39 @@ class HookedCoT(Transformer):
         As in TransformerLens: `remove_batch_dim=True` stores row 0 of a batch-1 run without the
         batch axis; `pos_slice` (an int, a tuple, a slice, indices) keeps those positions of each
         activation's position axis (the query axis of scores and patterns; an int keeps a
-        size-1 axis); `return_cache_object=False` returns a plain dict."""
-        if incl_bwd:
-            raise NotImplementedError(
-                "run_with_cache(incl_bwd=True) is not supported yet: run with detach=False and call "
-                "torch.autograd.grad(value, [cache[name] for name in names]) for activation gradients"
-            )
+        size-1 axis); `return_cache_object=False` returns a plain dict; `incl_bwd=True` calls
+        `backward()` on the output (a scalar: e.g. `return_type="loss"`) and also caches each
+        activation's gradient as `name + "_grad"`."""
         from hookedcot.cache import Slice
 
         positions = Slice([pos_slice] if isinstance(pos_slice, int) else pos_slice)
         store: dict[str, Tensor] = {}
 
-        def record(x: Tensor, hook) -> None:
+        def keep(x: Tensor, name: str, key: str) -> None:
             x = x.detach() if detach else x
             if remove_batch_dim:
                 if x.shape[0] != 1:
-                    raise ValueError(f"remove_batch_dim=True needs a batch of 1; {hook.name!r} has batch {x.shape[0]}")
+                    raise ValueError(f"remove_batch_dim=True needs a batch of 1; {name!r} has batch {x.shape[0]}")
                 x = x[0]
             if positions.mode != "identity":
-                axis = _position_axis(hook.name)
+                axis = _position_axis(name)
                 if axis is not None:
                     x = positions.apply(x, dim=axis - (1 if remove_batch_dim else 0))
-            store[hook.name] = x.to(device) if device is not None else x
+            store[key] = x.to(device) if device is not None else x
 
-        cache_hooks = [(n, record) for n in self.cache_names(names_filter)]
-        with self.hooks(list(fwd_hooks) + cache_hooks):
+        def record(x: Tensor, hook) -> None:
+            keep(x, hook.name, hook.name)
+
+        def record_grad(grad: Tensor, hook) -> None:
+            keep(grad, hook.name, hook.name + "_grad")
+
+        names = self.cache_names(names_filter)
+        with self.hooks(list(fwd_hooks) + [(n, record) for n in names], [(n, record_grad) for n in names] if incl_bwd else ()):
             out = self(*args, **kwargs)
+            if incl_bwd:
+                if not (isinstance(out, Tensor) and out.numel() == 1):
+                    raise ValueError("incl_bwd=True calls backward() on the output, so it must be a scalar: pass return_type='loss'")
+                out.backward()
         if not return_cache_object:
             return out, store
         return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
@@ -419,6 +491,56 @@ class HookedCoT(Transformer):
 
 def _noop(x: Tensor, hook: Any) -> None:
     return None
+
+
+class _Persistent:
+    """A persistent forward hook (a wrapper so it can carry `is_permanent`)."""
+
+    def __init__(self, fn: HookFn):
+        self.fn, self.is_permanent = fn, False
+
+    def __call__(self, x: Tensor, hook: Any) -> Any:
+        return self.fn(x, hook)
+
+
+class _backward:
+    """A backward hook as a forward hook: registers `fn(grad, hook)` on the activation's gradient."""
+
+    def __init__(self, fn: HookFn):
+        self.fn, self.is_permanent = fn, False
+
+    def __call__(self, x: Tensor, hook: Any) -> None:
+        if x.requires_grad:
+            x.register_hook(lambda grad: self.fn(grad, hook))
+        return None
+
+
+class HookPoint:
+    """One hook point of one model, as TransformerLens code handles it (`model.hook_dict[name]`)."""
+
+    def __init__(self, model: "HookedCoT", name: str):
+        self.model, self.name = model, name
+
+    def add_hook(self, fn: HookFn, dir: Literal["fwd", "bwd"] = "fwd", is_permanent: bool = False,
+                 level: int | None = None, prepend: bool = False) -> None:
+        self.model.add_hook(self.name, fn, dir=dir, is_permanent=is_permanent, prepend=prepend)
+
+    def add_perma_hook(self, fn: HookFn, dir: Literal["fwd", "bwd"] = "fwd") -> None:
+        self.model.add_hook(self.name, fn, dir=dir, is_permanent=True)
+
+    def remove_hooks(self, dir: Literal["fwd", "bwd", "both"] = "fwd", including_permanent: bool = False, level: int | None = None) -> None:
+        """Remove this point's persistent hooks of direction `dir`."""
+        model = self.model
+        fns = [f for f in model._persistent.get(self.name, [])
+               if not (dir in ("both", "bwd" if isinstance(f, _backward) else "fwd")
+                       and (including_permanent or not getattr(f, "is_permanent", False)))]
+        persistent = {k: list(v) for k, v in model._persistent.items() if k != self.name}
+        if fns:
+            persistent[self.name] = fns
+        model._persistent = persistent
+
+    def __repr__(self) -> str:
+        return f"HookPoint({self.name!r})"
 
 
 def _position_axis(name: str) -> int | None:

@@ -353,3 +353,54 @@ def test_logit_attrs_sum_to_the_logit_difference(biased_run):
     close(attrs.sum(0), logits[rows, -1, answers] - logits[rows, -1, wrong], tol=1e-4)
     close(model.tokens_to_residual_directions(7), model.W_U[:, 7])
     assert model.tokens_to_residual_directions(answers).shape == (2, CFG.d_model)
+
+
+# --------------------------------------------------------------------- TL's hook handling
+def test_prepend_permanent_hooks_and_hook_dict(tokens):
+    model = random_model(CFG, seed=5)
+    order = []
+    model.add_hook("hook_embed", lambda x, h: order.append("a"))
+    model.add_hook("hook_embed", lambda x, h: order.append("b"), prepend=True)
+    model.add_perma_hook("hook_embed", lambda x, h: order.append("perma"))
+    model.hook_dict["blocks.0.hook_resid_pre"].add_hook(lambda x, h: order.append("point"))
+    model(tokens)
+    assert order == ["b", "a", "perma", "point"]
+    model.reset_hooks()
+    order.clear(); model(tokens)
+    assert order == ["perma"]
+    model.reset_hooks(including_permanent=True)
+    order.clear(); model(tokens)
+    assert order == [] and model.active_hook_names() == []
+    point = model.hook_dict["hook_embed"]
+    point.add_hook(lambda x, h: order.append("x"))
+    point.remove_hooks()
+    model(tokens)
+    assert order == [] and point.name == "hook_embed"
+
+
+def test_backward_hooks_see_the_gradient_of_their_activation(tokens):
+    model = random_model(CFG, seed=6)
+    name = "blocks.1.hook_resid_post"
+    logits, cache = model.run_with_cache(tokens, names_filter=name, detach=False)
+    (oracle,) = torch.autograd.grad(logits.sum(), [cache[name]])
+    seen = []
+    model.run_with_hooks(tokens, bwd_hooks=[(name, lambda g, h: seen.append((h.name, g)))]).sum().backward()
+    assert [n for n, _ in seen] == [name]
+    close(seen[0][1], oracle)
+    model.zero_grad()
+    loss, grads = model.run_with_cache(tokens, names_filter=name, incl_bwd=True, return_type="loss")
+    plain_loss, kept = model.run_with_cache(tokens, names_filter=name, detach=False, return_type="loss")
+    (loss_oracle,) = torch.autograd.grad(plain_loss, [kept[name]])
+    close(loss, plain_loss)
+    close(grads[name + "_grad"], loss_oracle)
+    assert not grads[name + "_grad"].requires_grad
+    with pytest.raises(ValueError, match="scalar"):
+        model.run_with_cache(tokens, names_filter=name, incl_bwd=True)
+    # reset_hooks(direction="fwd") keeps backward hooks
+    model.add_hook(name, lambda g, h: seen.append(("bwd", g)), dir="bwd")
+    model.add_hook(name, lambda x, h: seen.append(("fwd", x)))
+    model.reset_hooks(direction="fwd")
+    seen.clear()
+    model(tokens).sum().backward()
+    assert [n for n, _ in seen] == ["bwd"]
+    model.reset_hooks()
