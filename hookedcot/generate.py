@@ -293,6 +293,8 @@ def generate_stream(
                 yield chunk.clone()
             else:
                 texts = _texts(model, decoder)
+                if not done:  # a character cut between tokens reads U+FFFD until its last byte comes
+                    texts = [t.rstrip("\ufffd") for t in texts]
                 pieces, shown = [t[len(s):] for t, s in zip(texts, shown)], texts
                 yield pieces[0] if isinstance(input, str) else pieces
         if done:
