@@ -20,6 +20,7 @@ from hookedcot.cache import ActivationCache
 from hookedcot.config import ModelConfig
 from hookedcot.hook_names import all_hook_names, spec_of
 from hookedcot.hook_points import (
+    _SCOPED,
     HookFn, HookRun, NameOrFilter, no_positions, remove_scoped_hooks, resolve_hooks, scoped_hooks,
 )
 from hookedcot.kv_cache import KVCache
@@ -296,6 +297,11 @@ class HookedCoT(Transformer):
         self._persistent = {name: fns for name, fns in kept.items() if fns}
         remove_scoped_hooks(self, removed)
 
+    def remove_all_hook_fns(self, direction: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False,
+                            level: int | None = None) -> None:
+        """TransformerLens' name for `reset_hooks` without its other arguments."""
+        self.reset_hooks(direction=direction, including_permanent=including_permanent)
+
     @property
     def hook_dict(self) -> dict[str, "HookPoint"]:
         """name -> HookPoint (TransformerLens' `model.hook_dict` / `mod_dict`): `.name`,
@@ -511,8 +517,12 @@ class _backward:
 
     def __call__(self, x: Tensor, hook: Any) -> None:
         if x.requires_grad:
-            x.register_hook(lambda grad: self.fn(grad, hook))
+            x.register_hook(lambda grad: self._on_grad(grad, hook))
         return None
+
+    def _on_grad(self, grad: Tensor, hook: Any) -> Tensor | None:
+        out = self.fn(grad, hook)
+        return out[0] if isinstance(out, tuple) else out  # TL's hooks may return (grad,)
 
 
 class HookPoint:
@@ -527,6 +537,20 @@ class HookPoint:
 
     def add_perma_hook(self, fn: HookFn, dir: Literal["fwd", "bwd"] = "fwd") -> None:
         self.model.add_hook(self.name, fn, dir=dir, is_permanent=True)
+
+    def _hooks(self, backward: bool) -> list[HookFn]:
+        fns = list(self.model._persistent.get(self.name, []))
+        fns += [fn for who, name, fn in _SCOPED.get() if who is self.model and name == self.name]
+        return [f for f in fns if isinstance(f, _backward) == backward]
+
+    @property
+    def fwd_hooks(self) -> list[HookFn]:
+        """The forward hooks a forward run here and now would call at this point."""
+        return self._hooks(backward=False)
+
+    @property
+    def bwd_hooks(self) -> list[HookFn]:
+        return self._hooks(backward=True)
 
     def remove_hooks(self, dir: Literal["fwd", "bwd", "both"] = "fwd", including_permanent: bool = False, level: int | None = None) -> None:
         """Remove this point's persistent hooks of direction `dir`."""

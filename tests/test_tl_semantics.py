@@ -404,3 +404,26 @@ def test_backward_hooks_see_the_gradient_of_their_activation(tokens):
     model(tokens).sum().backward()
     assert [n for n, _ in seen] == ["bwd"]
     model.reset_hooks()
+
+
+def test_hook_points_list_the_hooks_a_forward_would_call(tokens):
+    model = random_model(CFG, seed=7)
+    point = model.hook_dict["hook_embed"]
+    model.add_perma_hook("hook_embed", lambda x, h: None)
+    with model.hooks(fwd_hooks=[("hook_embed", lambda x, h: None)], bwd_hooks=[("hook_embed", lambda g, h: (g * 2,))]):
+        assert len(point.fwd_hooks) == 2 and len(point.bwd_hooks) == 1
+        embed_grad = []
+        model.add_hook("hook_embed", lambda g, h: embed_grad.append(g), dir="bwd")
+        model(tokens).sum().backward()  # a hook returning TL's (grad,) tuple replaces the gradient
+    assert len(point.fwd_hooks) == 1 and len(point.bwd_hooks) == 1
+    model.remove_all_hook_fns()
+    assert len(point.fwd_hooks) == 1 and point.bwd_hooks == []
+    model.remove_all_hook_fns(including_permanent=True)
+    assert point.fwd_hooks == [] and model.active_hook_names() == []
+    model.zero_grad()
+    model(tokens).sum().backward()
+    plain = model.embed.weight.grad.clone()
+    model.zero_grad()
+    with model.hooks(bwd_hooks=[("hook_embed", lambda g, h: (g * 2,))]):
+        model(tokens).sum().backward()
+    close(model.embed.weight.grad, 2 * plain)  # untied: the embedding's gradient comes through hook_embed alone
