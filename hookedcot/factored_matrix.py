@@ -40,8 +40,8 @@ class FactoredMatrix:
         try:
             lead = torch.broadcast_shapes(A.shape[:-2], B.shape[:-2])
         except RuntimeError as e:
-            raise FactoredShapeError(f"Shape mismatch: FactoredMatrix factors' leading dimensions do not broadcast: A is {tuple(A.shape)}, "
-                             f"B is {tuple(B.shape)}") from e
+            raise FactoredShapeError("Shape mismatch: FactoredMatrix factors' leading dimensions do not broadcast: "
+                                     f"A is {tuple(A.shape)}, B is {tuple(B.shape)}") from e
         self.shape = torch.Size(lead + (self.ldim, self.rdim))
         self.A = A.broadcast_to(lead + (self.ldim, self.mdim))
         self.B = B.broadcast_to(lead + (self.mdim, self.rdim))
