@@ -57,6 +57,10 @@ class Slice:
         return f"Slice({self.slice!r}, mode={self.mode!r})"
 
 
+class BatchDimError(ValueError, AssertionError):
+    """The cache's batch axis cannot do what was asked (an AssertionError too, as TransformerLens raises)."""
+
+
 class ActivationCache:
     """A dict of hook name -> tensor. `cache["resid_post", 3]` is short for
     `cache["blocks.3.hook_resid_post"]`; `cache["scale", 3, "ln2"]` picks a norm; a negative
@@ -131,7 +135,7 @@ class ActivationCache:
             return self
         for name, value in self.cache_dict.items():
             if value.size(0) != 1:
-                raise ValueError(
+                raise BatchDimError(
                     f"cannot remove the batch axis of a cache with batch size {value.size(0)} ({name!r} has shape "
                     f"{tuple(value.shape)}); use cache.apply_slice_to_batch_dim(i) to pick one row"
                 )
@@ -143,7 +147,7 @@ class ActivationCache:
         """A new cache with `batch_slice` applied to every activation's batch axis (an int drops it)."""
         batch_slice = Slice(batch_slice)
         if not self.has_batch_dim and batch_slice.mode != "identity":
-            raise ValueError("this cache has no batch axis (remove_batch_dim was called)")
+            raise BatchDimError("this cache has no batch axis (remove_batch_dim was called)")
         return ActivationCache(
             {k: batch_slice.apply(v, dim=0) for k, v in self.cache_dict.items()},
             self.model,
@@ -327,12 +331,28 @@ class ActivationCache:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
         return (stack, labels) if return_labels else stack
 
-    def get_neuron_results(self, layer: int, neuron_slice: SliceInput | Slice = None, pos_slice: SliceInput | Slice = None) -> Tensor:
-        """[batch, pos, neuron, d_model]: what each MLP neuron of `layer` writes (no bias)."""
+    def get_neuron_results(
+        self,
+        layer: int,
+        neuron_slice: SliceInput | Slice = None,
+        pos_slice: SliceInput | Slice = None,
+        project_output_onto: Tensor | None = None,
+    ) -> Tensor:
+        """[batch, pos, neuron, d_model]: what each MLP neuron of `layer` writes (no bias). With
+        `project_output_onto` ([d_model] or [d_model, n]) the last axis is that projection,
+        computed without the [..., neuron, d_model] intermediate."""
         neuron_slice, pos_slice = Slice(neuron_slice), Slice(pos_slice)
         acts = neuron_slice.apply(pos_slice.apply(self["post", layer], dim=-2), dim=-1)
-        W_out = neuron_slice.apply(self.model.blocks[layer].mlp.down_proj.weight.T, dim=0)
-        return acts[..., None] * W_out.to(acts.dtype)
+        W_out = neuron_slice.apply(self.model.blocks[layer].mlp.down_proj.weight.T, dim=0).to(acts.dtype)
+        if project_output_onto is None:
+            return acts[..., None] * W_out
+        projected = W_out @ project_output_onto.to(acts.dtype)  # [neuron(, n)]
+        return acts * projected if project_output_onto.ndim == 1 else acts[..., None] * projected
+
+    def _norm(self, layer: int, mlp_input: bool) -> Any:
+        if layer == self.model.cfg.n_layers:
+            return self.model.ln_final
+        return self.model.blocks[layer].ln2 if mlp_input else self.model.blocks[layer].ln1
 
     def stack_neuron_results(
         self,
@@ -342,25 +362,45 @@ class ActivationCache:
         return_labels: bool = False,
         incl_remainder: bool = False,
         apply_ln: bool = False,
+        project_output_onto: Tensor | None = None,
+        _mlp_input: bool = False,
     ) -> Any:
         """[layer × neurons (labels "L{l}N{n}"), batch, pos, d_model]: every MLP neuron's result in
-        the layers before `layer`. Large: batch × pos × d_mlp × d_model per layer."""
+        the layers before `layer`. Large (batch × pos × d_mlp × d_model per layer) unless
+        `project_output_onto` ([d_model] or [d_model, n]) replaces d_model by that projection."""
         pos_slice, neuron_slice = Slice(pos_slice), Slice(neuron_slice)
         layer = self._layer(layer)
         ids = neuron_slice.apply(torch.arange(self.model.cfg.d_mlp), dim=0).reshape(-1).tolist()
         labels = [f"L{l}N{i}" for l in range(layer) for i in ids]
+        project, squeeze = _as_2d(project_output_onto)
+        scale = None
+        if apply_ln and project is not None:
+            # RMSNorm with the cached scale is linear: fold its weight into the projection.
+            norm = self._norm(layer, _mlp_input)
+            project = norm.weight.to(project.dtype)[:, None] * project
+            scale = pos_slice.apply(self[norm.hook_scale], dim=-2)[..., None]
         parts = []
         for l in range(layer):
-            part = self.get_neuron_results(l, neuron_slice, pos_slice)
-            parts.append((part[..., None, :] if neuron_slice.mode == "int" else part).movedim(-2, 0))
-        shape = pos_slice.apply(self["hook_embed"], dim=-2).shape
-        stack = torch.cat(parts) if parts else self["hook_embed"].new_zeros(0, *shape)
+            part = self.get_neuron_results(l, neuron_slice, pos_slice, project)
+            if neuron_slice.mode == "int":
+                part = part[..., None, :]
+            if scale is not None:
+                part = (part.float() / scale).to(part.dtype)
+            parts.append(part.movedim(-2, 0))
+        embed = pos_slice.apply(self["hook_embed"], dim=-2)
+        width = project.shape[-1] if project is not None else embed.shape[-1]
+        stack = torch.cat(parts) if parts else embed.new_zeros(0, *embed.shape[:-1], width)
         if incl_remainder:
-            residual = pos_slice.apply(self["resid_post", layer - 1], dim=-2) if layer else pos_slice.apply(self["hook_embed"], dim=-2)
+            residual = pos_slice.apply(self["resid_post", layer - 1], dim=-2) if layer else embed
+            if project is not None:
+                residual = self.apply_ln_to_stack(residual[None], layer, _mlp_input, pos_slice=pos_slice)[0] if apply_ln else residual
+                residual = residual @ _as_2d(project_output_onto)[0].to(residual.dtype)
             stack = torch.cat([stack, (residual - stack.sum(0))[None]])
             labels.append("remainder")
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice)
+        if apply_ln and project is None:
+            stack = self.apply_ln_to_stack(stack, layer, _mlp_input, pos_slice=pos_slice)
+        if squeeze:
+            stack = stack[..., 0]
         return (stack, labels) if return_labels else stack
 
     def get_full_resid_decomposition(
@@ -371,27 +411,39 @@ class ActivationCache:
         apply_ln: bool = False,
         pos_slice: SliceInput | Slice = None,
         return_labels: bool = False,
+        project_output_onto: Tensor | None = None,
     ) -> Any:
         """The residual entering block `layer` (-1 / None: the unembedding) as every head's result,
         every neuron's (or, without `expand_neurons`, every MLP's) output, the embedding and the
-        summed biases ("bias") — TransformerLens' order. The components sum to that residual."""
+        summed biases ("bias") — TransformerLens' order. The components sum to that residual.
+        `project_output_onto` ([d_model] or [d_model, n]) projects each component (after the norm
+        with `apply_ln`), never building the per-neuron d_model vectors."""
         pos_slice = Slice(pos_slice)
         layer = self._layer(layer)
+        project, squeeze = _as_2d(project_output_onto)
+
+        def finish(stack: Tensor) -> Tensor:
+            if apply_ln:
+                stack = self.apply_ln_to_stack(stack, layer, mlp_input, pos_slice=pos_slice)
+            return stack @ project.to(stack.dtype) if project is not None else stack
+
         heads, labels = self.stack_head_results(layer + (1 if mlp_input else 0), pos_slice=pos_slice, return_labels=True)
-        parts = [heads]
+        parts = [finish(heads)]
         if layer > 0:
             if expand_neurons:
-                mlps, mlp_labels = self.stack_neuron_results(layer, pos_slice=pos_slice, return_labels=True)
+                mlps, mlp_labels = self.stack_neuron_results(layer, pos_slice=pos_slice, return_labels=True, apply_ln=apply_ln,
+                                                             project_output_onto=project, _mlp_input=mlp_input)
             else:
                 mlps, mlp_labels = self.decompose_resid(layer, mode="mlp", pos_slice=pos_slice, incl_embeds=False, return_labels=True)
+                mlps = finish(mlps)
             parts.append(mlps); labels = labels + mlp_labels
         if self.has_embed:
-            parts.append(pos_slice.apply(self["hook_embed"], dim=-2)[None]); labels.append("embed")
+            parts.append(finish(pos_slice.apply(self["hook_embed"], dim=-2)[None])); labels.append("embed")
         bias = self.model.accumulated_bias(layer, mlp_input, include_mlp_biases=expand_neurons)
-        parts.append(bias.to(heads.dtype).expand(1, *heads.shape[1:])); labels.append("bias")
+        parts.append(finish(bias.to(heads.dtype).expand(1, *heads.shape[1:]))); labels.append("bias")
         stack = torch.cat(parts)
-        if apply_ln:
-            stack = self.apply_ln_to_stack(stack, layer, mlp_input=mlp_input, pos_slice=pos_slice)
+        if squeeze:
+            stack = stack[..., 0]
         return (stack, labels) if return_labels else stack
 
     def logit_attrs(
@@ -416,3 +468,10 @@ class ActivationCache:
         scaled = self.apply_ln_to_stack(residual_stack, -1, pos_slice=pos_slice, batch_slice=batch_slice,
                                         has_batch_dim=has_batch_dim)
         return (scaled * directions.to(scaled.dtype)).sum(-1)
+
+
+def _as_2d(project: Tensor | None) -> tuple[Tensor | None, bool]:
+    """(projection as [d_model, n], whether it was [d_model] and the result's last axis goes)."""
+    if project is None:
+        return None, False
+    return (project[:, None], True) if project.ndim == 1 else (project, False)

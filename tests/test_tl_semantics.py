@@ -427,3 +427,21 @@ def test_hook_points_list_the_hooks_a_forward_would_call(tokens):
     with model.hooks(bwd_hooks=[("hook_embed", lambda g, h: (g * 2,))]):
         model(tokens).sum().backward()
     close(model.embed.weight.grad, 2 * plain)  # untied: the embedding's gradient comes through hook_embed alone
+
+
+def test_projected_neuron_and_full_decompositions_equal_the_projection_of_the_unprojected(biased_run):
+    model, _, cache, _ = biased_run
+    one, two = torch.randn(CFG.d_model, generator=torch.Generator().manual_seed(8)), torch.randn(CFG.d_model, 3)
+    for project in (one, two):
+        for apply_ln in (False, True):
+            full = cache.stack_neuron_results(-1, pos_slice=-1, apply_ln=apply_ln, incl_remainder=True)
+            close(cache.stack_neuron_results(-1, pos_slice=-1, apply_ln=apply_ln, incl_remainder=True, project_output_onto=project),
+                  full @ project, tol=1e-4)
+            for expand in (True, False):
+                whole = cache.get_full_resid_decomposition(pos_slice=-1, apply_ln=apply_ln, expand_neurons=expand)
+                close(cache.get_full_resid_decomposition(pos_slice=-1, apply_ln=apply_ln, expand_neurons=expand,
+                                                         project_output_onto=project), whole @ project, tol=1e-4)
+    close(cache.get_neuron_results(1, project_output_onto=two), cache.get_neuron_results(1) @ two, tol=1e-4)
+    # the projected, normalised decomposition sums to the normalised residual's projection
+    total = cache.get_full_resid_decomposition(apply_ln=True, project_output_onto=one).sum(0)
+    close(total, raw(cache, "ln_final.hook_normalized") @ one, tol=1e-4)
