@@ -106,6 +106,9 @@ class HookedCoT(Transformer):
         past_kv: KVCache | None = None,
         loss_per_token: bool = False,
         last_logits_only: bool = False,
+        tokens: Int[Tensor, "batch pos"] | None = None,
+        past_kv_cache: KVCache | None = None,
+        shortformer_pos_embed: Tensor | None = None,
     ) -> Any:
         """Run the model. `input` is text, token ids [batch, pos] / [pos], or — with
         `start_at_layer` — the residual [batch, pos, d_model] entering that block.
@@ -115,8 +118,19 @@ class HookedCoT(Transformer):
         `past_kv` is given; position ids follow from it so a padded row equals the row run alone.
         `last_logits_only` unembeds only the last position (generation: hooks still see them all).
         This method prepares the inputs, the hooks and the loss; `Transformer.forward` computes.
+        TransformerLens' names: `past_kv_cache` (= `past_kv`), `tokens` (the loss targets when
+        starting from a residual), `shortformer_pos_embed` (must be None: rotary models have none).
         """
+        if shortformer_pos_embed is not None:
+            raise ValueError("shortformer_pos_embed must be None: hookedcot's models use rotary positions")
+        if past_kv_cache is not None:
+            if past_kv is not None and past_kv is not past_kv_cache:
+                raise ValueError("pass past_kv or past_kv_cache (TransformerLens' name), not both")
+            past_kv = past_kv_cache
+        targets = tokens
         tokens, x, attention_mask = self._prepare_input(input, inputs_embeds, attention_mask, start_at_layer)
+        if tokens is None and targets is not None:
+            tokens = targets.to(self.device)
         b, p = x.shape[:2]
         past_len = past_kv.length if past_kv is not None else 0
         if attention_mask is not None:
@@ -415,6 +429,31 @@ class HookedCoT(Transformer):
         else:
             raise ValueError(f"tokens must be a string, an int or a tensor of token ids, got {type(tokens).__name__}")
         return self.unembed.weight[token]
+
+    def input_to_embed(
+        self,
+        input: TextOrTokens,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
+        attention_mask: Tensor | None = None,
+        past_kv_cache: KVCache | None = None,
+    ) -> tuple[Tensor, Tensor, None, Tensor | None]:
+        """TransformerLens' (residual entering block 0, tokens, shortformer_pos_embed = None,
+        attention_mask): `model(residual, start_at_layer=0, tokens=tokens, attention_mask=mask)`
+        then equals `model(input)`. Text is padded on `padding_side` (left by default)."""
+        if isinstance(input, Tensor):
+            tokens = (input[None] if input.dim() == 1 else input).to(self.device)
+        else:
+            tok = self._require_tokenizer()
+            sides = {"padding_side": padding_side} if padding_side is not None else {}
+            tokens, mask = tok.tokenize(input, prepend_bos=prepend_bos, **sides)
+            tokens = tokens.to(self.device)
+            if attention_mask is None and not bool(mask.all()):
+                attention_mask = mask.to(self.device)
+        if past_kv_cache is not None and attention_mask is not None and attention_mask.shape[1] == tokens.shape[1]:
+            past = torch.ones(tokens.shape[0], past_kv_cache.length, dtype=attention_mask.dtype, device=self.device)
+            attention_mask = torch.cat([past, attention_mask], dim=1)
+        return self.embed(tokens), tokens, None, attention_mask
 
     def all_head_labels(self) -> list[str]:
         return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]

@@ -445,3 +445,14 @@ def test_projected_neuron_and_full_decompositions_equal_the_projection_of_the_un
     # the projected, normalised decomposition sums to the normalised residual's projection
     total = cache.get_full_resid_decomposition(apply_ln=True, project_output_onto=one).sum(0)
     close(total, raw(cache, "ln_final.hook_normalized") @ one, tol=1e-4)
+
+
+def test_input_to_embed_then_start_at_layer_zero_is_the_plain_forward(model, tokens):
+    resid, toks, shortformer, mask = model.input_to_embed(tokens)
+    assert shortformer is None and mask is None and torch.equal(toks, tokens)
+    with torch.no_grad():
+        assert torch.equal(resid, model.W_E[tokens])
+        close(model(resid, start_at_layer=0), model(tokens))
+        close(model(resid, start_at_layer=0, tokens=toks, return_type="loss"), model(tokens, return_type="loss"))
+    with pytest.raises(ValueError, match="rotary"):
+        model(tokens, shortformer_pos_embed=resid)
