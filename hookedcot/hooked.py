@@ -455,6 +455,14 @@ class HookedCoT(Transformer):
             attention_mask = torch.cat([past, attention_mask], dim=1)
         return self.embed(tokens), tokens, None, attention_mask
 
+    def set_use_attn_result(self, use_attn_result: bool) -> None:
+        """TransformerLens' switch. hookedcot's `blocks.L.attn.hook_result` is always hookable (it
+        is computed only when something listens); this switch says whether `run_with_cache`
+        records it by default (it costs batch × pos × heads × d_model per layer)."""
+        opt_in = [n for n in self._hook_names if spec_of(n).opt_in]
+        base = [n for n in self._hook_names if not spec_of(n).opt_in]
+        self._default_cache_names = [n for n in self._hook_names if n in set(base) | (set(opt_in) if use_attn_result else set())]
+
     def all_head_labels(self) -> list[str]:
         return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
 

@@ -456,3 +456,15 @@ def test_input_to_embed_then_start_at_layer_zero_is_the_plain_forward(model, tok
         close(model(resid, start_at_layer=0, tokens=toks, return_type="loss"), model(tokens, return_type="loss"))
     with pytest.raises(ValueError, match="rotary"):
         model(tokens, shortformer_pos_embed=resid)
+
+
+def test_set_use_attn_result_records_head_results_by_default(tokens):
+    model = random_model(BIASED, seed=9)
+    with torch.no_grad():
+        _, before = model.run_with_cache(tokens)
+        model.set_use_attn_result(True)
+        _, after = model.run_with_cache(tokens)
+    assert "blocks.0.attn.hook_result" not in before and "blocks.0.attn.hook_result" in after
+    close(after["result", 0].sum(2) + model.blocks[0].attn.o_proj.bias, after["attn_out", 0])
+    model.set_use_attn_result(False)
+    assert "blocks.0.attn.hook_result" not in model.run_with_cache(tokens)[1]
