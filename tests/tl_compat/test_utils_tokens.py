@@ -74,7 +74,7 @@ def test_to_str_tokens(nested_list_1, nested_list_1x1, nested_list_1x3):
         (
             True,
             [
-                "<|BOS|>",
+                "<|im_start|>",
                 "The",
                 " circumference",
                 " is",
@@ -89,7 +89,7 @@ def test_to_str_tokens(nested_list_1, nested_list_1x1, nested_list_1x3):
         (
             False,
             [
-                "<|BOS|>",
+                "<|im_start|>",
                 "The",
                 " circumference",
                 " is",
