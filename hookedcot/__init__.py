@@ -2,6 +2,7 @@
 
 from hookedcot.cache import ActivationCache
 from hookedcot.config import ConfigError, ModelConfig
+from hookedcot.factored_matrix import FactoredMatrix, FactoredShapeError
 from hookedcot.hook_names import HOOKS, all_hook_names, get_act_name
 from hookedcot.hook_points import Hook, HookError, HookNameError
 from hookedcot.hooked import HookedCoT
@@ -11,6 +12,8 @@ from hookedcot.memory import retain_freed_memory
 __all__ = [
     "ActivationCache",
     "ConfigError",
+    "FactoredMatrix",
+    "FactoredShapeError",
     "HOOKS",
     "Hook",
     "HookError",

@@ -11,6 +11,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from jaxtyping import Float, Int
@@ -475,43 +476,62 @@ class HookedCoT(Transformer):
             )
         return self.tokenizer
 
-    def to_tokens(self, text: str | Sequence[str], prepend_bos: bool | None = None) -> Int[Tensor, "batch pos"]:
-        """Token ids [1, pos] for a string (TransformerLens' habit). For several strings of
-        different lengths use `tokenize`, which also returns the attention mask."""
-        tokens, mask = self._require_tokenizer().tokenize(text, prepend_bos=prepend_bos)
-        if not bool(mask.all()):
-            raise ValueError(
-                "these strings tokenize to different lengths, so they need padding and a mask: "
-                "use `tokens, mask = model.tokenize(texts)` and `model(tokens, attention_mask=mask)`, "
-                "or pass the list of strings to the model directly"
-            )
-        return tokens.to(self.device)
+    def to_tokens(
+        self, input: str | Sequence[str], prepend_bos: bool | None = None, padding_side: str | None = None,
+        move_to_device: bool = True, truncate: bool = True,
+    ) -> Int[Tensor, "batch pos"]:
+        """Token ids [batch, pos] (TransformerLens' `to_tokens`). Strings of different lengths are
+        padded with the pad token on `padding_side` (default `model.tokenizer.padding_side`: 'left'
+        unless you set it); `truncate` keeps each row's first `cfg.n_ctx` tokens. The attention
+        mask is not returned: for batches of different lengths use `tokenize` (ids and mask)."""
+        tok = self._require_tokenizer()
+        if hasattr(tok, "padding_side"):
+            tokens, _ = tok.tokenize(input, prepend_bos=prepend_bos, padding_side=padding_side or tok.padding_side,
+                                     max_length=self.cfg.n_ctx if truncate else None)
+        else:  # a minimal tokenizer of one's own: ids and mask, left padded
+            tokens, _ = tok.tokenize(input, prepend_bos=prepend_bos)
+        return tokens.to(self.device) if move_to_device else tokens
 
     def tokenize(self, text: str | Sequence[str], prepend_bos: bool | None = None) -> tuple[Tensor, Tensor]:
         """(token ids [batch, pos], attention mask [batch, pos]), left-padded."""
         tokens, mask = self._require_tokenizer().tokenize(text, prepend_bos=prepend_bos)
         return tokens.to(self.device), mask.to(self.device)
 
-    def to_string(self, tokens: Tensor | Sequence[int]) -> str | list[str]:
+    def to_string(self, tokens: Any) -> str | list[str]:
+        """Text of one sequence of ids, or a list of texts for a batch [batch, pos] (tensors, arrays, lists)."""
         tok = self._require_tokenizer()
-        if isinstance(tokens, Tensor) and tokens.dim() == 2:
+        tokens = torch.as_tensor(np.asarray(tokens) if not isinstance(tokens, Tensor) else tokens)
+        if tokens.dim() == 2:
             return [tok.decode(row.tolist()) for row in tokens]
-        return tok.decode(tokens.tolist() if isinstance(tokens, Tensor) else list(tokens))
+        return tok.decode(tokens.reshape(-1).tolist())
 
-    def to_str_tokens(self, input: str | Tensor | Sequence[int], prepend_bos: bool | None = None) -> list[str]:
+    def to_str_tokens(self, input: Any, prepend_bos: bool | None = None, padding_side: str | None = None) -> list:
+        """Each token as text. A string, or one sequence of ids ([pos] / [1, pos] tensor or array, a
+        list of ints); a list of strings / sequences gives a list per item (TransformerLens)."""
         tok = self._require_tokenizer()
+        if isinstance(input, (list, tuple)) and input and not isinstance(input[0], (int, np.integer)):
+            return [self.to_str_tokens(x, prepend_bos) for x in input]
         if isinstance(input, str):
             ids = tok.tokenize(input, prepend_bos=prepend_bos)[0][0].tolist()
-        elif isinstance(input, Tensor):
-            if input.dim() == 2 and input.shape[0] != 1:
-                raise ValueError("to_str_tokens takes one sequence; index the batch row you want")
-            ids = input.reshape(-1).tolist()
+        elif isinstance(input, (Tensor, np.ndarray)):
+            if input.ndim == 2 and input.shape[0] != 1:
+                raise ValueError("to_str_tokens takes one sequence; index the batch row you want, or pass a list")
+            ids = [int(i) for i in input.reshape(-1).tolist()]
         else:
             ids = list(input)
         return tok.token_strings(ids)
 
     def to_single_token(self, text: str) -> int:
         return self._require_tokenizer().to_single_token(text)
+
+    def to_single_str_token(self, int_token: int) -> str:
+        """The text of one token id (TransformerLens)."""
+        return self._require_tokenizer().token_strings([int(int_token)])[0]
+
+    def get_token_position(self, single_token: str | int | Tensor, input: str | Tensor, mode: str = "first",
+                           prepend_bos: bool | None = None, padding_side: str | None = None) -> int:
+        """Where a single token (text or id) occurs first / last (`mode`) in a text or one sequence of ids."""
+        return self._require_tokenizer().get_token_position(single_token, input, mode=mode, prepend_bos=prepend_bos)
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         return self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)
@@ -526,13 +546,25 @@ class HookedCoT(Transformer):
         """Decode with a KV cache. Hooks active around the call (`with model.hooks(...)`) or given
         as `fwd_hooks=` fire on the prompt and then on each new position (`hook.positions`).
 
+        `input`: text, a list of texts (left-padded), token ids, or embeddings [batch, pos, d_model].
         Returns what came in: a string (prompt + completion) for a string, a list for a list,
-        token ids [batch, prompt + new] for token ids (`return_type="tokens"|"str"` overrides).
-        Options: attention_mask, do_sample, temperature, top_k, top_p, seed, stop_at_eos,
-        eos_token_id, stop_strings, fwd_hooks, use_cache, on_token(step, tokens), verbose."""
+        token ids [batch, prompt + new] for token ids, embeddings for embeddings
+        (`return_type="str"|"tokens"|"embeds"` overrides); `output_logits=True` returns a
+        `GenerateOutput` (`sequences`, `logits`: one [batch, d_vocab] per step). Options:
+        attention_mask, do_sample, temperature (0: greedy), top_k, top_p, freq_penalty, seed,
+        stop_at_eos, eos_token_id, stop_strings, fwd_hooks, use_cache (TL: use_past_kv_cache),
+        prepend_bos, on_token(step, tokens), verbose."""
         from hookedcot.generate import generate
 
         return generate(self, input, max_new_tokens, **kwargs)
+
+    def generate_stream(self, input: str | Sequence[str] | Tensor, max_new_tokens: int = 10,
+                        max_tokens_per_yield: int = 25, **kwargs: Any) -> Iterator[Any]:
+        """TransformerLens' `generate_stream`: chunks of at most `max_tokens_per_yield` new token ids
+        (the first starts with the prompt's), or text with `return_type="str"`; `generate`'s options."""
+        from hookedcot.generate import generate_stream
+
+        return generate_stream(self, input, max_new_tokens, max_tokens_per_yield, **kwargs)
 
     def __repr__(self) -> str:
         c = self.cfg

@@ -21,13 +21,14 @@ import torch.nn.functional as F
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from hookedcot.cache import Slice
 from hookedcot.hook_names import get_act_name
 
 if TYPE_CHECKING:
     from hookedcot.hooked import HookedCoT
 
 __all__ = [
-    "get_act_name", "to_numpy", "get_corner", "remove_batch_dim", "transpose", "lm_cross_entropy_loss",
+    "Slice", "get_act_name", "to_numpy", "get_corner", "remove_batch_dim", "transpose", "lm_cross_entropy_loss",
     "lm_accuracy", "test_prompt", "tokenize_and_concatenate", "input_to_embed",
 ]
 

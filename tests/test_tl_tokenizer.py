@@ -220,3 +220,24 @@ def test_input_to_embed_gives_the_embedding_rows_and_the_mask(smol_model):
     assert torch.equal(resid, smol_model.embed.weight[tokens])
     resid, tokens, _, mask = utils.input_to_embed(smol_model, tokens[0])
     assert tokens.shape == (1, 2) and mask is None and resid.shape == (1, 2, smol_model.cfg.d_model)
+
+
+# ---------------------------------------------------------------- the model's TransformerLens text methods
+def test_model_text_methods_take_transformer_lens_arguments(smol_model, theirs):
+    texts = ["Hi", "The cat sat on the mat"]
+    left = smol_model.to_tokens(texts)
+    assert left.shape == (2, len(theirs(texts[1])["input_ids"]))
+    assert left[0, -1].item() == theirs(texts[0])["input_ids"][-1] and left[0, 0].item() == smol_model.tokenizer.pad_token_id
+    right = smol_model.to_tokens(texts, padding_side="right", move_to_device=False)
+    assert right[0, 0].item() == theirs(texts[0])["input_ids"][0] and right.device.type == "cpu"
+    assert smol_model.to_str_tokens(texts) == [smol_model.to_str_tokens(t) for t in texts]
+    ids = theirs(texts[1])["input_ids"]
+    assert smol_model.to_str_tokens(np.array(ids)) == smol_model.to_str_tokens(torch.tensor([ids]))
+    assert smol_model.to_string(np.array(ids)) == theirs.decode(ids)
+    assert smol_model.to_single_str_token(ids[1]) == smol_model.to_str_tokens([ids[1]])[0]
+    words = smol_model.to_str_tokens("the cat and the cat")
+    assert smol_model.get_token_position(" cat", "the cat and the cat", mode="last") == len(words) - 1 - words[::-1].index(" cat")
+    assert smol_model.get_token_position(" cat", "the cat and the cat") == words.index(" cat")
+    chunks = list(smol_model.generate_stream("Hi", 5, max_tokens_per_yield=2, stop_at_eos=False))
+    whole = smol_model.generate("Hi", 5, stop_at_eos=False, return_type="tokens")
+    assert torch.equal(torch.cat(chunks, dim=-1), whole)
