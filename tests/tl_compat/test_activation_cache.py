@@ -53,8 +53,9 @@ def get_ioi_tokens_and_answer_tokens(model):
 @lru_cache(maxsize=None)
 def load_model(name):
     # hookedcot: TL's solu-2l becomes a 2-layer random model with SmolLM2's tokenizer (these are
-    # self-consistency checks; SmolLM2's 30 x 1536 neuron stacks would not fit in memory).
-    return tiny_model(2)
+    # self-consistency checks; SmolLM2's 30 x 1536 neuron stacks would not fit in memory). Weights
+    # at N(0, 0.05²) noise keep activations near solu-2l's (folded) scale, which TL's atol=1e-7 assumes.
+    return tiny_model(2, noise=0.05)
 
 
 @torch.no_grad

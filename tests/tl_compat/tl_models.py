@@ -50,10 +50,10 @@ def random_hooked(cfg: ModelConfig, tokenizer=None, seed: int = 0, noise: float 
 
 
 @functools.lru_cache(maxsize=None)
-def tiny_model(n_layers: int = 2) -> HookedCoT:
+def tiny_model(n_layers: int = 2, noise: float = 0.3) -> HookedCoT:
     """A random `n_layers`-layer model that tokenizes like SmolLM2 (TL's tests use real words)."""
     cfg = tl_config(n_layers=n_layers, d_model=64, n_heads=4, n_key_value_heads=2, d_mlp=128, d_vocab=49152)
-    return random_hooked(cfg, tokenizer=smollm2().tokenizer)
+    return random_hooked(cfg, tokenizer=smollm2().tokenizer, noise=noise)
 
 
 def einsum(equation: str, *tensors: torch.Tensor) -> torch.Tensor:
