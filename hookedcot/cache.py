@@ -53,6 +53,17 @@ class Slice:
         index[dim] = self.slice.to(tensor.device) if isinstance(self.slice, Tensor) else self.slice
         return tensor[tuple(index)]
 
+    def indices(self, max_ctx: "int | None" = None) -> np.ndarray:
+        """The indices this slice picks from an axis of length `max_ctx`, as an int64 array
+        (`array([4])` for an int slice, which needs no `max_ctx`)."""
+        if self.mode == "int":
+            return np.array([self.slice], dtype=np.int64)
+        if max_ctx is None:
+            raise ValueError("max_ctx must be specified if slice is not an integer")
+        if self.mode == "array":
+            return np.arange(max_ctx, dtype=np.int64)[self.slice.cpu().numpy()]
+        return np.arange(max_ctx, dtype=np.int64)[self.slice]
+
     def __repr__(self) -> str:
         return f"Slice({self.slice!r}, mode={self.mode!r})"
 

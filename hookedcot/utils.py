@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Slice", "get_act_name", "to_numpy", "get_corner", "remove_batch_dim", "transpose", "lm_cross_entropy_loss",
-    "lm_accuracy", "test_prompt", "tokenize_and_concatenate", "input_to_embed",
+    "lm_accuracy", "test_prompt", "tokenize_and_concatenate", "input_to_embed", "is_square", "is_lower_triangular",
+    "get_attention_mask",
 ]
 
 
@@ -200,3 +201,36 @@ def input_to_embed(
     if attention_mask is not None:
         attention_mask = attention_mask.to(model.device)
     return model.embed(tokens), tokens, None, attention_mask
+
+
+def is_square(x: Tensor) -> bool:
+    """Whether `x` is a square matrix (2-D, equal sides)."""
+    return x.ndim == 2 and x.shape[0] == x.shape[1]
+
+
+def is_lower_triangular(x: Tensor) -> bool:
+    """Whether `x` is a square, lower-triangular matrix."""
+    return is_square(x) and bool(x.equal(x.tril()))
+
+
+def get_attention_mask(tokenizer: Any, tokens: Int[Tensor, "batch pos"], prepend_bos: bool) -> Int[Tensor, "batch pos"]:
+    """TransformerLens' attention mask: 1 everywhere except the pads at the padded edge.
+
+    Only leading pads (`padding_side == "left"`) or trailing pads (`"right"`) count as padding; a
+    pad id inside the text is attended. With left padding, `prepend_bos` and BOS sharing the pad's
+    id, the last leading pad is the BOS and stays unmasked. `tokenizer=None` gives all ones.
+    """
+    mask = torch.ones_like(tokens)
+    if tokenizer is None:
+        return mask
+    not_pad = tokens.ne(tokenizer.pad_token_id).long()
+    if getattr(tokenizer, "padding_side", "right") == "right":
+        trailing = not_pad.flip(-1).cumsum(-1).flip(-1) == 0
+        mask[trailing] = 0
+    else:
+        leading = not_pad.cumsum(-1) == 0
+        mask[leading] = 0
+        if prepend_bos and tokenizer.bos_token_id == tokenizer.pad_token_id:
+            bos_pos = leading.sum(-1) - 1
+            mask[torch.arange(mask.shape[0], device=mask.device), bos_pos] = 1
+    return mask
