@@ -172,3 +172,146 @@ class HookRun:
 
 def no_positions(device: torch.device | str = "cpu") -> Tensor:
     return torch.zeros(0, dtype=torch.long, device=device)
+
+
+# --- TransformerLens' standalone HookPoint --------------------------------------------------------
+# For code written against `transformer_lens.hook_points` (its own nn.Modules wrapping activations in
+# HookPoints). It is not on HookedCoT's forward path: the model dispatches through `HookRun` above,
+# and `model.hook_dict[name]` is `hookedcot.hooked.HookPoint`, a view onto that dispatch.
+
+
+@dataclass
+class LensHandle:
+    """A torch hook handle with TransformerLens' bookkeeping (as in `transformer_lens.hook_points`)."""
+
+    hook: Any  # torch.utils.hooks.RemovableHandle
+    is_permanent: bool = False
+    context_level: int | None = None
+    user_hook: Callable | None = None
+
+
+class BaseTensorConversion:
+    """TransformerLens' hook conversion: `convert` before a HookPoint's hook sees the activation,
+    `revert` on what the hook returns (see `HookPoint.enable_reshape`)."""
+
+    def __init__(self, input_filter: Callable | None = None, output_filter: Callable | None = None):
+        self.input_filter, self.output_filter = input_filter, output_filter
+
+    def convert(self, input_value, *full_context):
+        if self.input_filter is not None:
+            input_value = self.input_filter(input_value)
+        output = self.handle_conversion(input_value, *full_context)
+        return self.output_filter(output) if self.output_filter is not None else output
+
+    def handle_conversion(self, input_value, *full_context):
+        raise NotImplementedError(f"The conversion function for {type(self).__name__} needs to be implemented.")
+
+    def revert(self, input_value, *full_context):
+        return input_value
+
+
+_DIRS = ("fwd", "bwd", "both")
+
+
+class HookPoint(torch.nn.Module):
+    """TransformerLens' HookPoint: an identity module whose `add_hook(fn)` registers a torch
+    forward (or full backward) hook calling `fn(activation, hook=self)`; a returned tensor replaces
+    the activation (the gradient, for `dir="bwd"`). `fwd_hooks`/`bwd_hooks` hold `LensHandle`s."""
+
+    def __init__(self):
+        super().__init__()
+        self.fwd_hooks: list[LensHandle] = []
+        self.bwd_hooks: list[LensHandle] = []
+        self.ctx: dict = {}
+        self.name: str | None = None  # set by the root module
+        self.hook_conversion: BaseTensorConversion | None = None
+
+    def __repr__(self) -> str:
+        bits = [f"name={self.name!r}"] if self.name is not None else []
+        if self.fwd_hooks:
+            bits.append(f"{len(self.fwd_hooks)} fwd")
+        if self.bwd_hooks:
+            bits.append(f"{len(self.bwd_hooks)} bwd")
+        return f"HookPoint({', '.join(bits)})"
+
+    def add_perma_hook(self, hook: Callable, dir: str = "fwd") -> None:
+        self.add_hook(hook, dir=dir, is_permanent=True)
+
+    def add_hook(self, hook: Callable, dir: str = "fwd", is_permanent: bool = False,
+                 level: int | None = None, prepend: bool = False) -> None:
+        if dir not in ("fwd", "bwd"):
+            raise ValueError(f"Invalid direction {dir}")
+
+        def full_hook(module: torch.nn.Module, module_input: Any, module_output: Any):
+            if dir == "bwd":  # a full backward hook gets grad_output as a tuple (grad,)
+                module_output = module_output[0]
+            if self.hook_conversion is not None:
+                module_output = self.hook_conversion.convert(module_output)
+            result = hook(module_output, hook=self)
+            if result is not None and self.hook_conversion is not None:
+                result = self.hook_conversion.revert(result)
+            if dir == "bwd" and result is not None and not isinstance(result, tuple):
+                result = (result,)  # torch wants the new grad_input as a tuple
+            return result
+
+        # partial.__repr__ can be slow on large bound arguments (cached tensors)
+        func = getattr(hook, "func", None)
+        full_hook.__name__ = f"partial({func!r},...)" if func is not None else repr(hook)
+        if dir == "fwd":
+            pt_handle = self.register_forward_hook(full_hook, prepend=prepend)
+            handles = self.fwd_hooks
+        else:
+            pt_handle = self.register_full_backward_hook(full_hook, prepend=prepend)
+            handles = self.bwd_hooks
+        handle = LensHandle(pt_handle, is_permanent, level, user_hook=hook)
+        if prepend:
+            handles.insert(0, handle)
+        else:
+            handles.append(handle)
+
+    def has_hooks(self, dir: str = "both", including_permanent: bool = True, level: int | None = None) -> bool:
+        """Whether any hook of direction `dir` (at context `level`, if given) is attached."""
+        if dir not in _DIRS:
+            raise ValueError(f"Invalid direction {dir}")
+
+        def any_in(handles: list[LensHandle]) -> bool:
+            return any((including_permanent or not h.is_permanent) and (level is None or h.context_level == level)
+                       for h in handles)
+
+        return ((dir != "bwd" and any_in(self.fwd_hooks)) or (dir != "fwd" and any_in(self.bwd_hooks)))
+
+    def remove_hooks(self, dir: str = "fwd", including_permanent: bool = False, level: int | None = None) -> None:
+        """Remove hooks of direction `dir`: all of them if `including_permanent`, else the
+        non-permanent ones (at context `level`, if given)."""
+        if dir not in _DIRS:
+            raise ValueError(f"Invalid direction {dir}")
+
+        def keep(handles: list[LensHandle]) -> list[LensHandle]:
+            kept = []
+            for h in handles:
+                if including_permanent or (not h.is_permanent and (level is None or h.context_level == level)):
+                    h.hook.remove()
+                else:
+                    kept.append(h)
+            return kept
+
+        if dir in ("fwd", "both"):
+            self.fwd_hooks = keep(self.fwd_hooks)
+        if dir in ("bwd", "both"):
+            self.bwd_hooks = keep(self.bwd_hooks)
+
+    def clear_context(self) -> None:
+        self.ctx = {}
+
+    def enable_reshape(self, hook_conversion: BaseTensorConversion | None = None) -> None:
+        """Hooks see `hook_conversion.convert(activation)`; what they return goes through `revert`."""
+        self.hook_conversion = hook_conversion
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+    def layer(self) -> int:
+        """The layer of a name `blocks.{layer}.…`; raises if the name has no such form."""
+        if self.name is None:
+            raise ValueError("Name cannot be None")
+        return int(self.name.split(".")[1])
