@@ -65,17 +65,17 @@ def test_a_string_gives_a_string_a_list_a_list_and_return_type_overrides(model, 
 
 def test_return_type_embeds_is_the_embedding_matrix_indexed_by_the_sequence(model, greedy):
     embeds = model.generate(PROMPT, 6, stop_at_eos=False, return_type="embeds")
-    assert torch.equal(embeds, model.embed.weight[greedy])
+    assert torch.equal(embeds, model.embed.weight.detach()[greedy])
 
 
 @pytest.mark.parametrize("use_past_kv_cache", [True, False])
 def test_embeddings_in_continue_as_the_same_token_ids_do(model, prompt_ids, greedy, use_past_kv_cache):
-    prompt_embeds = model.embed.weight[prompt_ids].detach().clone()
+    prompt_embeds = model.embed.weight.detach()[prompt_ids].detach().clone()
     p0 = prompt_ids.shape[1]
     kw = dict(stop_at_eos=False, use_past_kv_cache=use_past_kv_cache)
     new = model.generate(prompt_embeds, 6, **kw)  # return_type "input": the embeddings, then the new tokens'
     assert new.shape == (1, p0 + 6, model.cfg.d_model)
-    assert torch.equal(new[:, :p0], prompt_embeds) and torch.equal(new[:, p0:], model.embed.weight[greedy[:, p0:]])
+    assert torch.equal(new[:, :p0], prompt_embeds) and torch.equal(new[:, p0:], model.embed.weight.detach()[greedy[:, p0:]])
     assert torch.equal(model.generate(prompt_embeds, 6, return_type="tokens", **kw), greedy[:, p0:])
     assert model.generate(prompt_embeds, 6, return_type="str", **kw) == [model.tokenizer.decode(greedy[0, p0:])]
     with pytest.raises(ValueError, match="embeddings must be"):
