@@ -144,6 +144,9 @@ def test_activation_patching_resid_pre(model, ioi):
     import hookedcot.patching as patching  # the demo: import transformer_lens.patching as patching
 
     prompts, answer_tokens, tokens, original_logits, cache = ioi
+    # The demo sweeps all 8 prompts; the first pair keeps 30 layers x all positions affordable on CPU.
+    prompts, answer_tokens, tokens = prompts[:2], answer_tokens[:2], tokens[:2]
+    original_logits, cache = model.run_with_cache(tokens)
     # The demo's corrupted run: each prompt with its partner's subject (only S2 differs).
     corrupted_prompts = []
     for i in range(0, len(prompts), 2):
