@@ -113,10 +113,13 @@ def layer_of(name: str) -> int | None:
 def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
     """TransformerLens' helper: get_act_name("resid_pre", 3) == "blocks.3.hook_resid_pre".
 
-    Full names pass through unchanged. For "scale"/"normalized", layer_type picks "ln1" or "ln2"
-    (without a layer, the final norm)."""
+    Full names pass through unchanged; TL's compact keys too ("resid_pre3", "scale4ln1"). For
+    "scale"/"normalized", layer_type picks "ln1" or "ln2" (without a layer, the final norm)."""
     if "." in name or name.startswith("hook_"):
         return name
+    compact = re.fullmatch(r"([a-z_]+?)(\d+)(ln[12])?", name)  # TL's compact keys: "resid_pre3", "scale4ln1"
+    if name not in _SHORT_NAMES and compact and compact.group(1) in _SHORT_NAMES and layer is None:
+        name, layer, layer_type = compact.group(1), int(compact.group(2)), compact.group(3) or layer_type
     if name not in _SHORT_NAMES:
         close = difflib.get_close_matches(name, list(_SHORT_NAMES), n=5, cutoff=0.4)
         raise KeyError(f"unknown activation name {name!r}; did you mean {close or sorted(_SHORT_NAMES)}?")

@@ -468,3 +468,14 @@ def test_set_use_attn_result_records_head_results_by_default(tokens):
     close(after["result", 0].sum(2) + model.blocks[0].attn.o_proj.bias, after["attn_out", 0])
     model.set_use_attn_result(False)
     assert "blocks.0.attn.hook_result" not in model.run_with_cache(tokens)[1]
+
+
+def test_get_act_name_reads_transformer_lens_compact_keys():
+    from hookedcot import get_act_name
+
+    assert get_act_name("scale4ln1") == "blocks.4.ln1.hook_scale"
+    assert get_act_name("normalized1ln2") == "blocks.1.ln2.hook_normalized"
+    assert get_act_name("resid_pre3") == "blocks.3.hook_resid_pre" == get_act_name("resid_pre", 3)
+    assert get_act_name("pattern0") == "blocks.0.attn.hook_pattern"
+    with pytest.raises(KeyError, match="per-layer"):
+        get_act_name("resid_pre")
