@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from typing import Iterable
 from dataclasses import dataclass
 
 
@@ -108,6 +109,20 @@ def spec_of(name: str) -> HookSpec:
 def layer_of(name: str) -> int | None:
     match = re.match(r"^blocks\.(\d+)\.", name)
     return int(match.group(1)) if match else None
+
+
+def stop_layer(names: Iterable[str], n_layers: int) -> int | None:
+    """The block a forward that only needs `names` can stop before: one past the deepest
+    `blocks.N.` hook (0 for the embedding alone); None when it must run every block (a hook past
+    the blocks, or the last block's)."""
+    deepest = -1
+    for name in names:
+        layer = layer_of(name)
+        if layer is not None:
+            deepest = max(deepest, layer)
+        elif not name.startswith("hook_embed"):
+            return None
+    return deepest + 1 if deepest + 1 < n_layers else None
 
 
 def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:

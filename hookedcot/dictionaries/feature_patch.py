@@ -36,7 +36,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from hookedcot.dictionaries.sae import FeatureEdit
-from hookedcot.hook_names import layer_of
+from hookedcot.hook_names import stop_layer
 from hookedcot.interp.positions import Positions
 from hookedcot.kv_cache import KVCache
 
@@ -48,8 +48,7 @@ class Lockstep:
     def __init__(self, model: Any, hook_name: str):
         model.cache_names([hook_name])  # a wrong hook name raises here, listing the nearest
         self.model, self.hook_name = model, hook_name
-        layer = layer_of(hook_name)
-        self._stop = None if layer is None or layer + 1 >= model.cfg.n_layers else layer + 1
+        self._stop = stop_layer([hook_name], model.cfg.n_layers) or None  # hook_embed: a whole forward, as before
         self._buffer: Tensor | None = None
         self._length = 0
         self._cache: KVCache | None = None
@@ -119,7 +118,7 @@ class Lockstep:
 
 
 class _WithPartner:
-    """What FeaturePatch and JointEdit share: the partner in lockstep, the intervention protocol."""
+    """What FeaturePatch and JointEdit share: the partner in lockstep (each adds `fwd_hooks()`)."""
 
     lockstep: Lockstep
 
@@ -129,9 +128,6 @@ class _WithPartner:
 
     def on_token(self, step: int, next_tokens: Tensor) -> None:
         self.lockstep.on_token(step, next_tokens)
-
-    def fwd_hooks(self) -> list[tuple[str, Any]]:
-        raise NotImplementedError
 
 
 class FeaturePatch(_WithPartner):
@@ -158,6 +154,7 @@ class FeaturePatch(_WithPartner):
         _check_features(features, dictionary.d_latent if self.crosscoder else dictionary.d_sae)
         self.lockstep = Lockstep(source_model, self.hook_name)
         self._where = Positions(positions)
+        self._drop = FeatureEdit("zero", features=features, positions=positions)  # f - dropped(f): the chosen part
         self._edit = FeatureEdit("patch", features=features, positions=positions,
                                  source=lambda hook: dictionary.encode(self.lockstep.at(hook)))
 
@@ -169,7 +166,7 @@ class FeaturePatch(_WithPartner):
         def patch(x: Tensor, hook: Any) -> Tensor:
             f = coder.encode(_stack(x, self.lockstep.at(hook), t))
             where = self._where(hook.positions)
-            chosen = _select(f, self.features, where)
+            chosen = f - self._drop(f, hook)
             delta = (chosen @ coder.W_dec[:, s]) / coder.input_scale[s] - (chosen @ coder.W_dec[:, t]) / coder.input_scale[t]
             if self.features is None:  # the whole reconstruction: the decoder biases too
                 bias = coder.b_dec[s] / coder.input_scale[s] - coder.b_dec[t] / coder.input_scale[t]
@@ -236,17 +233,6 @@ def _stack(x: Tensor, partner: Tensor, index: int) -> Tensor:
     """[..., 2, d]: `x` at `index`, the partner's activation at the other place."""
     pair = (x, partner.to(x.device, x.dtype)) if index == 0 else (partner.to(x.device, x.dtype), x)
     return torch.stack(pair, dim=-2)
-
-
-def _select(f: Tensor, features: Sequence[int] | None, where: Tensor | None) -> Tensor:
-    """f with everything but `features` (None: all) at positions `where` ([p] bool, None: all) zeroed."""
-    keep = torch.zeros_like(f, dtype=torch.bool)
-    cols = slice(None) if features is None else torch.as_tensor(list(features), dtype=torch.long, device=f.device)
-    rows = slice(None) if where is None else where.to(f.device)
-    block = keep[:, rows]
-    block[..., cols] = True
-    keep[:, rows] = block
-    return f * keep
 
 
 def split_intervention(spec: Any) -> tuple[list[tuple[str, Any]], list[Any]]:

@@ -41,7 +41,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hookedcot.generate import _stop_ids
-from hookedcot.hook_names import layer_of
+from hookedcot.hook_names import stop_layer
 
 FORMAT = "hookedcot-activation-store/1"
 MANIFEST, TOKENS = "store.json", "tokens.safetensors"
@@ -100,7 +100,7 @@ def collect_activations(
     fingerprint = _fingerprint(named, names, sequences, plan, storage, skip_first)
     manifest = _start_or_resume(out, fingerprint, named, names, sequences, storage, skip_first, len(plan))
     done = sum(s["batches"][1] - s["batches"][0] for s in manifest["shards"])
-    stop = _stop_layer(first, names)
+    stop = stop_layer(names, first.cfg.n_layers)
     buffer: dict[str, list[Tensor]] = {}
     buffered_from, buffered = done, 0
     with tqdm(total=len(plan), initial=done, desc="activations", disable=not progress, leave=False) as bar:
@@ -204,19 +204,6 @@ def _left_pad(rows: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
     return tokens, mask
 
 
-def _stop_layer(model: Any, names: list[str]) -> int | None:
-    """The block to stop before: one past the deepest `blocks.N.` hook; None if a hook lies past the
-    blocks (ln_final, unembed)."""
-    deepest = -1
-    for name in names:
-        layer = layer_of(name)
-        if layer is not None:
-            deepest = max(deepest, layer)
-        elif not name.startswith("hook_embed"):
-            return None
-    return min(deepest + 1, model.cfg.n_layers)
-
-
 @torch.inference_mode()
 def _run(model: Any, tokens: Tensor, mask: Tensor, names: list[str], stop: int | None) -> dict[str, Tensor]:
     kept: dict[str, Tensor] = {}
@@ -226,8 +213,7 @@ def _run(model: Any, tokens: Tensor, mask: Tensor, names: list[str], stop: int |
 
     device = model.device
     with model.hooks([(n, keep) for n in names]):
-        model(tokens.to(device), attention_mask=mask.to(device), return_type=None,
-              stop_at_layer=None if stop is None or stop >= model.cfg.n_layers else stop)
+        model(tokens.to(device), attention_mask=mask.to(device), return_type=None, stop_at_layer=stop)
     return kept
 
 
