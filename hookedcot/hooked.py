@@ -51,6 +51,8 @@ class HookedCoT(Transformer):
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "HookedCoT":
         out = super()._apply(fn, *args, **kwargs)  # .to(), .cuda(), .cpu(), .half() all end here
+        if getattr(self, "placement", None) is not None and len({p.device for p in self.parameters()}) == 1:
+            self.placement = None  # `.to(device)` gathered a split model onto one device
         self._sync_cfg_device()
         return out
 
@@ -61,9 +63,15 @@ class HookedCoT(Transformer):
         name_or_path: str | Path,
         dtype: torch.dtype | str | None = None,
         device: torch.device | str | None = None,
+        device_map: str | dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> "HookedCoT":
         """Load an HF checkpoint folder, a hub id, a GGUF file, or an embedded model's name.
+
+        `device_map` splits the model over devices layer by layer: "auto" (balanced over the
+        visible GPUs by free memory) or e.g. `{"hook_embed": "cuda:0", "blocks.0-13": "cuda:0",
+        "blocks.14-27": "cuda:1", "ln_final": "cuda:1"}` (hookedcot.device_map); each tensor is
+        read straight to its device, and the residual moves only where blocks change device.
 
         TransformerLens' options are accepted: `default_prepend_bos` and `default_padding_side`
         set the tokenizer's defaults; the weight-processing flags (`fold_ln`,
@@ -74,7 +82,7 @@ class HookedCoT(Transformer):
         `torch.no_grad()` / `torch.inference_mode()`, or pass `requires_grad=False`."""
         from hookedcot.loading import load_pretrained
 
-        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, **kwargs)
+        return load_pretrained(cls, name_or_path, dtype=dtype, device=device, device_map=device_map, **kwargs)
 
     @classmethod
     def from_pretrained_no_processing(cls, name_or_path: str | Path, **kwargs: Any) -> "HookedCoT":
@@ -161,6 +169,9 @@ class HookedCoT(Transformer):
         )
         if stop_at_layer is not None or return_type in ("logits", None):
             return out
+        if tokens.device != out.device:  # a split model's logits are on the unembedding's device
+            tokens = tokens.to(out.device)
+            attention_mask = None if attention_mask is None else attention_mask.to(out.device)
         loss = self._next_token_loss(out, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (out, loss)
 

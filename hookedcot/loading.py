@@ -100,11 +100,14 @@ def load_pretrained(
     default_prepend_bos: bool | None = None,
     default_padding_side: str | None = None,
     torch_dtype: torch.dtype | str | None = None,
+    device_map: Any = None,
     **tl_options: Any,
 ) -> Any:
     """`requires_grad` (default True, as in TransformerLens and transformers) lets
     `model(tokens).sum().backward()` work; it costs nothing under `torch.no_grad()` /
-    `torch.inference_mode()`, which every hookedcot tool and `generate` use."""
+    `torch.inference_mode()`, which every hookedcot tool and `generate` use.
+    `device_map` ("auto" or {module: device}, see device_map.py) places the model over devices,
+    each tensor read straight to its own; it replaces `device`."""
     unknown = sorted(set(tl_options) - set(WEIGHT_PROCESSING_FLAGS) - set(_IGNORED_TL_OPTIONS))
     if unknown:
         raise TypeError(
@@ -123,10 +126,13 @@ def load_pretrained(
         raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
     if dtype is not None and torch_dtype is not None:
         raise ValueError("pass dtype or torch_dtype, not both")
+    if device_map is not None and device is not None:
+        raise ValueError("pass device or device_map, not both: a device_map names each module's device")
     target_dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
     converted = convert_source(name_or_path, strict_config=strict_config, revision=revision)
     target_dtype = target_dtype or _default_dtype(converted.source_dtype)
-    model = build_model(cls, converted, target_dtype, torch.device(device or "cpu"), requires_grad=requires_grad)
+    model = build_model(cls, converted, target_dtype, torch.device(device or "cpu"), requires_grad=requires_grad,
+                        device_map=device_map)
     tokenizer = model.tokenizer
     if tokenizer is not None and default_prepend_bos is not None:
         tokenizer.add_bos = bool(default_prepend_bos)
@@ -143,21 +149,32 @@ def _default_dtype(source: torch.dtype | None) -> torch.dtype:
 
 
 def build_model(
-    cls: type, converted: ConvertedCheckpoint, dtype: torch.dtype, device: torch.device, requires_grad: bool = True
+    cls: type, converted: ConvertedCheckpoint, dtype: torch.dtype, device: torch.device, requires_grad: bool = True,
+    device_map: Any = None,
 ) -> Any:
     """Create the model on the meta device, check the checkpoint against its parameters, and
-    stream each tensor into place."""
+    stream each tensor into place (with a `device_map`, each to its module's device: host memory
+    holds one tensor at a time on its way to a GPU)."""
     cfg = converted.config
     with torch.device("meta"):
         model = cls(cfg, tokenizer=converted.tokenizer)
     check_tensors(converted, {name: tuple(p.shape) for name, p in model.named_parameters()})
+    placement = None
+    if device_map is not None:
+        from hookedcot.device_map import resolve_device_map
+
+        elem = torch.finfo(dtype).bits // 8
+        placement = resolve_device_map(device_map, cfg, {n: p.numel() * elem for n, p in model.named_parameters()})
+        device = placement.embed
     for name, ref in converted.tensors.items():
-        tensor = ref.load(dtype).to(device=device, dtype=dtype)
+        target = placement.device_of(name) if placement is not None else device
+        tensor = ref.load(dtype).to(device=target, dtype=dtype)
         module_name, attr = name.rsplit(".", 1)
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=requires_grad)
     if cfg.tie_embeddings:
         model.unembed.weight = model.embed.weight
     model.inv_freq = inv_freq(cfg.d_head, cfg.rope_theta, cfg.rope_scaling).to(device)
+    model.placement = placement if placement is not None and placement.is_split else None
     model.cfg = model.cfg.replace(device=str(model.embed.weight.device))
     return model.eval()
 

@@ -16,6 +16,8 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 
 from hookedcot.config import ModelConfig
+from hookedcot.device_map import Placement, on_device, to_block_device
+from hookedcot.placed_cache import place_cache
 from hookedcot.hook_points import HookRun
 from hookedcot.kv_cache import KVCache
 from hookedcot.rope import apply_rotary, inv_freq, rotary_tables
@@ -227,6 +229,7 @@ class Transformer(nn.Module, ModelWeights):
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
         self.register_buffer("inv_freq", inv_freq(cfg.d_head, cfg.rope_theta, cfg.rope_scaling), persistent=False)
+        self.placement: Placement | None = None  # set by a device_map load (device_map.py); None: one device
 
     def forward(
         self,
@@ -252,7 +255,11 @@ class Transformer(nn.Module, ModelWeights):
         p = resid.shape[1]
         mask = AttentionMask(attention_mask, past.length if past is not None else 0, p, resid.device)
         rope = rotary_tables(self.inv_freq, position_ids, resid.dtype)
+        if self.placement is not None and past is not None:
+            place_cache(past, self.placement.blocks)  # once per cache: each layer's buffer to its block's device
         for block in self.blocks[start_at_layer:stop_at_layer]:
+            if self.placement is not None:  # split across devices: move at the block boundary only
+                resid, rope, mask = to_block_device(self.placement.blocks[block.attn.layer], resid, rope, mask)
             resid = block(resid, run, rope, mask, past)
         if past is not None:
             past.advance(p)
@@ -260,7 +267,7 @@ class Transformer(nn.Module, ModelWeights):
             return resid
         if not logits:
             if run.listens(self.ln_final.hook_scale) or run.listens(self.ln_final.hook_normalized):
-                self.ln_final(resid, run)
+                self.ln_final(resid if self.placement is None else on_device(resid, self.placement.ln_final), run)
             return None
         return self.unembed_resid(resid, run, last_only=last_logits_only)
 
@@ -269,8 +276,11 @@ class Transformer(nn.Module, ModelWeights):
     ) -> Float[Tensor, "... pos d_vocab"]:
         """The logits a residual stands for: final norm, then unembedding (the logit lens). With
         `last_only`, only the last position is unembedded; the norm's hooks still see them all."""
+        if self.placement is not None:
+            resid = on_device(resid, self.placement.ln_final)
         normed = self.ln_final(resid, run)
-        return self.unembed(normed[..., -1:, :] if last_only else normed)
+        normed = normed[..., -1:, :] if last_only else normed
+        return self.unembed(normed if self.placement is None else on_device(normed, self.placement.unembed))
 
 
 class Linear(nn.Linear):
