@@ -1,0 +1,188 @@
+"""Work over torch.distributed ranks: two local gloo processes (torch.multiprocessing.spawn) run a
+patching sweep over prompt pairs and a rollout batch; rank 0's gathered results must equal, bit
+for bit, what one process computes with the plain single-process calls. A rank that raises makes
+the job fail with its finished items saved; the same job again resumes and computes only the rest.
+
+Both sides run one CPU thread (torchrun's default per rank), fp32, the same tiny random model."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from hookedcot import ModelConfig
+from hookedcot.cot.rollouts import sample_rollouts as sample_rollouts_one
+from hookedcot.distributed import Ranks, patch_pairs, saved_items
+from hookedcot.distributed import sample_rollouts as sample_rollouts_ranks
+from hookedcot.interp.sweeps import patch_layer_position
+from model_factory import CharTokenizer, random_model
+
+CFG = ModelConfig(n_layers=2, d_model=32, n_heads=4, n_key_value_heads=2, d_head=8, d_mlp=64, d_vocab=128,
+                  tie_embeddings=False)
+PAIRS = [("The cat sat on a mat", "The dog sat on a hat"), ("Two plus two is four", "Two plus two is five"),
+         ("red green blue", "red green pink"), ("one two three", "one two tree!"), ("abcdefg", "abcxefg")]
+PREFIX = [ord(c) for c in "Question: 3+4? Think:"]
+N_ROLLOUTS, NEW = 6, 6
+SAMPLING = dict(temperature=0.8, top_p=0.95, max_new_tokens=NEW, stop_at_eos=False, seed=3)
+
+
+def _model():
+    return random_model(CFG, seed=0, tokenizer=CharTokenizer())
+
+
+def _rows_budget(model, rows: int) -> int:
+    """The smallest memory budget under which `rows_per_batch` gives `rows` (so rollouts split into items)."""
+    from hookedcot.cot.rollouts import rows_per_batch
+
+    lo, hi = 1, 1 << 40
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (mid + 1, hi) if rows_per_batch(model, NEW, memory_budget=mid) < rows else (lo, mid)
+    return lo
+
+
+def counting_sweep(model, clean, corrupted, calls_dir: str, **kw):
+    """patch_layer_position, leaving a file per call (so a test can count what a rerun recomputed)
+    and raising on the pair named by FAIL_ON (a rank dying mid-run; not an option of the work, so
+    the rerun without it resumes the same work)."""
+    if clean == os.environ.get("FAIL_ON"):
+        raise RuntimeError(f"injected failure on {clean!r}")
+    Path(calls_dir, f"{os.getpid()}_{clean.replace(' ', '_')}").touch()
+    return patch_layer_position(model, clean, corrupted, **kw)
+
+
+def _job(rank: int, world: int, port: int, tmp: str, fail_on: str | None) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FAIL_ON=fail_on or "")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ranks = Ranks(rank, world, dist.group.WORLD)
+        model = _model()
+        sweeps = patch_pairs(model, PAIRS, counting_sweep, out_dir=Path(tmp, "sweep"), ranks=ranks,
+                             calls_dir=str(Path(tmp, "calls")), batch_size=4)
+        rollouts = sample_rollouts_ranks(model, PREFIX, N_ROLLOUTS, **SAMPLING, memory_budget=_rows_budget(model, 2),
+                                         out_dir=Path(tmp, "rollouts"), ranks=ranks)
+        if rank == 0:
+            torch.save({"sweeps": sweeps, "rollouts": rollouts}, Path(tmp, "gathered.pt"))
+        else:
+            assert sweeps is None and rollouts is None
+    finally:
+        dist.destroy_process_group()
+
+
+def _spawn(tmp: Path, fail_on: str | None = None) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    Path(tmp, "calls").mkdir(parents=True, exist_ok=True)
+    mp.spawn(_job, args=(2, port, str(tmp), fail_on), nprocs=2, join=True)
+
+
+@pytest.fixture(scope="module")
+def single():
+    """The single-process results, with the plain calls, one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _model()
+        sweeps = [patch_layer_position(model, c, x, progress=False, batch_size=4) for c, x in PAIRS]
+        rollouts = sample_rollouts_one(model, PREFIX, N_ROLLOUTS, **SAMPLING, memory_budget=_rows_budget(model, 2),
+                                       progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return {"sweeps": sweeps, "rollouts": rollouts}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_ranks")
+    _spawn(tmp)
+    return tmp, torch.load(tmp / "gathered.pt", weights_only=False)
+
+
+def test_each_item_belongs_to_exactly_one_rank_whatever_the_number_of_ranks():
+    for world in (1, 2, 3, 7):
+        shares = [Ranks(r, world).share(10) for r in range(world)]
+        assert sorted(i for s in shares for i in s) == list(range(10))
+        assert shares == [list(range(r, 10, world)) for r in range(world)]
+
+
+def test_the_sweep_over_two_ranks_equals_one_process_bit_for_bit(single, two_ranks):
+    _, gathered = two_ranks
+    assert len(gathered["sweeps"]) == len(PAIRS)
+    for one, two in zip(single["sweeps"], gathered["sweeps"]):
+        assert torch.equal(one.values, two.values)  # bitwise, not allclose
+        assert (one.axes, one.labels, one.name, one.meta) == (two.axes, two.labels, two.name, two.meta)
+    assert any(float(r.values.abs().max()) > 0 for r in single["sweeps"])  # the sweep measured something
+
+
+def test_rollouts_over_two_ranks_equal_one_process_and_each_rank_wrote_its_share(single, two_ranks):
+    tmp, gathered = two_ranks
+    assert gathered["rollouts"] == single["rollouts"]
+    assert [r.index for r in gathered["rollouts"]] == list(range(N_ROLLOUTS))
+    assert len({tuple(r.tokens) for r in single["rollouts"]}) > 1  # sampled, not all the same continuation
+    from hookedcot.cot.rollout_store import read_rollouts
+
+    by_rank = {r: sorted(x.index for x in read_rollouts(tmp / "rollouts" / f"rank{r}" / "rollouts.jsonl")[1]) for r in (0, 1)}
+    assert by_rank == {0: [0, 1, 4, 5], 1: [2, 3]}  # batches {0,1}, {2,3}, {4,5}: items 0 and 2 on rank 0
+
+
+def test_a_rank_that_dies_fails_the_job_keeps_finished_work_and_a_rerun_resumes(single, tmp_path):
+    # rank 1 owns pairs 1 and 3; it dies on pair 3 after finishing pair 1
+    with pytest.raises(Exception, match="injected failure"):
+        _spawn(tmp_path, fail_on=PAIRS[3][0])
+    saved = saved_items(tmp_path / "sweep")
+    assert 1 in saved and 3 not in saved
+    before = set(os.listdir(tmp_path / "calls"))
+    _spawn(tmp_path)
+    recomputed = {name.split("_", 1)[1] for name in set(os.listdir(tmp_path / "calls")) - before}
+    assert recomputed == {PAIRS[i][0].replace(" ", "_") for i in range(len(PAIRS)) if i not in saved}
+    gathered = torch.load(tmp_path / "gathered.pt", weights_only=False)
+    for one, two in zip(single["sweeps"], gathered["sweeps"]):
+        assert torch.equal(one.values, two.values)
+    assert gathered["rollouts"] == single["rollouts"]
+
+
+def test_a_resume_refuses_a_folder_of_different_work(tmp_path):
+    model = _model()
+    patch_pairs(model, PAIRS[:1], out_dir=tmp_path, ranks=Ranks(), batch_size=4)
+    with pytest.raises(ValueError, match="different work"):
+        patch_pairs(model, PAIRS[1:2], out_dir=tmp_path, ranks=Ranks(), batch_size=4)
+
+
+def test_a_rerun_with_one_rank_reads_every_ranks_rollouts_and_decodes_only_unfinished_batches(single, two_ranks,
+                                                                                              tmp_path, monkeypatch):
+    import shutil
+
+    import hookedcot.distributed.rollouts as dr
+
+    src, _ = two_ranks
+    folder = tmp_path / "rollouts"
+    shutil.copytree(src / "rollouts", folder)
+    rank1 = folder / "rank1" / "rollouts.jsonl"
+    lines = rank1.read_text().splitlines(keepends=True)  # header, rollout 2, rollout 3 (in finishing order)
+    rank1.write_text("".join(lines[:2]) + lines[2][:10])  # one rollout lost, one half-written
+    decoded = []
+    real = dr.run_prefix
+
+    def counting(model, prefix, jobs, *args, **kwargs):
+        decoded.append([i for i, _ in jobs])
+        return real(model, prefix, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(dr, "run_prefix", counting)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = _model()
+        again = sample_rollouts_ranks(model, PREFIX, N_ROLLOUTS, **SAMPLING, memory_budget=_rows_budget(model, 2),
+                                      out_dir=folder, ranks=Ranks())
+    finally:
+        torch.set_num_threads(threads)
+    assert decoded == [[2, 3]]  # the batch with a rollout missing, decoded whole (its original shape)
+    assert again == single["rollouts"]
