@@ -7,6 +7,7 @@ Both sides run one CPU thread (torchrun's default per rank), fp32, the same tiny
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -18,7 +19,9 @@ import torch.multiprocessing as mp
 
 from hookedcot import ModelConfig
 from hookedcot.cot.rollouts import sample_rollouts as sample_rollouts_one
+from hookedcot.dictionaries.store import collect_activations as collect_one
 from hookedcot.distributed import Ranks, patch_pairs, saved_items
+from hookedcot.distributed import collect_activations as collect_ranks
 from hookedcot.distributed import sample_rollouts as sample_rollouts_ranks
 from hookedcot.interp.sweeps import patch_layer_position
 from model_factory import CharTokenizer, random_model
@@ -29,6 +32,8 @@ PAIRS = [("The cat sat on a mat", "The dog sat on a hat"), ("Two plus two is fou
          ("red green blue", "red green pink"), ("one two three", "one two tree!"), ("abcdefg", "abcxefg")]
 PREFIX = [ord(c) for c in "Question: 3+4? Think:"]
 N_ROLLOUTS, NEW = 6, 6
+TEXTS = [torch.randint(1, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (9, 4, 12, 7, 7, 15, 5, 11)]
+COLLECT = dict(hook_names=["blocks.0.hook_resid_post", "blocks.1.hook_mlp_out"], batch_size=3, shard_tokens=20)
 SAMPLING = dict(temperature=0.8, top_p=0.95, max_new_tokens=NEW, stop_at_eos=False, seed=3)
 
 
@@ -68,10 +73,11 @@ def _job(rank: int, world: int, port: int, tmp: str, fail_on: str | None) -> Non
                              calls_dir=str(Path(tmp, "calls")), batch_size=4)
         rollouts = sample_rollouts_ranks(model, PREFIX, N_ROLLOUTS, **SAMPLING, memory_budget=_rows_budget(model, 2),
                                          out_dir=Path(tmp, "rollouts"), ranks=ranks)
+        store = collect_ranks(model, TEXTS, out=Path(tmp, "store"), ranks=ranks, **COLLECT)
         if rank == 0:
             torch.save({"sweeps": sweeps, "rollouts": rollouts}, Path(tmp, "gathered.pt"))
         else:
-            assert sweeps is None and rollouts is None
+            assert sweeps is None and rollouts is None and store is None
     finally:
         dist.destroy_process_group()
 
@@ -85,7 +91,7 @@ def _spawn(tmp: Path, fail_on: str | None = None) -> None:
 
 
 @pytest.fixture(scope="module")
-def single():
+def single(tmp_path_factory):
     """The single-process results, with the plain calls, one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -94,9 +100,11 @@ def single():
         sweeps = [patch_layer_position(model, c, x, progress=False, batch_size=4) for c, x in PAIRS]
         rollouts = sample_rollouts_one(model, PREFIX, N_ROLLOUTS, **SAMPLING, memory_budget=_rows_budget(model, 2),
                                        progress=False)
+        store = tmp_path_factory.mktemp("single") / "store"
+        collect_one(model, TEXTS, out=store, progress=False, **COLLECT)
     finally:
         torch.set_num_threads(threads)
-    return {"sweeps": sweeps, "rollouts": rollouts}
+    return {"sweeps": sweeps, "rollouts": rollouts, "store": store}
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +143,8 @@ def test_rollouts_over_two_ranks_equal_one_process_and_each_rank_wrote_its_share
 
 def test_a_rank_that_dies_fails_the_job_keeps_finished_work_and_a_rerun_resumes(single, tmp_path):
     # rank 1 owns pairs 1 and 3; it dies on pair 3 after finishing pair 1
-    with pytest.raises(Exception, match="injected failure"):
+    # whichever error the launcher sees first: rank 1's own, or rank 0's on losing its peer
+    with pytest.raises(Exception, match="injected failure|another rank failed before the results were gathered"):
         _spawn(tmp_path, fail_on=PAIRS[3][0])
     saved = saved_items(tmp_path / "sweep")
     assert 1 in saved and 3 not in saved
@@ -186,3 +195,18 @@ def test_a_rerun_with_one_rank_reads_every_ranks_rollouts_and_decodes_only_unfin
         torch.set_num_threads(threads)
     assert decoded == [[2, 3]]  # the batch with a rollout missing, decoded whole (its original shape)
     assert again == single["rollouts"]
+
+
+def test_activations_collected_over_two_ranks_make_the_same_store_file_for_file(single, two_ranks):
+    from safetensors.torch import load_file
+
+    tmp, _ = two_ranks
+    one, two = single["store"], tmp / "store"
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    assert json.loads((one / "store.json").read_text()) == json.loads((two / "store.json").read_text())
+    shards = sorted(p.name for p in one.glob("*.safetensors"))
+    assert len(shards) > 2  # several shards, several batches each: the buffering across ranks' batches is tested
+    for name in shards:
+        a, b = load_file(one / name), load_file(two / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp / "store.parts").exists()

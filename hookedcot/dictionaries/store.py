@@ -32,7 +32,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
@@ -72,11 +72,14 @@ def collect_activations(
     skip_first: int = 1,
     prepend_bos: bool | None = None,
     progress: bool = True,
+    records: Callable[[int], dict[str, Tensor]] | None = None,
 ) -> "ActivationStore":
     """Record `hook_names` of `models` (one model, a sequence, or {name: model}; unnamed models are
     "model", or "base" and "child" for two) over `texts` (strings, or token id lists run as they
     are) into the folder `out` (module docstring). `skip_first` drops each sequence's first
     positions (default 1: the attention-sink position, whose norm dwarfs the rest).
+    `records(b)`: batch b's rows as `batch_records` gives them, computed elsewhere (the ranks of
+    `hookedcot.distributed.collect_activations`); None runs the models here.
     Returns the store, also when everything was already collected."""
     named = _named_models(models)
     names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
@@ -105,25 +108,32 @@ def collect_activations(
     buffered_from, buffered = done, 0
     with tqdm(total=len(plan), initial=done, desc="activations", disable=not progress, leave=False) as bar:
         for b in range(done, len(plan)):
-            rows = plan[b]
-            tokens, mask = _left_pad([sequences[i] for i in rows], _pad_id(first))
-            pos = (mask.cumsum(1) - 1).clamp(min=0)
-            keep = mask.bool() & (pos >= skip_first)
-            for model_name, model in named.items():
-                acts = _run(model, tokens, mask, names, stop)
-                for hook in names:
-                    x = _per_token(acts[hook], hook, tokens.shape)
-                    buffer.setdefault(f"acts.{model_name}.{hook}", []).append(x[keep].to(storage))
-            seq_ids = torch.as_tensor(rows)[:, None].expand_as(tokens)
-            buffer.setdefault("tokens", []).append(tokens[keep])
-            buffer.setdefault("positions", []).append(pos[keep])
-            buffer.setdefault("sequences", []).append(seq_ids[keep])
-            buffered += int(keep.sum())
+            rows = records(b) if records is not None else batch_records(named, sequences, plan[b], names, stop,
+                                                                        skip_first, storage)
+            for key, value in rows.items():
+                buffer.setdefault(key, []).append(value)
+            buffered += int(rows["tokens"].numel())
             bar.update(1)
             if buffered >= shard_tokens or b == len(plan) - 1:
                 _write_shard(out, manifest, buffer, (buffered_from, b + 1), named, names)
                 buffer, buffered_from, buffered = {}, b + 1, 0
     return ActivationStore(out)
+
+
+def batch_records(named: dict[str, Any], sequences: list[list[int]], rows: list[int], names: list[str],
+                  stop: int | None, skip_first: int, storage: torch.dtype) -> dict[str, Tensor]:
+    """One batch of the plan (`rows`: sequence indices) run through every model: per kept token,
+    `acts.{model}.{hook}` [n, d] in the storage dtype, and its `tokens`, `positions`, `sequences`."""
+    tokens, mask = _left_pad([sequences[i] for i in rows], _pad_id(next(iter(named.values()))))
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    keep = mask.bool() & (pos >= skip_first)
+    out = {}
+    for model_name, model in named.items():
+        acts = _run(model, tokens, mask, names, stop)
+        for hook in names:
+            out[f"acts.{model_name}.{hook}"] = _per_token(acts[hook], hook, tokens.shape)[keep].to(storage)
+    seq_ids = torch.as_tensor(rows)[:, None].expand_as(tokens)
+    return out | {"tokens": tokens[keep], "positions": pos[keep], "sequences": seq_ids[keep]}
 
 
 def _named_models(models: Any) -> dict[str, Any]:

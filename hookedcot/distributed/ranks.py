@@ -52,7 +52,11 @@ class Ranks:
         if self.world_size == 1:
             return [obj]
         out = [None] * self.world_size if self.is_main else None
-        dist.gather_object(obj, out, dst=0, group=self.group)
+        try:
+            dist.gather_object(obj, out, dst=0, group=self.group)
+        except RuntimeError as exc:  # gloo: "Connection closed by peer" when a rank died
+            raise RuntimeError(f"rank {self.rank}: another rank failed before the results were gathered ({exc}). "
+                               "Work saved under out_dir stays; run the same command again to resume.") from exc
         return out
 
     def broadcast(self, obj: Any) -> Any:
