@@ -24,8 +24,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from hookedcot.conversions import ConversionError, ConvertedCheckpoint, SourceFormat, TensorNames, TensorRef, read_into
+from hookedcot.conversions import (
+    ConversionError, ConvertedCheckpoint, SourceFormat, TensorNames, TensorRef, check_layer_count, check_tokenizer_fits,
+    read_into,
+)
 from hookedcot.conversions.gguf_config import config_from_gguf, read_metadata
+from hookedcot.conversions.gguf_layout import check_layout
 from hookedcot.config import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
@@ -82,7 +86,7 @@ def convert_gguf(path: str | Path) -> ConvertedCheckpoint:
     reader = open_reader(path)
     try:
         meta = read_metadata(reader)
-    except (UnicodeDecodeError, ValueError, TypeError, IndexError) as exc:
+    except Exception as exc:  # the gguf package's decoding of bytes the layout check let through
         raise ConversionError(f"{path}: the GGUF metadata is corrupt ({type(exc).__name__}: {exc}); download it again") from exc
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
@@ -96,6 +100,7 @@ def convert_gguf(path: str | Path) -> ConvertedCheckpoint:
     shapes = {name: t.shape for name, t in stored.items()}
     rope_freqs = read_dequantised(path, stored[_ROPE_FREQS]).numpy().reshape(-1) if _ROPE_FREQS in stored else None
     cfg = config_from_gguf(meta, shapes, source=str(path), rope_freqs=rope_freqs)
+    check_layer_count(cfg, stored, GGUF_NAMES, f"{arch}.block_count", path)
     tensors, unmapped = {}, []
     for name, tensor in stored.items():
         ours = GGUF_NAMES.ours(name)
@@ -108,7 +113,7 @@ def convert_gguf(path: str | Path) -> ConvertedCheckpoint:
         tensors=tensors,
         format=GGUF_FORMAT,
         unmapped=unmapped,
-        tokenizer=_build_tokenizer(meta),
+        tokenizer=_build_tokenizer(meta, cfg, path),
         # Dequantised values are exact in float32 (transformers' GGUF loader also defaults to it).
         source_dtype=torch.float32,
     )
@@ -136,27 +141,29 @@ def _fast_reader_class() -> type:
 
 
 def open_reader(path: Path) -> Any:
-    """A `gguf.GGUFReader` over the file (memory-mapped), or a ConversionError saying what is wrong."""
+    """A `gguf.GGUFReader` over the file (memory-mapped), or a ConversionError saying what is wrong.
+
+    The header's every count, size and tensor offset is checked against the file first
+    (`gguf_layout.check_layout`): the reader trusts them, and a corrupt count would have it loop or
+    allocate without bound, a corrupt offset hand out the wrong bytes as weights."""
     GGUFReader = _fast_reader_class()
 
     if not path.exists():
         raise ConversionError(f"GGUF file not found: {path}")
     if not path.is_file():
         raise ConversionError(f"{path} is not a file; pass the path of a .gguf file")
+    layout = check_layout(path)
     try:
         reader = GGUFReader(path, "r")
-    except Exception as exc:  # bad magic, unknown version or type id, short read, empty file ...
+    except Exception as exc:  # anything the layout check let through that the reader still rejects
         raise ConversionError(
             f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}). It may be truncated (an interrupted "
             "download), corrupt, or not a GGUF file at all; download it again or check the path."
         ) from exc
-    size = reader.data.shape[0]
-    for tensor in reader.tensors:
-        if tensor.data_offset + tensor.n_bytes > size:
-            raise ConversionError(
-                f"{path} is truncated: tensor {tensor.name!r} ends at byte {tensor.data_offset + tensor.n_bytes} "
-                f"but the file has {size} bytes. Download it again."
-            )
+    found = [(t.name, int(t.data_offset), int(t.n_bytes)) for t in reader.tensors]
+    if found != [(t.name, t.offset, t.nbytes) for t in layout.tensors]:  # two readers of one header must agree
+        raise ConversionError(f"{path}: the gguf package reads a different tensor table than the header declares; "
+                              "the file is corrupt - download it again")
     return reader
 
 
@@ -241,13 +248,17 @@ def read_dequantised(
     return out
 
 
-def _build_tokenizer(meta: dict[str, Any]) -> Any:
-    """The file's tokenizer, or None (the weights still load without one)."""
-    if "tokenizer.ggml.tokens" not in meta:
+def _build_tokenizer(meta: dict[str, Any], cfg: ModelConfig, path: Path) -> Any:
+    """The file's tokenizer, or None when it has none or one of a kind we do not build (the weights
+    still load without one). A byte-level BPE tokenizer that is there but corrupt is an error:
+    dropping it silently would leave a model that cannot turn text into the right ids."""
+    if "tokenizer.ggml.tokens" not in meta or meta.get("tokenizer.ggml.model") != "gpt2":
         return None
     from hookedcot.tokenizer import Tokenizer, TokenizerError
 
     try:
-        return Tokenizer.from_gguf(meta)
-    except TokenizerError:
-        return None
+        tokenizer = Tokenizer.from_gguf(meta)
+    except TokenizerError as exc:
+        raise ConversionError(f"{path}: the tokenizer in the GGUF metadata cannot be built: {exc}") from exc
+    check_tokenizer_fits(tokenizer, cfg, str(path))
+    return tokenizer

@@ -30,6 +30,11 @@ def config_from_gguf(
     torch-order shape: the biases, the tying and the vocabulary size are read off the tensors (GGUF
     has no key for the first two, and `vocab_size` is optional)."""
     arch = meta["general.architecture"]
+    token_ids = {k: meta[k] for k in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
+                                       "tokenizer.ggml.eom_token_id", "tokenizer.ggml.padding_token_id") if k in meta}
+    bad = {k: v for k, v in token_ids.items() if isinstance(v, bool) or not isinstance(v, int)}
+    if bad:
+        raise ConversionError(f"{source}: token ids must be integers; got {bad!r:.200}")
 
     def key(name: str, default: Any = ..., kind: Callable = int) -> Any:
         full = f"{arch}.{name}"
@@ -40,13 +45,13 @@ def config_from_gguf(
             return default
         value = meta[full]
         if isinstance(value, list):
-            if len(set(value)) != 1:
-                raise ConversionError(f"{source}: {full} varies per layer ({value}); hookedcot needs one value")
+            if not value or any(v != value[0] for v in value):
+                raise ConversionError(f"{source}: {full} varies per layer ({value!r:.200}); hookedcot needs one value")
             value = value[0]
-        try:
-            return kind(value)
-        except (TypeError, ValueError) as exc:
-            raise ConversionError(f"{source}: {full}={value!r} is not a {kind.__name__}") from exc
+        # no coercion: int(2.7), int(True) or float("1e-5") would turn a corrupt value into a plausible one
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+            raise ConversionError(f"{source}: {full}={value!r:.80} is not {'a number' if kind is float else 'an integer'}")
+        return kind(value)
 
     missing: list[str] = []
     d_model = key("embedding_length")
@@ -56,7 +61,7 @@ def config_from_gguf(
     eps = key("attention.layer_norm_rms_epsilon", kind=float)
     if missing:
         raise ConversionError(f"{source}: the GGUF metadata lacks {', '.join(missing)}; the file is incomplete")
-    if n_heads <= 0 or d_model <= 0:
+    if n_heads <= 0 or d_model <= 0:  # divided by below; the other sizes ModelConfig checks
         raise ConversionError(f"{source}: {arch}.attention.head_count={n_heads}, embedding_length={d_model}; both must be positive")
     n_kv = key("attention.head_count_kv", n_heads)
     d_head = key("attention.key_length", d_model // n_heads)
@@ -74,6 +79,12 @@ def config_from_gguf(
     eos = list(dict.fromkeys(eos))
     layer_has = lambda part: any(n.endswith(part) for n in shapes)  # noqa: E731
     try:
+        rope_scaling = _rope_scaling(meta, arch, rope_freqs, d_head, theta, source)
+    except (ArithmeticError, ValueError) as exc:  # a fit over corrupt rope_freqs (numpy's LinAlgError is a ValueError)
+        if isinstance(exc, ConversionError):
+            raise
+        raise ConversionError(f"{source}: the rope_freqs tensor is corrupt ({type(exc).__name__}: {exc})") from exc
+    try:
         return ModelConfig(
             n_layers=n_layers,
             d_model=d_model,
@@ -85,7 +96,7 @@ def config_from_gguf(
             n_ctx=n_ctx,
             norm_eps=eps,
             rope_theta=theta,
-            rope_scaling=_rope_scaling(meta, arch, rope_freqs, d_head, theta, source),
+            rope_scaling=rope_scaling,
             qkv_bias=layer_has(".attn_q.bias"),
             o_bias=layer_has(".attn_output.bias"),
             mlp_bias=layer_has(".ffn_up.bias"),
@@ -106,7 +117,10 @@ def _rope_scaling(
 ) -> dict[str, Any] | None:
     """llama.cpp's rope scaling keys (or its rope_freqs tensor) -> hookedcot's rope_scaling dict."""
     kind = meta.get(f"{arch}.rope.scaling.type")
-    factor = float(meta.get(f"{arch}.rope.scaling.factor", 0.0) or 0.0)
+    factor = meta.get(f"{arch}.rope.scaling.factor", 0.0) or 0.0
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not (kind is None or isinstance(kind, str)):
+        raise ConversionError(f"{source}: rope.scaling.type={kind!r:.40} / factor={factor!r:.40} must be a string and a number")
+    factor = float(factor)
     if rope_freqs is not None:
         if kind not in (None, "none"):
             raise ConversionError(f"{source}: both rope.scaling.type={kind!r} and a rope_freqs tensor; ambiguous rope scaling")

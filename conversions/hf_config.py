@@ -101,6 +101,7 @@ def config_from_hf(spec: FamilySpec, cfg: dict[str, Any], *, strict: bool = True
     model_type = cfg.get("model_type", spec.model_type)
     if model_type != spec.model_type:
         raise ConfigError(f"model_type={model_type!r}{where}, but the {spec.family} family reads {spec.model_type!r}")
+    _check_types(cfg, where)
     _check_keys(cfg, spec, strict, where)
     _check_pinned(cfg, {**PINNED_VALUES, **spec.pinned}, where)
     missing = [key for key in _REQUIRED if cfg.get(key) is None]
@@ -111,6 +112,7 @@ def config_from_hf(spec: FamilySpec, cfg: dict[str, Any], *, strict: bool = True
     get = lambda key: cfg[key] if cfg.get(key) is not None else spec.defaults.get(key)  # noqa: E731
     token = lambda key: cfg[key] if key in cfg else spec.defaults.get(key)  # noqa: E731  (null stays null)
     n_heads = cfg["num_attention_heads"]
+    n_kv, d_head = get("num_key_value_heads"), get("head_dim")
     act = get("hidden_act")
     if act == "swish":  # transformers' ACT2FN maps "swish" to the same SiLU
         act = "silu"
@@ -120,28 +122,38 @@ def config_from_hf(spec: FamilySpec, cfg: dict[str, Any], *, strict: bool = True
             "(the gated MLP of Qwen2/LLaMA uses silu)"
         )
     rope_theta, rope_scaling = rope_from_hf(cfg, get("max_position_embeddings"), strict=strict, where=where)
-    return ModelConfig(
-        n_layers=cfg["num_hidden_layers"],
-        d_model=cfg["hidden_size"],
-        n_heads=n_heads,
-        n_key_value_heads=get("num_key_value_heads") or n_heads,
-        d_head=get("head_dim") or cfg["hidden_size"] // n_heads,
-        d_mlp=cfg["intermediate_size"],
-        d_vocab=cfg["vocab_size"],
-        n_ctx=get("max_position_embeddings"),
-        norm_eps=float(get("rms_norm_eps")),
-        rope_theta=rope_theta,
-        rope_scaling=rope_scaling,
-        tie_embeddings=bool(get("tie_word_embeddings")),
-        act_fn=act,
-        bos_token_id=token("bos_token_id"),
-        eos_token_id=token("eos_token_id"),
-        pad_token_id=token("pad_token_id"),
-        model_name=_model_name(cfg, source),
-        family=spec.family,
-        source=source,
-        **spec.biases(cfg),
-    )
+    try:
+        return ModelConfig(
+            n_layers=cfg["num_hidden_layers"],
+            d_model=cfg["hidden_size"],
+            n_heads=n_heads,
+            n_key_value_heads=n_heads if n_kv is None else n_kv,
+            d_head=cfg["hidden_size"] // n_heads if d_head is None else d_head,
+            d_mlp=cfg["intermediate_size"],
+            d_vocab=cfg["vocab_size"],
+            n_ctx=get("max_position_embeddings"),
+            norm_eps=float(get("rms_norm_eps")),  # a number: _check_types
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            tie_embeddings=get("tie_word_embeddings"),  # a bool: _check_types (bool("false") would be True)
+            act_fn=act,
+            bos_token_id=token("bos_token_id"),
+            eos_token_id=token("eos_token_id"),
+            pad_token_id=token("pad_token_id"),
+            model_name=_model_name(cfg, source),
+            family=spec.family,
+            source=source,
+            **spec.biases(cfg),
+        )
+    except ConfigError as exc:  # ModelConfig's range checks speak its own field names: give config.json's too
+        named = [f"{ours} is {theirs}" for ours, theirs in _HF_KEY.items() if f"{ours}=" in str(exc)]
+        raise ConfigError(f"config{where}: {exc}" + (f" (in config.json: {', '.join(named)})" if named else "")) from exc
+
+
+_HF_KEY = {"n_layers": "num_hidden_layers", "d_model": "hidden_size", "n_heads": "num_attention_heads",
+           "n_key_value_heads": "num_key_value_heads", "d_head": "head_dim", "d_mlp": "intermediate_size",
+           "d_vocab": "vocab_size", "n_ctx": "max_position_embeddings", "norm_eps": "rms_norm_eps",
+           "tie_embeddings": "tie_word_embeddings"}
 
 
 def rope_from_hf(
@@ -164,7 +176,11 @@ def rope_from_hf(
             f"rope_parameters{where} look per-layer-type ({sorted(rope)}); one rope for all layers is supported"
         )
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if not isinstance(rope_type, str):
+        raise ConfigError(f"rope type {rope_type!r}{where} must be a string; supported: {', '.join(sorted(ROPE_TYPES))}")
     theta = rope.get("rope_theta", cfg.get("rope_theta"))
+    if theta is not None and not _is_number(theta):
+        raise ConfigError(f"rope_theta={theta!r}{where} must be a number")
     theta = float(theta if theta is not None else DEFAULT_ROPE_THETA)
     if rope_type not in ROPE_TYPES:
         raise ConfigError(
@@ -189,6 +205,54 @@ def rope_from_hf(
     if rope_type == "default":
         return theta, None
     return theta, {"rope_type": rope_type, **{key: rope[key] for key in needed}}
+
+
+# The JSON type each key read (or checked) here must have; None is allowed where a default applies.
+# Ranges (positive sizes, finite positive eps, ids inside the vocabulary, rope factors > 0) are
+# ModelConfig's to check; types are checked first so that no arithmetic runs on a string or a bool.
+_POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "max_position_embeddings", "sliding_window", "max_window_layers")
+_NUMBERS = ("rms_norm_eps", "rope_theta")
+_BOOLS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_sliding_window", "use_mrope")
+_STRINGS = ("model_type", "hidden_act", "_name_or_path")
+_DICTS = ("rope_scaling", "rope_parameters")
+_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _check_types(cfg: dict[str, Any], where: str) -> None:
+    """Every value hookedcot reads has the JSON type it must have; all wrong ones named at once."""
+    wrong = []
+    for key, value in cfg.items():
+        if value is None:
+            continue
+        if key in _POSITIVE_INTS and not (_is_int(value) and value > 0):
+            wrong.append(f"{key}={value!r} (a positive integer)")
+        elif key in _NUMBERS and not _is_number(value):
+            wrong.append(f"{key}={value!r} (a number)")
+        elif key in _BOOLS and not isinstance(value, bool):
+            wrong.append(f"{key}={value!r} (true or false)")
+        elif key in _STRINGS and not isinstance(value, str):
+            wrong.append(f"{key}={value!r} (a string)")
+        elif key in _DICTS and not isinstance(value, dict):
+            wrong.append(f"{key}={value!r} (an object)")
+        elif key in ("architectures", "layer_types") and not (
+            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        ):
+            wrong.append(f"{key}={value!r} (a list of strings)")
+        elif key in _TOKEN_IDS and not (
+            _is_int(value) or (key == "eos_token_id" and isinstance(value, list) and all(map(_is_int, value)))
+        ):
+            wrong.append(f"{key}={value!r} (a token id{' or a list of ids' if key == 'eos_token_id' else ''})")
+    if wrong:
+        raise ConfigError(f"config{where} has values of the wrong type: {'; '.join(wrong)}; fix them in config.json")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _normalise_rope(rope: dict[str, Any]) -> dict[str, Any]:
@@ -238,7 +302,7 @@ def _model_name(cfg: dict[str, Any], source: str) -> str:
     if path is not None and path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
         return path.parent.parent.name[len("models--"):].replace("--", "/")
     name = cfg.get("_name_or_path") or ""
-    if name and not name.startswith(("/", ".", "~")):
+    if isinstance(name, str) and name and not name.startswith(("/", ".", "~")):
         return name
     return path.name if path is not None else "custom"
 

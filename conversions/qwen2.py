@@ -46,10 +46,10 @@ def _check_sliding_window(cfg: dict[str, Any]) -> None:
         sliding = [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
     else:
         first = cfg.get("max_window_layers", _DEFAULTS["max_window_layers"])
-        sliding = list(range(first, n_layers))
+        sliding = range(first, n_layers)  # not a list: n_layers comes from the file
     if sliding:
         raise ConfigError(
-            f"use_sliding_window=true with sliding_window={window} on layers {sliding}: sliding-window "
+            f"use_sliding_window=true with sliding_window={window} on layers {_layers(sliding)}: sliding-window "
             "attention is not implemented (supported: full attention, use_sliding_window=false). For "
             f"sequences no longer than {window} tokens the two are identical; set use_sliding_window to "
             "false in config.json if that is your case."
@@ -67,3 +67,8 @@ SPEC = FamilySpec(
     biases=lambda cfg: {"qkv_bias": True, "o_bias": False, "mlp_bias": False},
 )
 
+
+def _layers(indices: Any) -> str:
+    """`[21, 22, ..., 27]`-style listing that never materialises a huge range."""
+    shown = [str(i) for i in indices[:8]]
+    return "[" + ", ".join(shown + (["...", str(indices[-1])] if len(indices) > 8 else [])) + "]"

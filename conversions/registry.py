@@ -8,12 +8,14 @@ weight is read. What it returns holds `TensorRef`s whose `load(dtype)` reads one
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from hookedcot.conversions import ConversionError, ConvertedCheckpoint, SourceFormat, TensorNames, TensorRef
+from hookedcot.conversions import (
+    ConversionError, ConvertedCheckpoint, SourceFormat, TensorNames, TensorRef, check_layer_count, check_tokenizer_fits,
+    read_json_file,
+)
 from hookedcot.conversions import llama, qwen2
 from hookedcot.conversions.hf_config import FamilySpec, config_from_hf
 from hookedcot.conversions.safetensors_io import SafetensorsCheckpoint, TensorInfo
@@ -64,7 +66,7 @@ HF_FORMAT = SourceFormat(
 
 def family_for(model_type: str | None) -> FamilySpec:
     """The family spec for a config's model_type, or an error listing the ones we support."""
-    spec = FAMILIES.get(model_type)  # type: ignore[arg-type]
+    spec = FAMILIES.get(model_type) if isinstance(model_type, str) else None
     if spec is None:
         raise ConversionError(
             f"model_type={model_type!r} is not supported; supported model types: {', '.join(sorted(FAMILIES))} "
@@ -79,10 +81,7 @@ def read_hf_config(folder: Path) -> dict:
         raise ConversionError(
             f"{folder} has no config.json; a HuggingFace checkpoint folder needs it next to its *.safetensors"
         )
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise ConversionError(f"{path} is not valid JSON: {err}") from err
+    cfg = read_json_file(path)
     if not isinstance(cfg, dict):
         raise ConversionError(f"{path} must hold a JSON object")
     return cfg
@@ -98,9 +97,12 @@ def convert_hf_folder(path: str | Path, strict: bool = True) -> ConvertedCheckpo
     hf_cfg = read_hf_config(folder)
     model_type = hf_cfg.get("model_type")
     if model_type is None:  # very old configs; fall back to the architecture name
-        model_type = next((_ARCHITECTURES[a] for a in hf_cfg.get("architectures") or [] if a in _ARCHITECTURES), None)
+        archs = hf_cfg.get("architectures")
+        archs = archs if isinstance(archs, list) else []
+        model_type = next((_ARCHITECTURES[a] for a in archs if isinstance(a, str) and a in _ARCHITECTURES), None)
     cfg = config_from_hf(family_for(model_type), hf_cfg, strict=strict, source=str(folder))
     checkpoint = SafetensorsCheckpoint.from_folder(folder)
+    check_layer_count(cfg, checkpoint.infos, HF_NAMES, "num_hidden_layers", folder)
     infos, unmapped = _name_tensors(checkpoint.infos, cfg, folder)
 
     def reader(name: str):
@@ -111,21 +113,26 @@ def convert_hf_folder(path: str | Path, strict: bool = True) -> ConvertedCheckpo
         tensors={ours: TensorRef(i.name, i.shape, reader(i.name), i.file.name) for ours, i in infos.items()},
         format=HF_FORMAT,
         unmapped=unmapped,
-        tokenizer=_folder_tokenizer(folder),
+        tokenizer=_folder_tokenizer(folder, cfg),
         source_dtype=_majority_dtype(infos.values()),
     )
 
 
-def _folder_tokenizer(folder: Path):
-    """The folder's tokenizer, or None (the weights still load without one)."""
+def _folder_tokenizer(folder: Path, cfg: ModelConfig):
+    """The folder's tokenizer, or None when it has no tokenizer.json (the weights load without one).
+
+    A tokenizer.json that is there but cannot be read, or whose ids run past the embedding, is an
+    error: dropping it silently would leave a model that cannot turn text into the right ids."""
     from hookedcot.tokenizer import Tokenizer, TokenizerError
 
     if not (folder / "tokenizer.json").is_file():
         return None
     try:
-        return Tokenizer.from_hf_folder(folder)
-    except TokenizerError:
-        return None
+        tokenizer = Tokenizer.from_hf_folder(folder)
+    except TokenizerError as exc:
+        raise ConversionError(f"{folder}: the tokenizer files cannot be used: {exc}") from exc
+    check_tokenizer_fits(tokenizer, cfg, str(folder))
+    return tokenizer
 
 
 def _name_tensors(infos: dict[str, TensorInfo], cfg: ModelConfig, folder: Path) -> tuple[dict[str, TensorInfo], list[str]]:

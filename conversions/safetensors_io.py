@@ -22,7 +22,6 @@ such files gets an error that says how to convert it once, outside hookedcot.
 
 from __future__ import annotations
 
-import json
 import math
 import struct
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from hookedcot.conversions import ConversionError, read_into
+from hookedcot.conversions import ConversionError, parse_json, read_into, read_json_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -157,7 +156,7 @@ def read_header(file: Path) -> list[TensorInfo]:
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(size - 8, _MAX_HEADER_BYTES):
                 raise corrupt(f"header length {header_len} does not fit in {size} bytes")
-            header = json.loads(f.read(header_len))
+            header = parse_json(f.read(header_len), f"the header of {file}")
     except FileNotFoundError as err:
         raise ConversionError(f"{file} does not exist") from err
     except (OSError, ValueError) as err:  # ValueError: bad JSON or UTF-8
@@ -170,28 +169,54 @@ def read_header(file: Path) -> list[TensorInfo]:
     infos = []
     for name, entry in header.items():
         if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise corrupt(f"__metadata__ must map names to strings, got {_short(entry)}")
             continue
-        try:
-            header_dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
-            ok = all(isinstance(d, int) and d >= 0 for d in shape) and 0 <= begin <= end <= data_size
-        except (KeyError, TypeError, ValueError):
-            ok = False
-        if not ok:
-            raise corrupt(f"tensor {name!r} has a malformed or out-of-range header entry {entry}")
+        if not _well_formed(entry, data_size):
+            raise corrupt(f"tensor {name!r} has a malformed or out-of-range header entry {_short(entry)}; an entry is "
+                          "{\"dtype\": \"F32\", \"shape\": [non-negative ints], \"data_offsets\": [begin, end]} inside the data")
+        header_dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         torch_name, itemsize = _DTYPES.get(header_dtype, (None, None))
-        if itemsize is not None and end - begin != math.prod(shape) * itemsize:
+        if itemsize is not None and end - begin != math.prod(shape) * itemsize:  # unknown dtypes: named when read
             raise corrupt(f"tensor {name!r} spans {end - begin} bytes, but {header_dtype}{list(shape)} needs "
                           f"{math.prod(shape) * itemsize}")
         dtype = getattr(torch, torch_name, None) if torch_name else None
         infos.append(TensorInfo(name, shape, dtype, header_dtype, file, data_start + begin, end - begin))
+    _check_tiling(infos, data_start, data_size, corrupt)
     return infos
 
 
+def _well_formed(entry: object, data_size: int) -> bool:
+    """A header entry with a string dtype, a shape of non-negative ints and an in-file byte range."""
+    if not isinstance(entry, dict) or set(entry) != {"dtype", "shape", "data_offsets"}:
+        return False
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    ints = lambda xs: all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in xs)  # noqa: E731
+    return (isinstance(dtype, str) and isinstance(shape, list) and ints(shape) and isinstance(offsets, list)
+            and len(offsets) == 2 and ints(offsets) and offsets[0] <= offsets[1] <= data_size)
+
+
+def _check_tiling(infos: list[TensorInfo], data_start: int, data_size: int, corrupt) -> None:
+    """The tensors' byte ranges tile the data section exactly, as the safetensors format requires
+    (and its own reader enforces): no two overlap or alias, no bytes lie between or after them."""
+    at = 0
+    for info in sorted(infos, key=lambda i: (i.offset, i.nbytes)):
+        begin = info.offset - data_start
+        if begin != at:
+            what = "overlaps or aliases the previous tensor" if begin < at else f"leaves bytes {at}-{begin} unclaimed"
+            raise corrupt(f"tensor {info.name!r} (bytes {begin}-{begin + info.nbytes} of the data) {what}")
+        at = begin + info.nbytes
+    if at != data_size:
+        raise corrupt(f"the tensors end at byte {at} of the data but the data section has {data_size} bytes")
+
+
+def _short(entry: object, n: int = 200) -> str:
+    text = repr(entry)
+    return text if len(text) <= n else text[:n] + "..."
+
+
 def _read_index(index_file: Path) -> dict[str, str]:
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, ValueError) as err:
-        raise ConversionError(f"{index_file} is not valid JSON ({err}); re-download it") from err
+    index = read_json_file(index_file)
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise ConversionError(f"{index_file} has no 'weight_map' table of tensor name -> shard file")

@@ -2,6 +2,7 @@
 
 from hookedcot.cache import ActivationCache
 from hookedcot.config import ConfigError, ModelConfig
+from hookedcot.errors import HookedCoTError
 from hookedcot.factored_matrix import FactoredMatrix, FactoredShapeError
 from hookedcot.hook_names import HOOKS, all_hook_names, get_act_name
 from hookedcot.hook_points import Hook, HookError, HookNameError
@@ -19,6 +20,7 @@ __all__ = [
     "HookError",
     "HookNameError",
     "HookedCoT",
+    "HookedCoTError",
     "KVCache",
     "ModelConfig",
     "all_hook_names",

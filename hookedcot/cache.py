@@ -17,6 +17,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hookedcot.errors import HookedCoTError
 from hookedcot.hook_names import get_act_name, suggest
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ class Slice:
         return f"Slice({self.slice!r}, mode={self.mode!r})"
 
 
-class BatchDimError(ValueError, AssertionError):
+class BatchDimError(HookedCoTError, ValueError, AssertionError):
     """The cache's batch axis cannot do what was asked (an AssertionError too, as TransformerLens raises)."""
 
 

@@ -8,17 +8,20 @@ sandbox and see only plain JSON-like data, with the same environment transformer
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import json
 from datetime import datetime
 from functools import lru_cache
 from typing import Any, Mapping, Sequence
 
+from hookedcot.errors import HookedCoTError
+
 _CONTINUE_TAG = "CONTINUE_FINAL_MESSAGE_TAG "
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(HookedCoTError, ValueError):
     """A conversation cannot be rendered: no template, or the template rejects it."""
 
 
@@ -44,9 +47,9 @@ def render_chat_template(
             raise ChatTemplateError("continue_final_message needs a last message with string content")
         final = chat[-1]["content"]
         chat[-1]["content"] = final + _CONTINUE_TAG
-    rendered = _compile(template).render(
-        messages=chat, tools=_plain(tools), documents=_plain(documents), add_generation_prompt=add_generation_prompt,
-        **_plain(kwargs),
+    rendered = _render(
+        template, messages=chat, tools=_plain(tools), documents=_plain(documents),
+        add_generation_prompt=add_generation_prompt, **_plain(kwargs),
     )
     if continue_final_message:
         if final.strip() not in rendered or _CONTINUE_TAG.strip() not in rendered:
@@ -75,6 +78,50 @@ def _plain(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     return f"<{type(value).__name__}>"
+
+
+# A template is a program from the checkpoint; these bound what one render may cost. Released
+# templates stay far below them (a long conversation renders in a few hundred range items and
+# kilobytes); a template that loops or repeats without bound fails with a ChatTemplateError.
+MAX_RANGE_ITEMS = 1_000_000  # all range() calls of one render together (nested loops multiply)
+MAX_VALUE_CHARS = 10_000_000  # a string or list built by * or ~, and the rendered prompt
+_budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar("chat_template_range_budget")
+
+
+def _render(template: str, **context: Any) -> str:
+    """Compile and render, every failure of the template (syntax, `raise_exception`, a sandbox
+    violation, a type error in its expressions, a bound exceeded) as a ChatTemplateError."""
+    import jinja2
+
+    if not isinstance(template, str):
+        raise ChatTemplateError(f"a chat template must be a string, got {type(template).__name__}")
+    try:
+        compiled = _compile(template)
+    except jinja2.TemplateError as exc:
+        raise ChatTemplateError(f"the chat template does not compile ({type(exc).__name__}: {exc}); fix or replace "
+                                "it (apply_chat_template(..., chat_template=...))") from exc
+    token = _budget.set([MAX_RANGE_ITEMS])
+    try:
+        pieces, size = [], 0
+        for piece in compiled.generate(**context):
+            size += len(piece)
+            if size > MAX_VALUE_CHARS:
+                raise ChatTemplateError(f"the chat template rendered more than {MAX_VALUE_CHARS} characters; it is "
+                                        "not a chat template for this conversation")
+            pieces.append(piece)
+        return "".join(pieces)
+    except ChatTemplateError:
+        raise
+    except Exception as exc:  # anything the template's own code raised: it ran untrusted logic
+        raise ChatTemplateError(f"the chat template failed on this conversation ({type(exc).__name__}: {exc})") from exc
+    finally:
+        _budget.reset(token)
+
+
+def _bounded(value: Any) -> Any:
+    if isinstance(value, (str, list, tuple)) and len(value) > MAX_VALUE_CHARS:
+        raise ChatTemplateError(f"the chat template built a value of {len(value)} items (limit {MAX_VALUE_CHARS})")
+    return value
 
 
 @lru_cache(maxsize=16)
@@ -121,8 +168,48 @@ def _compile(template: str) -> Any:
             if isinstance(name, str) and name.startswith("_"):
                 raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationBlock, "jinja2.ext.loopcontrols"])
+    from jinja2.compiler import CodeGenerator
+    from jinja2.sandbox import safe_range
+
+    class BoundedCodeGenerator(CodeGenerator):
+        def visit_Concat(self, node: Any, frame: Any) -> None:  # `a ~ b`: joined, then checked against the bound
+            self.write("environment.bounded_join((")
+            for arg in node.nodes:
+                self.visit(arg, frame)
+                self.write(", ")
+            self.write("))")
+
+    class BoundedSandbox(ImmutableSandboxedEnvironment):
+        """The sandbox, plus bounds on repetition (`*`, `**`), concatenation and range()."""
+
+        code_generator_class = BoundedCodeGenerator
+        intercepted_binops = frozenset({"*", "**", "+"})
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
+                    and right * abs(left).bit_length() > 4096:
+                raise ChatTemplateError(f"the chat template computes {left} ** {right}, a number too large to build")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_VALUE_CHARS:
+                        raise ChatTemplateError(f"the chat template repeats a value {n} times (limit {MAX_VALUE_CHARS} items)")
+            return _bounded(super().call_binop(context, operator, left, right))
+
+        @staticmethod
+        def bounded_join(parts: Any) -> str:
+            return _bounded(jinja2.runtime.markup_join(parts) if any(hasattr(p, "__html__") for p in parts)
+                            else "".join(map(str, parts)))
+
+    def bounded_range(*args: int) -> range:
+        items = safe_range(*args)
+        left = _budget.get([MAX_RANGE_ITEMS])
+        left[0] -= len(items)
+        if left[0] < 0:
+            raise ChatTemplateError(f"the chat template's range() calls exceed {MAX_RANGE_ITEMS} items in one render")
+        return items
+
+    env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, "jinja2.ext.loopcontrols"])
+    env.globals["range"] = bounded_range
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -9,13 +9,15 @@ the way TL users expect.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from hookedcot.errors import HookedCoTError
 from hookedcot.rope import rope_scaling_problems
 
 
-class ConfigError(ValueError):
+class ConfigError(HookedCoTError, ValueError):
     """A checkpoint's configuration asks for something hookedcot does not implement."""
 
 
@@ -56,19 +58,29 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        for name in ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp", "d_vocab"):
+        for name in ("n_layers", "d_model", "n_heads", "n_key_value_heads", "d_head", "d_mlp", "d_vocab", "n_ctx"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
-                problems.append(f"{name}={value!r} must be a positive integer")
+            if not _is_int(value) or not 0 < value < _MAX_SIZE:
+                problems.append(f"{name}={value!r} must be a positive integer below 2**31")
         if not problems and self.n_heads % self.n_key_value_heads:
             problems.append(
                 f"n_heads={self.n_heads} is not a multiple of n_key_value_heads={self.n_key_value_heads}"
             )
-        if self.d_head % 2:
+        if _is_int(self.d_head) and self.d_head % 2:
             problems.append(f"d_head={self.d_head} must be even for rotary embeddings")
+        for name in ("norm_eps", "rope_theta"):
+            if not _is_positive_number(getattr(self, name)):
+                problems.append(f"{name}={getattr(self, name)!r} must be a finite positive number")
+        for name in ("qkv_bias", "o_bias", "mlp_bias", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                problems.append(f"{name}={getattr(self, name)!r} must be true or false")
         if self.act_fn not in SUPPORTED_ACTIVATIONS:
             problems.append(f"act_fn={self.act_fn!r} is not supported (supported: {', '.join(SUPPORTED_ACTIVATIONS)})")
-        problems += rope_scaling_problems(self.rope_scaling)
+        problems += _token_id_problems(self)
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            problems.append(f"rope_scaling={self.rope_scaling!r} must be a dict or None")
+        else:
+            problems += rope_scaling_problems(self.rope_scaling) or _rope_value_problems(self.rope_scaling)
         if problems:
             raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
 
@@ -137,3 +149,48 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_MAX_SIZE = 2**31  # far above any real model; products of two sizes stay inside torch's int64 shapes
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _token_id_problems(cfg: ModelConfig) -> list[str]:
+    """bos / eos / pad must be ids inside the vocabulary (or None): an id past it would index
+    outside the embedding at the first generated step, far from the config that caused it."""
+    problems = []
+    vocab = cfg.d_vocab if _is_int(cfg.d_vocab) else None
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(cfg, name)
+        ids = value if name == "eos_token_id" and isinstance(value, list) else [value]
+        bad = [i for i in ids if i is not None and (not _is_int(i) or i < 0 or (vocab is not None and i >= vocab))]
+        if bad or (name == "eos_token_id" and isinstance(value, list) and None in value):
+            problems.append(f"{name}={value!r} must be {'an id or a list of ids' if name == 'eos_token_id' else 'an id'} "
+                            f"in [0, d_vocab={cfg.d_vocab}) or None")
+    return problems
+
+
+def _rope_value_problems(scaling: dict[str, Any] | None) -> list[str]:
+    """Rope scaling numbers must be finite and positive (a zero factor divides by zero, a NaN
+    poisons every rotation), and llama3's two frequency factors must differ (their gap divides)."""
+    if scaling is None:
+        return []
+    problems = []
+    for key, value in scaling.items():
+        if key == "rope_type":
+            continue
+        if key == "original_max_position_embeddings" and not (_is_int(value) and value > 0):
+            problems.append(f"rope_scaling.{key}={value!r} must be a positive integer")
+        elif key != "original_max_position_embeddings" and not _is_positive_number(value):
+            problems.append(f"rope_scaling.{key}={value!r} must be a finite positive number")
+    if not problems and scaling.get("rope_type") == "llama3" and scaling["low_freq_factor"] == scaling["high_freq_factor"]:
+        problems.append(f"rope_scaling low_freq_factor and high_freq_factor are both {scaling['low_freq_factor']}; "
+                        "llama3 scaling needs them to differ")
+    return problems

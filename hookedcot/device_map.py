@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from hookedcot.config import ModelConfig
+from hookedcot.errors import HookedCoTError
 
 DeviceMap = Mapping[str, "str | int | torch.device"]
 AUTO_FRACTION = 0.9  # of each GPU's free memory that "auto" fills with weights
@@ -40,7 +41,7 @@ _ALIASES = {"hook_embed": "embed", "embed": "embed", "ln_final": "ln_final", "un
             "lm_head": "unembed", "hook_unembed": "unembed"}
 
 
-class DeviceMapError(ValueError):
+class DeviceMapError(HookedCoTError, ValueError):
     """A device map that does not place the model's modules exactly once."""
 
 

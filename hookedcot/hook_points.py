@@ -21,13 +21,14 @@ from typing import Any, Callable, Iterable, Union
 import torch
 from torch import Tensor
 
+from hookedcot.errors import HookedCoTError
 from hookedcot.hook_names import layer_of, suggest
 
 HookFn = Callable[[Tensor, "Hook"], Union[Tensor, None]]
 NameOrFilter = Union[str, Callable[[str], bool]]
 
 
-class HookError(RuntimeError):
+class HookError(HookedCoTError, RuntimeError):
     """A hook misbehaved (wrong replacement shape/dtype) or was named wrongly."""
 
 

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hookedcot.conversions import ConversionError, ConvertedCheckpoint
+from hookedcot.conversions import ConversionError, ConvertedCheckpoint, check_finite
 from hookedcot.rope import inv_freq
 
 _DTYPES = {
@@ -169,6 +169,7 @@ def build_model(
     for name, ref in converted.tensors.items():
         target = placement.device_of(name) if placement is not None else device
         tensor = ref.load(dtype).to(device=target, dtype=dtype)
+        check_finite(tensor, ref.source_name, cfg.source or cfg.model_name)
         module_name, attr = name.rsplit(".", 1)
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=requires_grad)
     if cfg.tie_embeddings:

@@ -9,7 +9,6 @@ in jinja2's immutable sandbox, as in transformers.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -19,9 +18,10 @@ from tokenizers import Tokenizer as Backend
 from tokenizers.models import BPE
 
 from hookedcot.chat_template import ChatTemplateError, render_chat_template
+from hookedcot.errors import HookedCoTError
 
 
-class TokenizerError(ValueError):
+class TokenizerError(HookedCoTError, ValueError):
     """A tokenizer cannot be built, or a request (single token, substring position) cannot be met."""
 
 
@@ -123,14 +123,15 @@ class Tokenizer:
             )
         if "tokenizer.ggml.merges" not in meta:
             raise TokenizerError("the GGUF file has a BPE vocabulary but no tokenizer.ggml.merges")
+        _check_gguf_vocab(meta)
         tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
         types = list(meta.get("tokenizer.ggml.token_type") or [])
         added = {i for i, k in enumerate(types) if k in (_CONTROL, _USER_DEFINED)}
         alphabet = set(_BYTE_CHARS.values())
         vocab = {t if set(t) <= alphabet or i in added else _respell(t): i for i, t in enumerate(tokens)}
         merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]
-        backend = Backend(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                              end_of_word_suffix="", fuse_unk=False))
+        backend = _backend(lambda: Backend(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                                               end_of_word_suffix="", fuse_unk=False)), "the GGUF vocabulary and merges")
         split = GGUF_PRE_TOKENIZER_SPLITS.get(meta.get("tokenizer.ggml.pre"))
         if split is None:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -168,19 +169,33 @@ class Tokenizer:
                 f"{folder} has no tokenizer.json; hookedcot reads fast-tokenizer files only. Save one with "
                 "transformers (`AutoTokenizer.from_pretrained(folder).save_pretrained(folder)`) or pass token ids."
             )
-        backend = Backend.from_file(str(tokenizer_file))
+        backend = _backend(lambda: Backend.from_file(str(tokenizer_file)), str(tokenizer_file))
         config = _read_json(folder / "tokenizer_config.json")
         special = {name: _token_content(config.get(name)) for name in _SPECIAL_NAMES}
+        odd = {name: value for name, value in special.items() if value is not None and not isinstance(value, str)}
+        if odd:
+            raise TokenizerError(f"{folder / 'tokenizer_config.json'}: special tokens must be strings (or "
+                                 f"{{\"content\": string}}), got {odd}")
         _add_named_specials(backend, special)
         if backend.post_processor is None:
             _set_post_processor(backend, special, False, False)
         template: Any = config.get("chat_template")
         if isinstance(template, list):
+            if not all(isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+                       for t in template):
+                raise TokenizerError(f"{folder / 'tokenizer_config.json'}: a list of chat templates must hold "
+                                     "{\"name\": string, \"template\": string} objects")
             template = {t["name"]: t["template"] for t in template}
+        if template is not None and not isinstance(template, (str, dict)):
+            raise TokenizerError(f"{folder / 'tokenizer_config.json'}: chat_template must be a string, got {template!r:.80}")
         if (folder / "chat_template.jinja").is_file():
-            template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
+            template = _read_text(folder / "chat_template.jinja")
         gen_eos = _read_json(folder / "generation_config.json").get("eos_token_id")
-        stops = [gen_eos] if isinstance(gen_eos, int) else list(gen_eos or [])
+        stops = gen_eos if isinstance(gen_eos, list) else [] if gen_eos is None else [gen_eos]
+        vocab = backend.get_vocab_size(with_added_tokens=True)
+        if not all(type(i) is int and 0 <= i < vocab for i in stops):
+            raise TokenizerError(f"{folder / 'generation_config.json'}: eos_token_id={gen_eos!r:.80} must be a token id "
+                                 f"or a list of ids below the vocabulary size {vocab}")
         return cls(backend, special, stops, template)
 
     # ------------------------------------------------------------------ text <-> ids
@@ -541,17 +556,64 @@ def _set_post_processor(backend: Backend, special: Mapping[str, str | None], add
     single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
     pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
     pairs = ([(bos, backend.token_to_id(bos))] if add_bos else []) + ([(eos, backend.token_to_id(eos))] if add_eos else [])
-    backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=pairs)
+    backend.post_processor = _backend(lambda: processors.TemplateProcessing(single=single, pair=pair, special_tokens=pairs),
+                                      f"the BOS/EOS template for {bos!r} / {eos!r}")
 
 
 def _read_json(path: Path) -> dict[str, Any]:
+    from hookedcot.conversions import read_json_file  # strict: duplicate keys, depth, size
+
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:
-        raise TokenizerError(f"{path} is not valid JSON: {exc}") from exc
+    data = read_json_file(path, error=TokenizerError)
     return data if isinstance(data, dict) else {}
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        raise TokenizerError(f"{path} cannot be read as UTF-8 text: {exc}") from exc
+
+
+def _backend(build: Any, what: str) -> Backend:
+    """Run a `tokenizers` constructor on checkpoint data; its errors (plain `Exception`s, TypeErrors
+    from its Rust bindings) become a TokenizerError naming the file."""
+    try:
+        return build()
+    except Exception as exc:
+        raise TokenizerError(f"{what} cannot be loaded by the tokenizers library ({type(exc).__name__}: {exc}); "
+                             "the tokenizer files are corrupt or from an incompatible version - re-download them") from exc
+
+
+def _check_gguf_vocab(meta: Mapping[str, Any]) -> None:
+    """The tokenizer.ggml.* values have the types llama.cpp writes; anything else is named here,
+    not left to fail as a TypeError deep inside the tokenizers library."""
+    def ids_ok(value: Any) -> bool:
+        return type(value) is int and 0 <= value < len(tokens)
+
+    tokens, types, merges = (meta.get(f"tokenizer.ggml.{k}") for k in ("tokens", "token_type", "merges"))
+    problems = []
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
+        problems.append("tokenizer.ggml.tokens must be a non-empty list of strings")
+        tokens = []
+    if types is not None and not (isinstance(types, list) and len(types) == len(tokens)
+                                  and all(type(k) is int for k in types)):
+        problems.append(f"tokenizer.ggml.token_type must be a list of {len(tokens)} integers, one per token")
+    if not isinstance(merges, list) or not all(isinstance(m, str) and len(m.split(" ")) == 2 for m in merges):
+        problems.append("tokenizer.ggml.merges must be a list of strings 'left right'")
+    for key in ("bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "eot_token_id", "eom_token_id"):
+        value = meta.get(f"tokenizer.ggml.{key}")
+        if value is not None and not ids_ok(value):
+            problems.append(f"tokenizer.ggml.{key}={value!r:.40} must be a token id below {len(tokens)}")
+    for key in ("add_bos_token", "add_eos_token"):
+        if not isinstance(meta.get(f"tokenizer.ggml.{key}", False), bool):
+            problems.append(f"tokenizer.ggml.{key} must be true or false")
+    for key in ("tokenizer.ggml.pre", "tokenizer.chat_template"):
+        if not isinstance(meta.get(key, ""), str):
+            problems.append(f"{key} must be a string")
+    if problems:
+        raise TokenizerError("the GGUF tokenizer metadata is malformed: " + "; ".join(problems))
 
 
 def _as_list(ids: Sequence[int] | torch.Tensor) -> list[int]:
