@@ -237,12 +237,12 @@ def to_block_device(device: torch.device, resid: Tensor, rope: tuple[Tensor, Ten
     """What a block reads, on its device: the residual, the rotary tables and the attention mask
     (any mask object; its tensor attributes are moved, one copy per boundary crossed). Called at
     every block of a split model; returns its inputs untouched when they are already there."""
-    if resid.device == device:
+    elsewhere = {k: v for k, v in vars(mask).items() if isinstance(v, Tensor) and v.device != device}
+    if resid.device == device and rope[0].device == device and not elsewhere:
         return resid, rope, mask
-    moved = copy.copy(mask)
-    for name, value in vars(mask).items():
-        if isinstance(value, Tensor):
-            setattr(moved, name, on_device(value, device))
+    moved = copy.copy(mask) if elsewhere else mask
+    for name, value in elsewhere.items():
+        setattr(moved, name, on_device(value, device))
     return on_device(resid, device), tuple(on_device(t, device) for t in rope), moved
 
 

@@ -81,8 +81,8 @@ def place_cache(past: Any, layer_devices: Sequence[torch.device]) -> None:
     """Move a cache's per-layer buffers to their blocks' devices, once (module docstring). Plain
     and shared-prefix caches are moved; a static cache (fixed-shape decode) is refused."""
     if getattr(past, "static", False):
-        raise ValueError("a static KV cache (compiled decode) cannot span devices; on a model loaded with a "
-                         "device_map, generate with the dynamic cache (the default KVCache)")
+        raise ValueError("a static KV cache (fixed-shape or compiled decode) cannot span devices; on a model "
+                         "loaded with a device_map, generate with the dynamic cache: generate(..., decode='eager')")
     for name in ("keys", "values", "prefix_keys", "prefix_values"):
         buf = getattr(past, name, None)
         if isinstance(buf, Tensor) and any(buf.device != d for d in layer_devices):
