@@ -7,6 +7,7 @@ greedy or seeded sampling (temperature, top-k, top-p), stop on eos or stop strin
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
@@ -14,6 +15,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hookedcot.fast_decode import FastStep, active_hooks, choose_path
 from hookedcot.kv_cache import KVCache
 from hookedcot.kernels import decode_kernels
 
@@ -78,7 +80,8 @@ class _Decoder:
     def __init__(self, model: "HookedCoT", tokens: Tensor | None, embeds: Tensor | None, mask: Tensor,
                  max_new_tokens: int, sampling: SamplingConfig, generator: torch.Generator | None,
                  stop_ids: list[int], pad_id: int, stop_strings: Sequence[str] | None, use_cache: bool,
-                 freq_penalty: float, on_token: Callable[[int, Tensor], None] | None, verbose: bool):
+                 freq_penalty: float, on_token: Callable[[int, Tensor], None] | None, verbose: bool,
+                 fast: FastStep | None = None):
         self.model, self.tokens, self.embeds, self.sampling, self.generator = model, tokens, embeds, sampling, generator
         self.stop_ids, self.pad_id, self.stop_strings, self.on_token = stop_ids, pad_id, stop_strings, on_token
         self.freq_penalty, self.verbose, self.max_new_tokens = freq_penalty, verbose, max_new_tokens
@@ -89,7 +92,12 @@ class _Decoder:
         self.mask[:, : self.p0] = mask
         self.finished = torch.zeros(b, dtype=torch.bool, device=device)
         self.n = 0
-        self.cache = KVCache(model.cfg, b, self.p0 + max_new_tokens, model.dtype, device) if use_cache else None
+        self.fast = fast
+        if fast is not None:
+            self.cache = fast.cache
+            fast.set_prompt_mask(mask)
+        else:
+            self.cache = KVCache(model.cfg, b, self.p0 + max_new_tokens, model.dtype, device) if use_cache else None
         self.counts = None
         if freq_penalty and sampling.do_sample:  # occurrences so far of each token, per row (TL's freq_penalty)
             self.counts = torch.zeros((b, model.cfg.d_vocab), device=device)
@@ -97,11 +105,19 @@ class _Decoder:
                 self.counts.scatter_add_(1, tokens, mask.to(self.counts.dtype))
 
     def _forward(self, tokens: Tensor | None, embeds: Tensor | None, n: int) -> Tensor:
+        if self.fast is not None and n > 0:  # one new position on the static cache
+            return self.fast(tokens, self.p0 + n - 1, self.mask[:, self.p0 + n - 1].bool())
         mask = self.mask[:, : self.p0 + n]
         kw = dict(attention_mask=mask, past_kv=self.cache, last_logits_only=True)
         if embeds is not None:
-            return self.model(inputs_embeds=embeds, **kw)[:, -1]
-        return self.model(tokens, **kw)[:, -1]
+            run = lambda: self.model(inputs_embeds=embeds, **kw)[:, -1]  # noqa: E731
+        else:
+            run = lambda: self.model(tokens, **kw)[:, -1]  # noqa: E731
+        return self.fast.prefill(run) if self.fast is not None else run()
+
+    def kernels(self) -> Any:
+        """The decode kernels (kernels.py) around eager and static steps; a compiled step brings its own."""
+        return contextlib.nullcontext() if self.fast is not None and self.fast.compiled else decode_kernels(self.model)
 
     def steps(self) -> Iterator[tuple[int, Tensor, Tensor]]:
         logits = self._forward(self.tokens, self.embeds, 0)
@@ -144,8 +160,9 @@ def _start(model: "HookedCoT", input: Any, max_new_tokens: int, attention_mask: 
            temperature: float, top_k: int | None, top_p: float | None, freq_penalty: float, seed: int | None,
            stop_at_eos: bool, eos_token_id: int | Sequence[int] | None, stop_strings: Sequence[str] | None,
            use_cache: bool | None, use_past_kv_cache: bool | None, prepend_bos: bool | None, padding_side: str | None,
-           on_token: Callable[[int, Tensor], None] | None, verbose: bool) -> tuple[_Decoder, str]:
-    """Checks the options and prepares the prompt; -> (decoder, kind of input: 'str' | 'tokens' | 'embeds')."""
+           on_token: Callable[[int, Tensor], None] | None, verbose: bool, decode: str = "auto") -> tuple[_Decoder, str]:
+    """Checks the options and prepares the prompt; -> (decoder, kind of input: 'str' | 'tokens' | 'embeds').
+    Run it with the generation's hooks active: they decide the decode path (`fast_decode.choose_path`)."""
     if use_cache is not None and use_past_kv_cache is not None and use_cache != use_past_kv_cache:
         raise ValueError(f"use_cache={use_cache} and use_past_kv_cache={use_past_kv_cache} disagree; they are one "
                          "option under two names (use_past_kv_cache is TransformerLens')")
@@ -180,8 +197,12 @@ def _start(model: "HookedCoT", input: Any, max_new_tokens: int, attention_mask: 
         raise TypeError(f"input must be a string, a list of strings, token ids or embeddings, got {type(input).__name__}")
     stop_ids = _stop_ids(model, eos_token_id) if stop_at_eos else []
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+    active = active_hooks(model)
+    b, capacity = mask.shape[0], mask.shape[1] + max_new_tokens
+    path = choose_path(decode, model, active, use_cache, b, capacity)
+    fast = FastStep(model, b, capacity, active, compiled=path == "compiled") if path != "eager" else None
     decoder = _Decoder(model, tokens, embeds, mask, max_new_tokens, sampling, generator, stop_ids,
-                       _pad_id(model, stop_ids), stop_strings, use_cache, freq_penalty, on_token, verbose)
+                       _pad_id(model, stop_ids), stop_strings, use_cache, freq_penalty, on_token, verbose, fast)
     return decoder, kind
 
 
@@ -211,6 +232,7 @@ def generate(
     return_type: str = "input",
     output_logits: bool = False,
     return_dict_in_generate: bool | None = None,
+    decode: str = "auto",
 ) -> Any:
     """Generate up to `max_new_tokens` per row; see `HookedCoT.generate`.
 
@@ -221,17 +243,24 @@ def generate(
     tokens, as in TransformerLens. `output_logits=True` returns a `GenerateOutput` (sequences and
     each step's logits) instead. TransformerLens' names are accepted: `use_past_kv_cache` (=
     `use_cache`), `freq_penalty`, `temperature=0` (greedy), `prepend_bos`, `padding_side` (text
-    batches are always left-padded), `return_dict_in_generate` (ignored, as in TL)."""
+    batches are always left-padded), `return_dict_in_generate` (ignored, as in TL).
+
+    `decode`: "auto" (default), "eager", "static" or "compiled" — see `hookedcot.fast_decode`.
+    When every active hook is a declarative intervention (`hookedcot.interp.interventions`; the
+    steering and ablation builders return them), decoding runs on a static KV cache with the
+    interventions inside the step; a Python hook makes "auto" run the eager loop, with a
+    `FastPathNotice` naming the hook."""
     if return_type not in ("input", "str", "tokens", "embeds"):
         raise ValueError(f"return_type must be 'input', 'str', 'tokens' or 'embeds', got {return_type!r}")
-    decoder, kind = _start(model, input, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
-                           freq_penalty, seed, stop_at_eos, eos_token_id, stop_strings, use_cache, use_past_kv_cache,
-                           prepend_bos, padding_side, on_token, verbose)
     step_logits = []
-    with model.hooks(fwd_hooks), decode_kernels(model):
-        for _, _, logits in decoder.steps():
-            if output_logits:
-                step_logits.append(logits.clone())
+    with model.hooks(fwd_hooks):
+        decoder, kind = _start(model, input, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
+                               freq_penalty, seed, stop_at_eos, eos_token_id, stop_strings, use_cache,
+                               use_past_kv_cache, prepend_bos, padding_side, on_token, verbose, decode)
+        with decoder.kernels():
+            for _, _, logits in decoder.steps():
+                if output_logits:
+                    step_logits.append(logits.clone())
     sequences = decoder.sequences()
     if output_logits:
         return GenerateOutput(sequences, tuple(step_logits))
@@ -264,7 +293,8 @@ def generate_stream(
     chunk, the text it adds, the prompt's text first (a string for a string in, else a list per
     row). The other options are
     `generate`'s; hooks and decode kernels are active only while a step runs, not while you hold a
-    chunk."""
+    chunk. It decodes on the eager path: hooks may change between chunks, which a step built
+    once from the hooks of the call could not follow."""
     if max_tokens_per_yield < 1:
         raise ValueError("max_tokens_per_yield must be >= 1")
     if return_type not in ("input", "str", "tokens"):
@@ -277,7 +307,7 @@ def generate_stream(
                            kwargs.pop("freq_penalty", 0.0), options["seed"], kwargs.pop("stop_at_eos", True),
                            options["eos_token_id"], options["stop_strings"], options["use_cache"],
                            options["use_past_kv_cache"], options["prepend_bos"], options["padding_side"],
-                           options["on_token"], kwargs.pop("verbose", False))
+                           options["on_token"], kwargs.pop("verbose", False), "eager")
     if kwargs:
         raise TypeError(f"generate_stream got unexpected options {sorted(kwargs)}")
     steps, sent, shown = decoder.steps(), 0, [""] * decoder.new.shape[0]

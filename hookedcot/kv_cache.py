@@ -14,6 +14,7 @@ from hookedcot.config import ModelConfig
 
 class KVCache:
     shared_prefix = False  # see SharedPrefixKVCache
+    static = False  # see StaticKVCache
 
     def __init__(
         self,
@@ -122,4 +123,98 @@ class SharedPrefixKVCache(KVCache):
         out.prefix_keys, out.prefix_values = self.prefix_keys, self.prefix_values
         out.keys, out.values = self.keys[:, rows].clone(), self.values[:, rows].clone()
         out.prefix_len, out.max_len, out.length = self.prefix_len, self.max_len, self.length
+        return out
+
+
+class StaticMask:
+    """The attention mask of one forward over a `StaticKVCache`: True where attention is allowed,
+    [b, 1, p, capacity]. It has `AttentionMask`'s surface (`bool_mask`, `is_causal`, `key_valid`,
+    `blocked`) so the attention code does not know which cache it runs on."""
+
+    is_causal = False
+
+    def __init__(self, allowed: Tensor):
+        self.bool_mask = self.key_valid = allowed
+
+    def blocked(self, n_q: int, n_k: int, device: torch.device) -> Tensor:
+        return ~self.bool_mask
+
+
+class StaticKVCache(KVCache):
+    """A fixed-capacity cache whose shapes never change: every forward attends over all `capacity`
+    slots, positions not yet written (or padding) masked out. That is what lets one compiled
+    decode step serve every step of a generation: nothing in it depends on how long the sequence
+    is so far (gpt-fast's cache). Buffers are zeroed so masked slots hold no NaN for the
+    probability-times-value product.
+
+    Two ways to drive it. Through `model(tokens, past_kv=cache, attention_mask=...)` it behaves as
+    `KVCache` (the mask covers the cached prefix + the new positions; `length` advances). A decode
+    loop that owns the bookkeeping (`fast_decode.py`) sets `driven = True`, writes the positions of
+    each step into `input_pos` and the keys that may be read into `key_valid` in place, and passes
+    `key_valid` as the attention mask; then the forward reads no Python number that changes from
+    step to step. Per-layer buffers (not views of one tensor), so an in-place write in a compiled
+    graph updates one input rather than a slice of a shared one."""
+
+    static = True
+
+    def __init__(self, cfg: ModelConfig, batch: int, capacity: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        shape = (batch, cfg.n_key_value_heads, capacity, cfg.d_head)
+        self.layer_keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.layer_values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
+        self.max_len, self.length, self.driven = capacity, 0, False
+        self.key_valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
+        self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
+        self._eager_pos = self.input_pos
+        self._slots = torch.arange(capacity, device=device)
+
+    @property
+    def keys(self) -> Tensor:
+        """[layers, b, g, capacity, k] (a stacked copy, for inspection)."""
+        return torch.stack(self.layer_keys)
+
+    @property
+    def values(self) -> Tensor:
+        return torch.stack(self.layer_values)
+
+    def step_mask(self, attention_mask: Tensor | None, n_new: int) -> StaticMask:
+        """The mask of a forward adding `n_new` positions. Driven: `attention_mask` is
+        `key_valid` itself and `input_pos` was set by the driver. Otherwise `attention_mask`
+        covers prefix + new positions (None: no padding), as for `KVCache`."""
+        if not self.driven:
+            end = self.length + n_new
+            if end > self.max_len:
+                raise ValueError(f"static KV cache holds {self.max_len} positions but {end} are needed; "
+                                 "allocate a larger capacity or generate fewer tokens")
+            self._eager_pos = torch.arange(self.length, end, device=self._slots.device)
+            valid = torch.zeros_like(self.key_valid)
+            valid[:, :end] = True if attention_mask is None else attention_mask.bool()
+            attention_mask = valid
+        q_pos = self._positions()
+        causal = self._slots[None, :] <= q_pos[:, None]  # p capacity
+        own = self._slots[None, :] == q_pos[:, None]  # a padded query attends to itself: no all -inf row
+        return StaticMask(((causal[None] & attention_mask[:, None, :]) | own[None])[:, None])
+
+    def write(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Store `key`/`value` [b g p k] at `input_pos`; return every slot, [b g capacity k]."""
+        k_buf, v_buf = self.layer_keys[layer], self.layer_values[layer]
+        k_buf.index_copy_(2, self._positions(), key)
+        v_buf.index_copy_(2, self._positions(), value)
+        return k_buf, v_buf
+
+    def _positions(self) -> Tensor:
+        """The slots this forward writes: the driver's `input_pos`, else those after `length`."""
+        return self.input_pos if self.driven else self._eager_pos
+
+    def advance(self, n: int) -> None:
+        if not self.driven:  # a driver counts positions itself (no Python state changes in its graph)
+            self.length += n
+
+    def select_rows(self, rows: Tensor) -> "StaticKVCache":
+        out = StaticKVCache.__new__(StaticKVCache)
+        out.layer_keys = [k[rows].clone() for k in self.layer_keys]
+        out.layer_values = [v[rows].clone() for v in self.layer_values]
+        out.max_len, out.length, out.driven = self.max_len, self.length, self.driven
+        out.key_valid, out.input_pos, out._slots = self.key_valid[rows].clone(), self.input_pos.clone(), self._slots
+        out._eager_pos = self._eager_pos
         return out

@@ -257,7 +257,10 @@ class Transformer(nn.Module, ModelWeights):
         if self.placement is not None:  # a split model's inputs may come from another device (start_at_layer)
             position_ids, inv_freq = on_device(position_ids, resid.device), on_device(inv_freq, resid.device)
             attention_mask = None if attention_mask is None else on_device(attention_mask, resid.device)
-        mask = AttentionMask(attention_mask, past.length if past is not None else 0, p, resid.device)
+        if past is not None and past.static:  # fixed shapes: attends over every slot (kv_cache.StaticKVCache)
+            mask = past.step_mask(attention_mask, p)
+        else:
+            mask = AttentionMask(attention_mask, past.length if past is not None else 0, p, resid.device)
         rope = rotary_tables(inv_freq, position_ids, resid.dtype)
         if self.placement is not None and past is not None:
             place_cache(past, self.placement.blocks)  # once per cache: each layer's buffer to its block's device

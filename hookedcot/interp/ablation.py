@@ -30,7 +30,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookedcot.hook_names import get_act_name, layer_of, spec_of
-from hookedcot.interp.positions import PositionSpec, Selection, position_axis
+from hookedcot.interp.interventions import MeanFill, ReplaceFrom, SetValue
+from hookedcot.interp.positions import PositionSpec, position_axis
 from hookedcot.interp.renamed import renamed
 from hookedcot.interp.steering import scale_direction
 
@@ -39,25 +40,14 @@ Index = Sequence[int] | int | None
 
 
 def ablate_zero(name: str, positions: PositionSpec = None, heads: Index = None, neurons: Index = None) -> HookPair:
-    """Set the selected entries of hook `name` to zero."""
-    sel = Selection(positions, heads, neurons)
-
-    def hook_fn(x: Tensor, hook: Any) -> Tensor:
-        mask = sel.mask(x, hook)
-        return torch.zeros_like(x) if mask is None else x.masked_fill(mask, 0)
-
-    return name, hook_fn
+    """Set the selected entries of hook `name` to zero (a `SetValue` intervention: declarative)."""
+    return name, SetValue(0.0, positions, heads, neurons)
 
 
 def ablate_neurons(layer: int, neurons: Sequence[int] | int, positions: PositionSpec = None, value: float = 0.0) -> HookPair:
     """Set MLP neurons (`blocks.{layer}.mlp.hook_post[..., n]`, the input of down_proj) to `value`
     (0: the same as zeroing those columns of down_proj)."""
-    sel = Selection(positions, None, neurons)
-
-    def hook_fn(x: Tensor, hook: Any) -> Tensor:
-        return x.masked_fill(sel.mask(x, hook), value)
-
-    return get_act_name("post", layer), hook_fn
+    return get_act_name("post", layer), SetValue(value, positions, None, neurons)
 
 
 def ablate_heads(layer: int, heads: Sequence[int] | int, positions: PositionSpec = None, hook: str = "z") -> HookPair:
@@ -144,20 +134,7 @@ def ablate_mean(
     else:
         mean = mean.float()
         overall = mean.mean(0) if per_position else mean
-    sel = Selection(positions, heads, neurons)
-
-    def hook_fn(x: Tensor, hook: Any) -> Tensor:
-        if per_position:
-            pos = hook.positions.to(mean.device)
-            inside = (pos < mean.shape[0]).reshape(-1, *([1] * (mean.dim() - 1)))
-            fill = torch.where(inside, mean[pos.clamp(max=mean.shape[0] - 1)], overall)
-        else:
-            fill = mean
-        fill = fill.to(x.device, x.dtype).expand_as(x)
-        mask = sel.mask(x, hook)
-        return fill.clone() if mask is None else torch.where(mask, fill, x)
-
-    return name, hook_fn
+    return name, MeanFill(mean, per_position, positions, heads, neurons, overall=overall)
 
 
 @torch.no_grad()
@@ -173,19 +150,7 @@ def ablate_resample(
     use equal-length sources."""
     acts = torch.cat([a for a, _ in _dataset_activations(model, name, sources, attention_mask, batch_size=32)])
     perm = torch.randperm(acts.shape[0], generator=torch.Generator().manual_seed(seed))
-    sel = Selection(positions, heads, neurons)
-
-    def hook_fn(x: Tensor, hook: Any) -> Tensor:
-        pos = hook.positions.to(acts.device)
-        if len(pos) and int(pos.max()) >= acts.shape[1]:
-            raise ValueError(f"ablate_resample on {name}: position {int(pos.max())} is past the sources' "
-                             f"length {acts.shape[1]}; restrict positions= or use longer sources")
-        rows = perm[torch.arange(x.shape[0]) % acts.shape[0]]
-        fill = acts[rows][:, pos].to(x.device, x.dtype)
-        mask = sel.mask(x, hook)
-        return fill if mask is None else torch.where(mask, fill, x)
-
-    return name, hook_fn
+    return name, ReplaceFrom(acts, rows=perm, positions=positions, heads=heads, units=neurons)
 
 
 zero_ablation = renamed(ablate_zero, "zero_ablation")

@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hookedcot.interp.positions import PositionSpec, Selection
+from hookedcot.interp.interventions import AddVector, ScaleDirection
+from hookedcot.interp.positions import PositionSpec
 from hookedcot.interp.renamed import renamed
 
 HookPair = tuple[str, Any]
@@ -30,44 +30,16 @@ HookPair = tuple[str, Any]
 
 def add_vector(name: str, v: Float[Tensor, "..."], alpha: float = 1.0, positions: PositionSpec = None) -> HookPair:
     """x + α·v at the selected positions of hook `name` (α·v formed in float32, then cast to the
-    activation's dtype before the add)."""
-    sel = Selection(positions)
-    vec = torch.as_tensor(v).detach().float()
-    scaled: dict[tuple, Tensor] = {}
-
-    def hook_fn(x: Tensor, hook: Any) -> Tensor | None:
-        if alpha == 0:
-            return None
-        key = (x.device, x.dtype)
-        if key not in scaled:
-            scaled[key] = (alpha * vec).to(x.device, x.dtype)
-        delta = scaled[key]
-        mask = sel.mask(x, hook)
-        return x + delta if mask is None else torch.where(mask, x + delta, x)
-
-    return name, hook_fn
+    activation's dtype before the add). The function is an `AddVector` intervention: declarative,
+    so generation keeps its fast path (`hookedcot.fast_decode`)."""
+    return name, AddVector(v, alpha, positions)
 
 
 def scale_direction(name: str, v: Float[Tensor, " d"], factor: float, positions: PositionSpec = None) -> HookPair:
     """Scale the component of x along v̂ = v/‖v‖ by `factor`: x + (factor − 1)(x·v̂) v̂ on the last
-    axis, in float32. factor = 1 is the identity, 0 ablates the direction, −1 reflects it."""
-    unit = torch.as_tensor(v).detach().float().reshape(-1)
-    norm = torch.linalg.vector_norm(unit)
-    if norm == 0 or not torch.isfinite(norm):
-        raise ValueError("the direction vector must be non-zero and finite")
-    unit = unit / norm
-    sel = Selection(positions)
-
-    def hook_fn(x: Tensor, hook: Any) -> Tensor | None:
-        if factor == 1:
-            return None
-        u = unit.to(x.device)
-        xf = x.float()
-        edited = (xf + (factor - 1) * (xf @ u)[..., None] * u).to(x.dtype)
-        mask = sel.mask(x, hook)
-        return edited if mask is None else torch.where(mask, edited, x)
-
-    return name, hook_fn
+    axis, in float32. factor = 1 is the identity, 0 ablates the direction, −1 reflects it. The
+    function is a `ScaleDirection` intervention (declarative)."""
+    return name, ScaleDirection(v, factor, positions)
 
 
 def generate_steered(

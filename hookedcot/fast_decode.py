@@ -1,0 +1,187 @@
+"""The decode step without Python hooks in it: a static KV cache, declarative interventions run
+inside the step, and (optionally) the step compiled once per shape bucket.
+
+Why: a decode step on the CPU is a few matrix-vector products per layer plus hundreds of small
+ops and module calls; the small ops and the Python between them are a large share of the step
+(README, Performance). A step whose shapes never change (`StaticKVCache`) and whose hooks are
+tensor ops (`hookedcot.interp.interventions`) can be handed to `torch.compile` as one graph,
+which fuses the small ops and drops the per-op Python. An arbitrary Python hook cannot live in
+such a graph, so one anywhere sends generation to the eager loop, with a one-line notice.
+
+Paths (`generate(..., decode=...)`):
+- "eager": today's loop (`KVCache`, `HookRun`, every hook a Python call);
+- "static": `StaticKVCache` + `StaticRun` (interventions called without building `Hook` objects),
+  not compiled;
+- "compiled": "static" with the step compiled by inductor (`torch.compile(fullgraph=True,
+  dynamic=False)`), once per (batch, capacity bucket, hooks' structure); the compile time is
+  reported (`FastPathNotice`) and kept in `COMPILE_SECONDS`;
+- "auto": see `choose_path`.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import Tensor
+
+from hookedcot.hook_points import HookRun, no_positions
+from hookedcot.kv_cache import StaticKVCache
+
+if TYPE_CHECKING:
+    from hookedcot.hooked import HookedCoT
+
+PATHS = ("auto", "eager", "static", "compiled")
+CAPACITY_BUCKET = 256  # compiled steps are shared by every generation whose prompt + new tokens fit a bucket
+COMPILE_SECONDS: dict[tuple, float] = {}  # compile time of each compiled (shape, hooks) key, this process
+
+
+class FastPathNotice(UserWarning):
+    """Generation left the fast path (a Python hook) or paid a compile; silence with
+    `warnings.filterwarnings("ignore", category=FastPathNotice)`."""
+
+
+class StaticRun:
+    """`HookRun`'s surface for a static decode step: the active interventions by hook name, and
+    the absolute positions of this step as a tensor (the cache's `input_pos`). Nothing here builds
+    a Python object per hook call, so a compiler can trace through it."""
+
+    def __init__(self, active: dict[str, list[Any]], positions: Tensor):
+        self.active, self.positions = active, positions
+
+    def listens(self, name: str) -> bool:
+        return name in self.active
+
+    def __call__(self, name: str, x: Tensor) -> Tensor:
+        fns = self.active.get(name)
+        if not fns:
+            return x
+        for fn in fns:
+            out = fn.edit(x, name, self.positions)
+            if out is not None:
+                x = out
+        return x
+
+
+def active_hooks(model: "HookedCoT") -> dict[str, list[Any]]:
+    """The forward hooks a forward of `model` would run here and now (persistent + this context's
+    scoped ones), each unwrapped from its persistent wrapper."""
+    active = HookRun(model._persistent, no_positions(), None, None, owner=model).active
+    return {name: [getattr(fn, "fn", fn) if type(fn).__name__ == "_Persistent" else fn for fn in fns]
+            for name, fns in active.items() if fns}
+
+
+def first_python_hook(active: dict[str, list[Any]]) -> tuple[str, Any] | None:
+    """The first hook that is not a declarative intervention (it needs Python per call), or None."""
+    for name, fns in active.items():
+        for fn in fns:
+            if getattr(fn, "declarative", False) is not True or not callable(getattr(fn, "edit", None)):
+                return name, fn
+    return None
+
+
+def choose_path(requested: str, model: "HookedCoT", active: dict[str, list[Any]], use_cache: bool,
+                batch: int, capacity: int) -> str:
+    """The path a generation takes. An explicit "static"/"compiled" with a Python hook, or
+    without a cache, raises; "auto" falls back to "eager" then (with a notice naming the hook).
+    "auto" otherwise: "compiled" if a step for this key is already compiled in this process (its
+    cost is paid), else "static" — measured on the 2-core CPU, a first compile (tens of seconds)
+    is never repaid by one generation; see README, Fast generation with interventions."""
+    if requested not in PATHS:
+        raise ValueError(f"decode must be one of {PATHS}, got {requested!r}")
+    if requested == "eager":
+        return "eager"
+    python_hook = first_python_hook(active)
+    if python_hook is not None or not use_cache:
+        why = ("use_cache=False" if not use_cache else
+               f"hook {python_hook[1]!r} on {python_hook[0]!r} is a Python function, not a declarative intervention")
+        if requested != "auto":
+            raise ValueError(f"decode={requested!r} needs a KV cache and only declarative interventions "
+                             f"(hookedcot.interp.interventions), but {why}; use decode='eager' or 'auto'")
+        if python_hook is not None:
+            warnings.warn(f"generate runs the eager decode loop: {why}", FastPathNotice, stacklevel=4)
+        return "eager"
+    if requested == "auto":
+        return "compiled" if step_key(model, batch, capacity, active) in COMPILE_SECONDS else "static"
+    return requested
+
+
+def bucket(n_positions: int) -> int:
+    return -(-n_positions // CAPACITY_BUCKET) * CAPACITY_BUCKET
+
+
+def step_key(model: "HookedCoT", batch: int, capacity: int, active: dict[str, list[Any]]) -> tuple:
+    """What a compiled step depends on: the model, the shapes, the hooks' kinds and parameter shapes."""
+    hooks = tuple((name, tuple((type(fn).__name__, tuple((k, tuple(v.shape)) for k, v in fn.tensors().items()))
+                               for fn in fns)) for name, fns in sorted(active.items()))
+    return id(model), str(model.device), str(model.dtype), batch, bucket(capacity), hooks
+
+
+def decode_step(model: "HookedCoT", run: StaticRun, tokens: Tensor, cache: StaticKVCache) -> Tensor:
+    """One new position per row: tokens [b, 1] -> last-position logits [b, d_vocab]. Reads the
+    cache's `input_pos` and `key_valid` (set by `FastStep`); no Python number changes per step."""
+    position_ids = (cache.key_valid.sum(-1, keepdim=True) - 1).clamp(min=0)  # b 1: real tokens so far − 1
+    from hookedcot.model import Transformer
+
+    return Transformer.forward(model, tokens, run, position_ids, cache.key_valid, cache, last_logits_only=True)[:, -1]
+
+
+_compiled_step: Callable | None = None
+
+
+def _compiled() -> Callable:
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
+    return _compiled_step
+
+
+class FastStep:
+    """The decode steps of one generation on a `StaticKVCache`: `prefill` runs the prompt through
+    the model's ordinary forward (hooks as hook functions, positions 0..p−1), then each call runs
+    one position through `decode_step`, compiled or not."""
+
+    def __init__(self, model: "HookedCoT", batch: int, capacity: int, active: dict[str, list[Any]], compiled: bool):
+        self.model, self.compiled = model, compiled
+        self.cache = StaticKVCache(model.cfg, batch, bucket(capacity) if compiled else capacity, model.dtype,
+                                   model.device)
+        self.key = step_key(model, batch, capacity, active)
+        self.active = active
+
+    def prefill(self, forward: Callable[[], Tensor]) -> Tensor:
+        """Run `forward()` (the prompt, through `model(...)` with `past_kv=self.cache`); after it the
+        cache is driven by this object. The prompt's hook calls also move every intervention's
+        parameters to the activation's device and dtype, so the step sees them in place."""
+        logits = forward()
+        cache = self.cache
+        cache.key_valid.zero_()
+        cache.key_valid[:, : cache.length] = self._prompt_valid
+        cache.driven = True
+        self.run = StaticRun(self.active, cache.input_pos)
+        return logits
+
+    def set_prompt_mask(self, mask: Tensor) -> None:
+        self._prompt_valid = mask.bool()
+
+    def __call__(self, tokens: Tensor, position: int, valid: Tensor) -> Tensor:
+        """Logits [b, d_vocab] after `tokens` [b, 1] at absolute `position`; `valid` [b] says
+        which rows' token is real (finished rows write padding)."""
+        cache = self.cache
+        if position >= cache.max_len:
+            raise ValueError(f"static KV cache holds {cache.max_len} positions; position {position} is past it")
+        cache.input_pos.fill_(position)
+        cache.key_valid[:, position] = valid
+        if not self.compiled:
+            return decode_step(self.model, self.run, tokens, cache)
+        if self.key in COMPILE_SECONDS:
+            return _compiled()(self.model, self.run, tokens, cache)
+        start = time.perf_counter()
+        with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512):
+            logits = _compiled()(self.model, self.run, tokens, cache)
+        COMPILE_SECONDS[self.key] = seconds = time.perf_counter() - start
+        b, cap = cache.key_valid.shape
+        warnings.warn(f"compiled the decode step (batch {b}, capacity {cap}, {len(self.active)} hooked points) "
+                      f"in {seconds:.1f} s; later generations of this shape reuse it", FastPathNotice, stacklevel=2)
+        return logits

@@ -1,0 +1,145 @@
+"""The fast decode path: a static KV cache equals the dynamic one; greedy tokens on the fast path
+equal the eager loop's (the embedded SmolLM2, 64 tokens, a steering vector on); a Python hook
+sends generation to the eager loop and says which; seeded sampling on the fast path repeats.
+
+Tolerance: the static cache attends over every slot of its capacity (masked ones included), so
+SDPA sums in another order than over the prefix alone; float32 logits agree to 1e-4 absolute on
+the real model (the same size as transformers' sdpa-vs-eager gap), and exactly where nothing
+changes (a step with no cache slot to mask gives the same bits)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from model_factory import random_model
+
+from hookedcot import ModelConfig
+from hookedcot.fast_decode import COMPILE_SECONDS, FastPathNotice
+from hookedcot.interp.interventions import AddVector, Record
+from hookedcot.interp.steering import add_vector
+from hookedcot.kv_cache import KVCache, StaticKVCache
+
+CFG = ModelConfig(n_layers=3, d_model=32, n_heads=4, n_key_value_heads=2, d_head=8, d_mlp=64, d_vocab=130,
+                  qkv_bias=True, norm_eps=1e-6)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model(CFG, seed=5)
+
+
+def padded_prompt(batch=3, pos=7, seed=2):
+    tokens = torch.randint(0, 130, (batch, pos), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(tokens)
+    mask[0, :3] = 0
+    mask[1, :1] = 0
+    return tokens, mask
+
+
+def test_static_cache_logits_equal_the_dynamic_caches_on_a_padded_batch(model):
+    tokens, mask = padded_prompt()
+    nxt = torch.randint(0, 130, (3, 4), generator=torch.Generator().manual_seed(3))
+    dynamic, static = _outs(model, tokens, mask, nxt, KVCache), _outs(model, tokens, mask, nxt, StaticKVCache)
+    for a, b in zip(dynamic, static):
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
+    real = mask_full(mask, 4).bool()
+    with torch.no_grad():
+        no_cache = model(torch.cat([tokens, nxt], 1), attention_mask=mask_full(mask, 4))
+    torch.testing.assert_close(torch.cat(static, 1)[real], no_cache[real], rtol=0, atol=1e-5)
+
+
+def mask_full(mask, n):
+    return torch.cat([mask, torch.ones(mask.shape[0], n, dtype=mask.dtype)], 1)
+
+
+def _outs(model, tokens, mask, nxt, cls):
+    cache = cls(CFG, tokens.shape[0], 16, torch.float32, "cpu")
+    with torch.no_grad():
+        outs = [model(tokens, attention_mask=mask, past_kv=cache)]
+        for i in range(nxt.shape[1]):
+            outs.append(model(nxt[:, i : i + 1], attention_mask=mask_full(mask, i + 1), past_kv=cache))
+    return outs
+
+
+def test_fast_path_greedy_tokens_equal_the_eager_loops_on_a_padded_batch_with_early_stops(model):
+    tokens, mask = padded_prompt()
+    steer = AddVector(torch.randn(32, generator=torch.Generator().manual_seed(6)), 2.0, positions="from 8")
+    kw = dict(attention_mask=mask, fwd_hooks=[("blocks.1.hook_resid_post", steer)], output_logits=True,
+              eos_token_id=[5, 17, 40])
+    fast = model.generate(tokens, 20, decode="static", **kw)
+    eager = model.generate(tokens, 20, decode="eager", **kw)
+    assert torch.equal(fast.sequences, eager.sequences)
+    for a, b in zip(fast.logits, eager.logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_a_python_hook_forces_the_eager_loop_and_names_itself(model):
+    tokens, mask = padded_prompt()
+
+    def my_python_hook(x, hook):
+        return x * 1.0
+
+    with pytest.warns(FastPathNotice, match="my_python_hook.*blocks.1.hook_resid_post"):
+        model.generate(tokens, 3, attention_mask=mask, fwd_hooks=[("blocks.1.hook_resid_post", my_python_hook)])
+    with pytest.raises(ValueError, match="decode='static' needs .* declarative"):
+        model.generate(tokens, 3, attention_mask=mask, decode="static",
+                       fwd_hooks=[("blocks.1.hook_resid_post", my_python_hook)])
+    model.add_hook("blocks.0.hook_resid_pre", my_python_hook)  # a persistent hook counts too
+    try:
+        with pytest.warns(FastPathNotice, match="my_python_hook"):
+            model.generate(tokens, 3, attention_mask=mask)
+    finally:
+        model.reset_hooks()
+    with warnings.catch_warnings():  # declarative hooks alone: no notice
+        warnings.simplefilter("error", FastPathNotice)
+        model.generate(tokens, 3, attention_mask=mask, fwd_hooks=[add_vector("blocks.1.hook_resid_post", torch.ones(32))])
+
+
+def test_seeded_sampling_on_the_fast_path_repeats_and_follows_the_seed(model):
+    tokens, mask = padded_prompt()
+    kw = dict(attention_mask=mask, do_sample=True, temperature=1.5, top_p=0.95, stop_at_eos=False, decode="static",
+              fwd_hooks=[add_vector("blocks.2.hook_resid_mid", torch.ones(32), 0.5)])
+    a, b = model.generate(tokens, 16, seed=11, **kw), model.generate(tokens, 16, seed=11, **kw)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, model.generate(tokens, 16, seed=12, **kw))
+
+
+def test_record_in_a_fast_generation_holds_what_a_forward_over_the_result_sees(model):
+    tokens = torch.randint(0, 130, (1, 5), generator=torch.Generator().manual_seed(2))
+    name = "blocks.1.hook_resid_post"
+    rec = Record.for_hook(model, name, batch=1, capacity=13)
+    out = model.generate(tokens, 8, stop_at_eos=False, decode="static", fwd_hooks=[(name, rec)])
+    with torch.no_grad():
+        _, cache = model.run_with_cache(out[:, :-1].clone(), names_filter=name)  # the last token is never run
+    torch.testing.assert_close(rec.buffer[:, :12], cache[name], rtol=1e-4, atol=1e-4)  # float32 reordering
+
+
+def test_greedy_tokens_on_the_fast_path_equal_the_eager_loops_for_64_tokens_on_smollm2(smol_model):
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 1018, 30, 378, 3458, 282, 4649, 314]])
+    v = torch.randn(smol_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    steer = add_vector("blocks.15.hook_resid_post", v, 2.0, positions="from 10")
+    kw = dict(stop_at_eos=False, fwd_hooks=[steer], output_logits=True)
+    fast = smol_model.generate(prompt, 64, decode="static", **kw)
+    eager = smol_model.generate(prompt, 64, decode="eager", **kw)
+    assert torch.equal(fast.sequences, eager.sequences)
+    worst = max(float((a - b).abs().max()) for a, b in zip(fast.logits, eager.logits))
+    assert worst < 1e-4
+
+
+@pytest.mark.slow
+def test_compiled_greedy_tokens_equal_the_eager_loops_for_64_tokens_on_smollm2(smol_model):
+    """Compiles the decode step with inductor (minutes on 2 shared cores): slow."""
+    prompt = torch.tensor([[1, 504, 3458, 282, 4649, 314, 1018, 30, 378, 3458, 282, 4649, 314]])
+    v = torch.randn(smol_model.cfg.d_model, generator=torch.Generator().manual_seed(0))
+    kw = dict(stop_at_eos=False, fwd_hooks=[add_vector("blocks.15.hook_resid_post", v, 2.0)], output_logits=True)
+    n_compiled = len(COMPILE_SECONDS)
+    with pytest.warns(FastPathNotice, match="compiled the decode step"):
+        fast = smol_model.generate(prompt, 64, decode="compiled", **kw)
+    assert len(COMPILE_SECONDS) == n_compiled + 1
+    eager = smol_model.generate(prompt, 64, decode="eager", **kw)
+    assert torch.equal(fast.sequences, eager.sequences)
+    assert max(float((a - b).abs().max()) for a, b in zip(fast.logits, eager.logits)) < 1e-4
+    again = smol_model.generate(prompt, 64, **kw)  # "auto" reuses the compiled step: no new compile
+    assert len(COMPILE_SECONDS) == n_compiled + 1 and torch.equal(again.sequences, fast.sequences)
