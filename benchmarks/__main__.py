@@ -20,7 +20,8 @@ import torch
 from benchmarks.common import ALL_PEERS, CACHE_DIR, DEFAULT_MODELS, Settings, fmt, machine_info, markdown_table, write_json
 from benchmarks.processes import close_all
 
-BENCHMARKS = ("forward", "generate", "patching_sweep", "loading", "roofline", "rollouts", "attention_anatomy", "activation_store")
+BENCHMARKS = ("forward", "generate", "patching_sweep", "loading", "roofline", "rollouts", "attention_anatomy", "activation_store",
+              "steered_generate")
 
 
 def parse(argv: list[str] | None) -> Settings:

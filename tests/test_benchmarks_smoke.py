@@ -22,6 +22,7 @@ ROW_KEYS = {
     "rollouts": {"model", "tool", "rollouts", "new_tokens", "time_s", "tokens_per_s", "x_hf_generate"},
     "attention_anatomy": {"model", "tool", "case", "pos", "steps", "time_s", "x_plain_logits", "peak_extra_MiB"},
     "activation_store": {"model", "tool", "case", "hook", "tokens", "time_s", "x_plain_logits", "x_plain_no_logits"},
+    "steered_generate": {"model", "tool", "case", "batch"},
 }
 
 
