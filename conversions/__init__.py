@@ -101,6 +101,10 @@ class ConversionError(HookedCoTError, ValueError):
     """A checkpoint cannot be converted: unsupported architecture, bad tensors, corrupt file."""
 
 
+class CheckpointNotFoundError(ConversionError, FileNotFoundError):
+    """The name given to from_pretrained is no file, folder, hub id or embedded model."""
+
+
 def check_layer_count(cfg: ModelConfig, names: Any, rules: TensorNames, key: str, source: str | Path) -> None:
     """Refuse a layer count the file's tensors cannot back, before a model of that many layers is
     built: the count comes from the file, and 2^31 layers of meta tensors is an out-of-memory

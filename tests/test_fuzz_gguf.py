@@ -241,33 +241,37 @@ def test_many_mutated_gguf_files(originals, tmp_path):
     _assert_clean(tally, tmp_path, SLOW_CASES)
 
 
-def test_attacker_cases_from_the_issue_are_refused_quickly(originals, tmp_path):
-    """The cases issue 16 found loading or exhausting memory, one by one."""
-    from hookedcot.conversions import ConversionError
-
-    orig = originals[0]
+def attacker_files(orig: Original) -> dict[str, bytes]:
+    """The cases issue 16 found loading or exhausting memory, as mutated copies of `orig`."""
     data, w = orig.data, orig.walked
     key_at = {}
-    for (at, _), t_at in zip(w.fields["key"], w.fields["type"]):
+    for (at, _), (type_at, _) in zip(w.fields["key"], w.fields["type"]):
         n = struct.unpack_from("<Q", data, at)[0]
-        key_at[data[at + 8: at + 8 + n].decode()] = (at, t_at[0])
+        key_at[data[at + 8: at + 8 + n].decode()] = type_at
+
     def patch(at: int, raw: bytes) -> bytes:
         return data[:at] + raw + data[at + len(raw):]
-    _, pre_type = key_at["tokenizer.ggml.pre"]
-    block_value = key_at["llama.block_count"][1] + 4
-    first_offset = w.fields["offset"][1][0]
-    tensor_count = w.fields["count"][0][0]
-    cases = {
-        "tokenizer.ggml.pre retyped as an array": patch(pre_type, struct.pack("<I", 9)),
+
+    block_value = key_at[f"{orig.path.stem}.block_count"] + 4
+    return {
+        "tokenizer.ggml.pre retyped as an array": patch(key_at["tokenizer.ggml.pre"], struct.pack("<I", 9)),
         "block_count 2^31-1": patch(block_value, struct.pack("<I", 2**31 - 1)),
         "block_count 2^20": patch(block_value, struct.pack("<I", 2**20)),
-        "tensor offset 1": patch(first_offset, struct.pack("<Q", 1)),
-        "tensor offset aliasing the first": patch(first_offset, struct.pack("<Q", 0)),
-        "tensor_count one short": patch(tensor_count, struct.pack("<Q", len(w.tensors) - 1)),
+        "tensor offset 1": patch(w.fields["offset"][1][0], struct.pack("<Q", 1)),
+        "tensor offset aliasing the first": patch(w.fields["offset"][1][0], struct.pack("<Q", 0)),
+        "tensor offset past the end": patch(w.fields["offset"][-1][0], struct.pack("<Q", 2**64 - 32)),
+        "tensor_count one short": patch(w.fields["count"][0][0], struct.pack("<Q", len(w.tensors) - 1)),
+        "kv_count 2^63": patch(w.fields["count"][1][0], struct.pack("<Q", 2**63)),
     }
-    for name, mutated in cases.items():
-        path = tmp_path / "attack.gguf"
-        path.write_bytes(mutated)
-        with pytest.raises(ConversionError) as info:
-            HookedCoT.from_pretrained(str(path))
-        assert str(path) in str(info.value), name
+
+
+def test_attacker_cases_from_the_issue_are_refused(originals, tmp_path):
+    from hookedcot.conversions import ConversionError
+
+    for orig in originals:
+        for name, mutated in attacker_files(orig).items():
+            path = tmp_path / "attack.gguf"
+            path.write_bytes(mutated)
+            with pytest.raises(ConversionError) as info:
+                HookedCoT.from_pretrained(str(path))
+            assert str(path) in str(info.value), name
