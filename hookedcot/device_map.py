@@ -190,8 +190,8 @@ def plan_auto(cfg: ModelConfig, param_bytes: Mapping[str, int], capacities: Mapp
     names, caps = list(capacities), [int(capacities[d]) for d in capacities]
     if total > sum(caps):
         raise DeviceMapError(
-            f"the weights need {total / 2**30:.2f} GiB but the devices have {sum(caps) / 2**30:.2f} GiB free for them "
-            f"({', '.join(f'{d}: {c / 2**30:.2f} GiB' for d, c in capacities.items())}); use a smaller dtype, more "
+            f"the weights need {_size(total)} but the devices have {_size(sum(caps))} free for them "
+            f"({', '.join(f'{d}: {_size(c)}' for d, c in capacities.items())}); use a smaller dtype, more "
             "devices, or a dict device_map that puts some blocks on 'cpu'"
         )
     shares = [total * c / sum(caps) for c in caps]
@@ -201,10 +201,15 @@ def plan_auto(cfg: ModelConfig, param_bytes: Mapping[str, int], capacities: Mapp
     for layer, size in enumerate(blocks):
         last = layer == len(blocks) - 1
         need = size + (tail if last else 0)
-        while dev < len(caps) - 1 and (used[dev] + need > caps[dev] or (placed and placed[-1] == names[dev] and used[dev] + need / 2 > shares[dev])):
+        while dev < len(caps) - 1:
+            full = used[dev] + need > caps[dev]
+            # a device that holds blocks already takes this one only if its middle falls within its share
+            past_share = bool(placed) and placed[-1] == names[dev] and used[dev] + need / 2 > shares[dev]
+            if not (full or past_share):
+                break
             dev += 1
         if used[dev] + need > caps[dev]:
-            raise DeviceMapError(f"block {layer} ({size / 2**20:.1f} MiB) fits on no device after the earlier blocks; "
+            raise DeviceMapError(f"block {layer} ({_size(size)}) fits on no device after the earlier blocks; "
                                  "free memory on the devices or pass a dict device_map")
         used[dev] += need
         placed.append(names[dev])
@@ -251,6 +256,13 @@ def _device(key: Any, dev: Any) -> torch.device:
         return torch.device(f"cuda:{dev}" if isinstance(dev, int) else dev)
     except (RuntimeError, TypeError) as exc:
         raise DeviceMapError(f"device_map[{key!r}] = {dev!r} is not a device: use 'cpu', 'cuda:N' or an int N") from exc
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} B"
 
 
 def _ranges(layers: list[int]) -> str:
