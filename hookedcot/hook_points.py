@@ -15,6 +15,7 @@ costs one dict lookup when nothing listens. Everything a hook might need but the
 from __future__ import annotations
 
 import contextvars
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Union
 
@@ -35,6 +36,32 @@ class HookError(HookedCoTError, RuntimeError):
 class HookNameError(KeyError, HookError):
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+
+class NonFiniteError(HookError):
+    """With `model.check_finite = True`: a hook turned a finite activation into NaN or inf."""
+
+
+# TransformerLens hook names with no hookedcot counterpart of that name: what to hook instead.
+_TL_ONLY = (
+    (re.compile(r"^hook_pos_embed$"), "rotary models have no positional embedding; positions enter through "
+     "rotary, after blocks.L.attn.hook_q / hook_k (blocks.L.attn.hook_rot_q / hook_rot_k)"),
+    (re.compile(r"^hook_tokens$"), "hookedcot has no token hook: edit the token ids before the call, or hook "
+     "hook_embed (the embeddings)"),
+    (re.compile(r"^blocks\.(\d+)\.hook_(attn_in|q_input|k_input|v_input)$"), "TransformerLens' per-head copy of the "
+     "attention's input (use_attn_in / use_split_qkv_input); hookedcot keeps no per-head copy: hook "
+     "blocks.{0}.hook_resid_pre (before the norm) or blocks.{0}.ln1.hook_normalized (after it)"),
+    (re.compile(r"^blocks\.(\d+)\.hook_mlp_in$"), "TransformerLens' MLP input (use_hook_mlp_in) is "
+     "blocks.{0}.hook_resid_mid here (before the norm), or blocks.{0}.ln2.hook_normalized (after it)"),
+)
+
+
+def _tl_hint(name: str) -> str:
+    for pattern, hint in _TL_ONLY:
+        match = pattern.match(name)
+        if match:
+            return " (" + hint.format(*match.groups()) + ")"
+    return ""
 
 
 @dataclass
@@ -82,7 +109,7 @@ def resolve_hooks(
         if isinstance(name, str):
             if name not in valid:
                 raise HookNameError(
-                    f"unknown hook name {name!r}; the closest valid names are: "
+                    f"unknown hook name {name!r}{_tl_hint(name)}; the closest valid names are: "
                     + ", ".join(suggest(name, valid_names))
                     + ". model.hook_names() lists them all; get_act_name('resid_post', 3) builds one."
                 )
@@ -122,7 +149,7 @@ def remove_scoped_hooks(owner: object, which: Callable[[HookFn], bool] | None = 
 class HookRun:
     """The hooks active for one forward pass and the positions it covers."""
 
-    __slots__ = ("active", "positions", "position_ids", "attention_mask", "ctx")
+    __slots__ = ("active", "positions", "position_ids", "attention_mask", "ctx", "check_finite")
 
     def __init__(
         self,
@@ -144,6 +171,7 @@ class HookRun:
         self.position_ids = position_ids
         self.attention_mask = attention_mask
         self.ctx: dict[str, Any] = {}
+        self.check_finite = bool(getattr(owner, "check_finite", False))
 
     def listens(self, name: str) -> bool:
         return name in self.active
@@ -154,9 +182,12 @@ class HookRun:
         if not fns:
             return x
         hook = Hook(name, self.positions, self.position_ids, self.attention_mask, self.ctx)
+        check = self.check_finite and _finite(name, x)  # blame a hook only for what it produced
         for fn in fns:
             out = fn(x, hook)
             if out is None:
+                if check and not _finite(name, x):  # edited in place
+                    raise _non_finite(name, fn, x)
                 continue
             if not isinstance(out, Tensor):
                 raise HookError(f"hook on {name!r} returned {type(out).__name__}; return a Tensor or None")
@@ -167,8 +198,27 @@ class HookRun:
                 )
             if out.device != x.device:
                 raise HookError(f"hook on {name!r} returned a tensor on {out.device}; expected {x.device}")
+            if check and not _finite(name, out):
+                raise _non_finite(name, fn, out)
             x = out
         return x
+
+
+def _finite(name: str, x: Tensor) -> bool:
+    """No NaN and no inf; attention scores may hold -inf (that is how a position is masked)."""
+    if name.endswith("hook_attn_scores"):
+        return not bool((x.isnan() | (x == float("inf"))).any())
+    return bool(torch.isfinite(x).all())
+
+
+def _non_finite(name: str, fn: HookFn, x: Tensor) -> NonFiniteError:
+    user_fn = getattr(fn, "fn", fn)  # persistent and backward hooks wrap the user's function
+    label = getattr(user_fn, "__qualname__", None) or repr(user_fn)
+    return NonFiniteError(
+        f"hook {label} on {name!r} turned a finite activation into {int(x.isnan().sum())} NaN and "
+        f"{int(x.isinf().sum())} inf values (of {x.numel()}); it is the first hook of this forward to do so "
+        "(model.check_finite = True is on; set it to False to run unchecked)"
+    )
 
 
 def no_positions(device: torch.device | str = "cpu") -> Tensor:

@@ -8,6 +8,7 @@ helpers (`to_tokens`, `tokenize`, `to_str_tokens`, ...). The forward pass itself
 from __future__ import annotations
 
 import contextlib
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
 
@@ -24,6 +25,9 @@ from hookedcot.hook_points import (
     _SCOPED,
     HookFn, HookRun, NameOrFilter, no_positions, remove_scoped_hooks, resolve_hooks, scoped_hooks,
 )
+from hookedcot.inputs import (
+    InputError, check_attention_mask, check_generate_prompt, check_length, check_position_ids, check_tokens,
+)
 from hookedcot.kv_cache import KVCache
 from hookedcot.model import Transformer
 
@@ -34,6 +38,11 @@ NamesFilter = Union[None, str, Sequence[str], Callable[[str], bool]]
 
 class HookedCoT(Transformer):
     """A Qwen2 / LLaMA-family decoder whose every activation has a named hook point."""
+
+    # Debug mode: every hook's output is checked for NaN/inf and the first hook to turn a finite
+    # activation non-finite raises NonFiniteError naming it. Costs a check per hook call, nothing
+    # at hook points nobody listens to; read once per forward, so it applies to every thread.
+    check_finite: bool = False
 
     def __init__(self, cfg: ModelConfig, tokenizer: Any = None):
         super().__init__(cfg)
@@ -142,15 +151,14 @@ class HookedCoT(Transformer):
             tokens = targets.to(self.device)
         b, p = x.shape[:2]
         past_len = past_kv.length if past_kv is not None else 0
+        check_length(b, p, past_len, self.cfg.n_ctx)
+        if position_ids is not None:
+            check_position_ids(position_ids, b, p)
         if attention_mask is not None:
-            if attention_mask.shape != (b, past_len + p):
-                raise ValueError(
-                    f"attention_mask has shape {tuple(attention_mask.shape)}; expected {(b, past_len + p)} "
-                    "(batch, cached positions + new positions)"
-                )
+            all_ones = check_attention_mask(attention_mask, b, past_len, p)
             if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past_len:]
-            if bool(attention_mask.all()):
+            if all_ones:
                 attention_mask = None
         positions = torch.arange(past_len, past_len + p, device=x.device)
         if position_ids is None:
@@ -160,13 +168,18 @@ class HookedCoT(Transformer):
         if return_type in ("loss", "both") and tokens is None and stop_at_layer is None:
             raise ValueError("return_type='loss' needs token ids (the targets); it cannot be computed from embeddings")
         run = HookRun(self._persistent, positions, position_ids, attention_mask, owner=self)
-        out = super().forward(
-            x, run, position_ids, attention_mask, past_kv,
-            start_at_layer=None if start_at_layer is None else self._layer_index(start_at_layer, "start_at_layer"),
-            stop_at_layer=None if stop_at_layer is None else self._layer_index(stop_at_layer, "stop_at_layer"),
-            last_logits_only=last_logits_only,
-            logits=return_type is not None,
-        )
+        try:
+            out = super().forward(
+                x, run, position_ids, attention_mask, past_kv,
+                start_at_layer=None if start_at_layer is None else self._layer_index(start_at_layer, "start_at_layer"),
+                stop_at_layer=None if stop_at_layer is None else self._layer_index(stop_at_layer, "stop_at_layer"),
+                last_logits_only=last_logits_only,
+                logits=return_type is not None,
+            )
+        except BaseException:
+            if past_kv is not None and past_kv.length != past_len:
+                past_kv.truncate(past_len)  # a failed call (a hook after the blocks) leaves the cache as it was
+            raise
         if stop_at_layer is not None or return_type in ("logits", None):
             return out
         if tokens.device != out.device:  # a split model's logits are on the unembedding's device
@@ -208,8 +221,7 @@ class HookedCoT(Transformer):
                    if isinstance(input, Tensor) else "")
             )
         tokens = tokens.to(self.device)
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.cfg.d_vocab):
-            raise ValueError(f"token ids must lie in [0, {self.cfg.d_vocab}); got min {int(tokens.min())}, max {int(tokens.max())}")
+        check_tokens(tokens, self.cfg.d_vocab)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
         return tokens, tokens, attention_mask
@@ -287,20 +299,24 @@ class HookedCoT(Transformer):
         """A persistent hook: every later forward, in every thread, until `reset_hooks()`
         (`is_permanent=True` / `add_perma_hook`: until `reset_hooks(including_permanent=True)`).
         `dir="bwd"`: `fn(grad, hook)` on the activation's gradient. `prepend`: run before the
-        hooks already there."""
+        hooks already there. Threads: a forward already running in another thread keeps the hooks
+        it started with; the new hook applies from that thread's next forward (in a generation,
+        its next step). `reset_hooks()` works the same way. Concurrent adds from several threads
+        all land."""
         if dir not in ("fwd", "bwd"):
             raise ValueError(f"dir must be 'fwd' or 'bwd', got {dir!r}")
         resolved = self._resolve([(name, fn)])
-        persistent = {k: list(v) for k, v in self._persistent.items()}
-        for n, f in resolved:
-            f = _backward(f) if dir == "bwd" else _Persistent(f)
-            f.is_permanent = is_permanent
-            fns = persistent.setdefault(n, [])
-            if prepend:
-                fns.insert(0, f)
-            else:
-                fns.append(f)
-        self._persistent = persistent  # replaced, never mutated: a running forward keeps its view
+        with _PERSISTENT_LOCK:  # read-copy-replace: two threads adding at once must both land
+            persistent = {k: list(v) for k, v in self._persistent.items()}
+            for n, f in resolved:
+                f = _backward(f) if dir == "bwd" else _Persistent(f)
+                f.is_permanent = is_permanent
+                fns = persistent.setdefault(n, [])
+                if prepend:
+                    fns.insert(0, f)
+                else:
+                    fns.append(f)
+            self._persistent = persistent  # replaced, never mutated: a running forward keeps its view
 
     def add_perma_hook(self, name: NameOrFilter, fn: HookFn, dir: Literal["fwd", "bwd"] = "fwd") -> None:
         """A hook that `reset_hooks()` leaves alone (only `reset_hooks(including_permanent=True)` removes it)."""
@@ -319,8 +335,9 @@ class HookedCoT(Transformer):
             kind = "bwd" if isinstance(fn, _backward) else "fwd"
             return direction in ("both", kind) and (including_permanent or not getattr(fn, "is_permanent", False))
 
-        kept = {name: [f for f in fns if not removed(f)] for name, fns in self._persistent.items()}
-        self._persistent = {name: fns for name, fns in kept.items() if fns}
+        with _PERSISTENT_LOCK:
+            kept = {name: [f for f in fns if not removed(f)] for name, fns in self._persistent.items()}
+            self._persistent = {name: fns for name, fns in kept.items() if fns}
         remove_scoped_hooks(self, removed)
 
     def remove_all_hook_fns(self, direction: Literal["fwd", "bwd", "both"] = "both", including_permanent: bool = False,
@@ -390,7 +407,14 @@ class HookedCoT(Transformer):
             if positions.mode != "identity":
                 axis = _position_axis(name)
                 if axis is not None:
-                    x = positions.apply(x, dim=axis - (1 if remove_batch_dim else 0))
+                    dim = axis - (1 if remove_batch_dim else 0)
+                    try:
+                        x = positions.apply(x, dim=dim)
+                    except IndexError:
+                        raise InputError(
+                            f"pos_slice={pos_slice!r} selects positions outside the sequence: {name!r} has "
+                            f"{x.shape[dim]} positions (valid indices -{x.shape[dim]}..{x.shape[dim] - 1})"
+                        ) from None
             store[key] = x.to(device) if device is not None else x
 
         def record(x: Tensor, hook) -> None:
@@ -401,11 +425,17 @@ class HookedCoT(Transformer):
 
         names = self.cache_names(names_filter)
         with self.hooks(list(fwd_hooks) + [(n, record) for n in names], [(n, record_grad) for n in names] if incl_bwd else ()):
-            out = self(*args, **kwargs)
-            if incl_bwd:
-                if not (isinstance(out, Tensor) and out.numel() == 1):
-                    raise ValueError("incl_bwd=True calls backward() on the output, so it must be a scalar: pass return_type='loss'")
-                out.backward()
+            try:
+                out = self(*args, **kwargs)
+                if incl_bwd:
+                    if not (isinstance(out, Tensor) and out.numel() == 1):
+                        raise ValueError("incl_bwd=True calls backward() on the output, so it must be a scalar: pass return_type='loss'")
+                    out.backward()
+            except BaseException:
+                # The traceback holds this frame (a notebook keeps the last one): without this, a
+                # failed or interrupted call would keep its partial cache alive with it.
+                store.clear()
+                raise
         if not return_cache_object:
             return out, store
         return out, ActivationCache(store, self, has_batch_dim=not remove_batch_dim)
@@ -567,6 +597,7 @@ class HookedCoT(Transformer):
         prepend_bos, on_token(step, tokens), verbose."""
         from hookedcot.generate import generate
 
+        check_generate_prompt(input, kwargs.get("attention_mask"), max_new_tokens, self.cfg.n_ctx)
         return generate(self, input, max_new_tokens, **kwargs)
 
     def generate_stream(self, input: str | Sequence[str] | Tensor, max_new_tokens: int = 10,
@@ -575,6 +606,7 @@ class HookedCoT(Transformer):
         (the first starts with the prompt's), or text with `return_type="str"`; `generate`'s options."""
         from hookedcot.generate import generate_stream
 
+        check_generate_prompt(input, kwargs.get("attention_mask"), max_new_tokens, self.cfg.n_ctx)
         return generate_stream(self, input, max_new_tokens, max_tokens_per_yield, **kwargs)
 
     def __repr__(self) -> str:
@@ -583,6 +615,11 @@ class HookedCoT(Transformer):
             f"HookedCoT({c.model_name!r}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads / "
             f"{c.n_key_value_heads} kv, d_mlp {c.d_mlp}, vocab {c.d_vocab}, {self.dtype}, {self.device})"
         )
+
+
+# Persistent hooks are published by replacing `model._persistent` (a forward reads it once, so a
+# running forward keeps the set it started with); the lock makes each read-copy-replace atomic.
+_PERSISTENT_LOCK = threading.RLock()
 
 
 def _noop(x: Tensor, hook: Any) -> None:
@@ -645,13 +682,14 @@ class HookPoint:
     def remove_hooks(self, dir: Literal["fwd", "bwd", "both"] = "fwd", including_permanent: bool = False, level: int | None = None) -> None:
         """Remove this point's persistent hooks of direction `dir`."""
         model = self.model
-        fns = [f for f in model._persistent.get(self.name, [])
-               if not (dir in ("both", "bwd" if isinstance(f, _backward) else "fwd")
-                       and (including_permanent or not getattr(f, "is_permanent", False)))]
-        persistent = {k: list(v) for k, v in model._persistent.items() if k != self.name}
-        if fns:
-            persistent[self.name] = fns
-        model._persistent = persistent
+        with _PERSISTENT_LOCK:
+            fns = [f for f in model._persistent.get(self.name, [])
+                   if not (dir in ("both", "bwd" if isinstance(f, _backward) else "fwd")
+                           and (including_permanent or not getattr(f, "is_permanent", False)))]
+            persistent = {k: list(v) for k, v in model._persistent.items() if k != self.name}
+            if fns:
+                persistent[self.name] = fns
+            model._persistent = persistent
 
     def __repr__(self) -> str:
         return f"HookPoint({self.name!r})"

@@ -12,6 +12,27 @@ from torch import Tensor
 from hookedcot.config import ModelConfig
 
 
+def _store(keys: Tensor, values: Tensor, layer: int, start: int, end: int, key: Tensor,
+           value: Tensor) -> tuple[Tensor, Tensor]:
+    """Write `key`/`value` [b g n k] at positions [start, end) of one layer's buffers; return
+    positions [0, end) of each.
+
+    With gradients the buffers get detached copies and the caller fresh tensors (cached part + new
+    part): writing a grad-tracking tensor in place would hang the forward's graph on the buffers,
+    where the views of them that attention saves close a reference cycle that keeps every
+    activation of the call alive for good, and the next layer's write would bump the version of
+    what attention saved, so backward would fail. Without gradients: plain in-place writes and
+    views, the fast path generation and sweeps run."""
+    if key.requires_grad or value.requires_grad:
+        keys[layer, :, :, start:end] = key.detach()
+        values[layer, :, :, start:end] = value.detach()
+        return (torch.cat([keys[layer, :, :, :start], key], dim=2),
+                torch.cat([values[layer, :, :, :start], value], dim=2))
+    keys[layer, :, :, start:end] = key
+    values[layer, :, :, start:end] = value
+    return keys[layer, :, :, :end], values[layer, :, :, :end]
+
+
 class KVCache:
     shared_prefix = False  # see SharedPrefixKVCache
     static = False  # see StaticKVCache
@@ -38,9 +59,7 @@ class KVCache:
                 f"KV cache holds {self.max_len} positions but {end} are needed; "
                 "allocate a larger cache (max_len) or generate fewer tokens"
             )
-        self.keys[layer, :, :, self.length : end] = key
-        self.values[layer, :, :, self.length : end] = value
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        return _store(self.keys, self.values, layer, self.length, end, key, value)
 
     def advance(self, n: int) -> None:
         self.length += n
@@ -94,9 +113,7 @@ class SharedPrefixKVCache(KVCache):
                 f"KV cache holds {self.max_len} positions ({self.prefix_len} shared) but "
                 f"{self.prefix_len + end} are needed; allocate more new positions (max_new) or generate fewer tokens"
             )
-        self.keys[layer, :, :, start:end] = key
-        self.values[layer, :, :, start:end] = value
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        return _store(self.keys, self.values, layer, start, end, key, value)
 
     def write(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """As KVCache.write: prefix + new [b g s k], the prefix copied to each row (for the
