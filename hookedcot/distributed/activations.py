@@ -2,10 +2,11 @@
 
 The store's plan (texts tokenized, grouped into batches of similar length) is the work: batch b
 is item b, run on rank b % world_size by `dictionaries.store.batch_records` — the function the
-single-process collection runs — and saved under `<out>.parts/` as it finishes. Rank 0 then
-writes the store with `collect_activations(..., records=...)`, reading the ranks' batches in plan
-order: the same shards, the same statistics (summed in the same order), bit for bit, and the
-parts folder is removed. A rerun resumes twice over: batches already in the store's shards are
+single-process collection runs — and saved under `<out>.parts/` as it finishes (`out` must be on
+a filesystem every node shares). Rank 0 then writes the store with `collect_activations(...,
+records=...)`, loading the ranks' batches from disk one at a time, in plan order (memory holds a
+shard's buffer, as in one process, never the collection): the same shards, the same statistics
+(summed in the same order), bit for bit, and the parts folder is removed. A rerun resumes twice over: batches already in the store's shards are
 not planned again, and batches saved under `.parts/` are loaded rather than recomputed.
 """
 
@@ -52,7 +53,7 @@ def collect_activations(
         return None if b < done else batch_records(named, sequences, plan[b], names, stop, skip_first, storage)
 
     description = {"work": "collect_activations", "store": fingerprint, "n_items": len(plan)}
-    gathered = run_items(compute, len(plan), ranks, parts, description)
+    gathered = run_items(compute, len(plan), ranks, parts, description, in_memory=False)  # read back one at a time
     if gathered is None:
         return None
     store = collect_here(named, texts, names, out, batch_size=batch_size, max_length=max_length,

@@ -23,7 +23,8 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from collections.abc import Sequence as SequenceABC
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -127,27 +128,34 @@ def run_items(
     out_dir: str | Path | None = None,
     description: dict[str, Any] | None = None,
     on_item: Callable[[int, Any], None] | None = None,
-) -> list[Any] | None:
+    in_memory: bool = True,
+) -> Sequence[Any] | None:
     """`[compute(i) for i in range(n_items)]`, item i on rank i % world_size, gathered on rank 0
     (None on the other ranks). With `out_dir`, each result is saved as `item_{i:06d}.pt` as it
     finishes and loaded, not recomputed, by a later call; `description` (what the items are) is
-    checked against the folder's so a resume never mixes two different runs."""
+    checked against the folder's so a resume never mixes two different runs.
+    `in_memory=False` (needs `out_dir` on a filesystem every rank and rank 0 share): results stay
+    on disk, only their indices are gathered, and rank 0 gets a sequence that loads item i when
+    indexed — for results too big to hold all at once (activations)."""
     out = Path(out_dir) if out_dir is not None else None
     if out is not None:
         check_manifest(out, description or {"n_items": n_items})
+    elif not in_memory:
+        raise ValueError("in_memory=False keeps results on disk: pass an out_dir (shared by every rank)")
     mine: dict[int, Any] = {}
     for i in ranks.share(n_items):
         path = out / f"item_{i:06d}.pt" if out is not None else None
         if path is not None and path.exists():
-            mine[i] = torch.load(path, weights_only=False)
+            mine[i] = torch.load(path, weights_only=False) if in_memory else True
             continue
-        mine[i] = compute(i)
+        result = compute(i)
         if path is not None:
             tmp = path.with_suffix(".tmp")
-            torch.save(mine[i], tmp)
+            torch.save(result, tmp)
             os.replace(tmp, path)  # a rank killed mid-write leaves a .tmp, never a truncated item
         if on_item is not None:
-            on_item(i, mine[i])
+            on_item(i, result)
+        mine[i] = result if in_memory else True
     parts = ranks.gather(mine)
     if parts is None:
         return None
@@ -155,7 +163,24 @@ def run_items(
     missing = [i for i in range(n_items) if i not in merged]
     if missing:
         raise RuntimeError(f"rank 0 gathered no result for items {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-    return [merged[i] for i in range(n_items)]
+    return [merged[i] for i in range(n_items)] if in_memory else SavedItems(out, n_items)
+
+
+class SavedItems(SequenceABC):
+    """Items saved by `run_items`, loaded one at a time when indexed."""
+
+    def __init__(self, out_dir: Path, n_items: int):
+        self.out_dir, self.n_items = out_dir, n_items
+
+    def __len__(self) -> int:
+        return self.n_items
+
+    def __getitem__(self, i: int) -> Any:  # type: ignore[override]
+        path = self.out_dir / f"item_{i:06d}.pt"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: its rank saved it where rank 0 cannot see (out_dir must be "
+                                    "on a filesystem every node shares)")
+        return torch.load(path, weights_only=False)
 
 
 def saved_items(out_dir: str | Path) -> list[int]:
