@@ -181,7 +181,7 @@ def test_a_rerun_with_one_rank_reads_every_ranks_rollouts_and_decodes_only_unfin
     real = dr.run_prefix
 
     def counting(model, prefix, jobs, *args, **kwargs):
-        decoded.append([i for i, _ in jobs])
+        decoded.append([[i for i, _ in batch] for batch in kwargs["batches"]])
         return real(model, prefix, jobs, *args, **kwargs)
 
     monkeypatch.setattr(dr, "run_prefix", counting)
@@ -193,7 +193,7 @@ def test_a_rerun_with_one_rank_reads_every_ranks_rollouts_and_decodes_only_unfin
                                       out_dir=folder, ranks=Ranks())
     finally:
         torch.set_num_threads(threads)
-    assert decoded == [[2, 3]]  # the batch with a rollout missing, decoded whole (its original shape)
+    assert decoded == [[[2, 3]]]  # one prefill, the batch with a rollout missing, decoded whole (its original shape)
     assert again == single["rollouts"]
 
 

@@ -240,12 +240,16 @@ def run_prefix(
     think: tuple[str, str] | None = THINK,
     memory_budget: int | None = None,
     fwd_hooks: Iterable = (),
+    batches: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> Iterator[Rollout]:
     """The engine: rollouts (index, seed) of one prefix, yielded as they finish. The prefix runs
-    once; the jobs are cut into balanced batches of at most `rows_per_batch` rows. The caller's
-    code between two yields runs inside the hooks and decode kernels of this call."""
+    once; the jobs are cut into balanced batches of at most `rows_per_batch` rows (`cut_batches`),
+    or decoded in the `batches` given instead (a distributed rank's share of the batches one
+    process would cut; `jobs` is then ignored). The caller's code between two yields runs inside
+    the hooks and decode kernels of this call."""
     if not prefix:
         raise ValueError("a rollout needs a non-empty prefix (at least one token to continue from)")
+    jobs = [job for batch in batches for job in batch] if batches is not None else jobs
     if not jobs:
         return
     dev = model.device
@@ -257,11 +261,19 @@ def run_prefix(
             for index, seed in jobs:
                 yield Rollout(index, seed, list(greedy.tokens), greedy.text, greedy.answer, greedy.finish)
             return
-        rows = rows_per_batch(model, sampling.max_new_tokens, memory_budget)  # the prefix is held once
-        n_batches = -(-len(jobs) // rows)
-        size = -(-len(jobs) // n_batches)
-        for lo in range(0, len(jobs), size):
-            yield from _decode(model, prefix_cache, last, jobs[lo : lo + size], sampling, think)
+        if batches is None:
+            batches = cut_batches(jobs, rows_per_batch(model, sampling.max_new_tokens, memory_budget))  # prefix held once
+        for batch in batches:
+            yield from _decode(model, prefix_cache, last, batch, sampling, think)
+
+
+def cut_batches(jobs: Sequence[Any], rows: int) -> list[list[Any]]:
+    """`jobs` in consecutive batches of at most `rows`, as even as possible (10 jobs at 4 rows: 4, 4, 2)."""
+    if not jobs:
+        return []
+    n_batches = -(-len(jobs) // rows)
+    size = -(-len(jobs) // n_batches)
+    return [list(jobs[lo : lo + size]) for lo in range(0, len(jobs), size)]
 
 
 def _decode(model: "HookedCoT", prefix_cache: KVCache, last: Tensor, jobs: Sequence[tuple[int, int]],

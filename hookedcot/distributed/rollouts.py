@@ -3,9 +3,10 @@ or every prefix of a CoT (`resample_steps`), with rank 0 returning what the sing
 returns.
 
 Work items are the batches the single-process engine (`cot.rollouts.run_prefix`) would decode: a
-prefix's rollout indices 0..n-1 cut into balanced runs of at most `rows_per_batch` rows (computed
-once, on rank 0, and kept in `out_dir/plan.json` so a resume cuts the same way). Item j runs on
-rank j % world_size. A rollout's tokens depend on its seed (per rollout index, never per rank)
+prefix's rollout indices 0..n-1 cut into balanced runs of at most `rows_per_batch` rows
+(`cut_batches`; rows computed once, on rank 0, and kept in `out_dir/plan.json` so a resume cuts
+the same way). Item j runs on rank j % world_size; a rank runs each prefix's prefill once for all
+its batches of that prefix, as one process does. A rollout's tokens depend on its seed (per rollout index, never per rank)
 and on the batch it was decoded in; the batches being the same, the rollouts are bit-identical
 to the single-process call's (on the same device type, dtype and thread count).
 
@@ -23,7 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from hookedcot.cot.rollout_store import FILE_NAME, RolloutStore, _check_same, read_rollouts, trace_fingerprint
-from hookedcot.cot.rollouts import Rollout, Sampling, prefix_key, rollout_seed, rows_per_batch, run_prefix
+from hookedcot.cot.rollouts import (
+    Rollout, Sampling, cut_batches, prefix_key, rollout_seed, rows_per_batch, run_prefix,
+)
 from hookedcot.cot.trace import THINK
 from hookedcot.distributed.ranks import Ranks, init_ranks
 
@@ -33,7 +36,6 @@ if TYPE_CHECKING:
     from hookedcot.hooked import HookedCoT
 
 PLAN = "plan.json"
-ONE_BATCH = 1 << 62  # a memory budget under which run_prefix keeps the jobs it is given in one batch (cut already)
 
 
 def sample_rollouts(
@@ -95,7 +97,7 @@ def rollouts_over_ranks(
     ranks = ranks if ranks is not None else init_ranks()
     out = Path(out_dir) if out_dir is not None else None
     rows = ranks.broadcast(_rows(model, sampling, memory_budget, out) if ranks.is_main else None)
-    items = [(k, lo, min(lo + size, n)) for k in range(len(prefixes)) for lo, size in _cuts(n, rows)]
+    items = [(k, batch) for k in range(len(prefixes)) for batch in cut_batches(list(range(n)), rows)]
     have: dict[tuple[int | None, int], Rollout] = {}
     store = None
     if out is not None:
@@ -103,16 +105,18 @@ def rollouts_over_ranks(
         have.update(_read_all(out, store.header))
         have.update(store.done)
     mine: dict[tuple[int | None, int], Rollout] = {}
+    todo: dict[int, list[list[tuple[int, int]]]] = {}  # prefix -> this rank's batches to decode
+    for j in ranks.share(len(items)):
+        k, batch = items[j]
+        tag = k if tag_prefix else None
+        if all((tag, i) in have for i in batch):
+            mine.update({(tag, i): have[(tag, i)] for i in batch})
+        else:
+            todo.setdefault(k, []).append([(i, rollout_seed(seed, keys[k], i)) for i in batch])
     try:
-        for j in ranks.share(len(items)):
-            k, lo, hi = items[j]
+        for k, batches in todo.items():  # one prefill per prefix, as in one process
             tag = k if tag_prefix else None
-            if all((tag, i) in have for i in range(lo, hi)):
-                mine.update({(tag, i): have[(tag, i)] for i in range(lo, hi)})
-                continue
-            jobs = [(i, rollout_seed(seed, keys[k], i)) for i in range(lo, hi)]
-            for r in run_prefix(model, prefixes[k], jobs, sampling, think=think, memory_budget=ONE_BATCH,
-                                fwd_hooks=fwd_hooks):
+            for r in run_prefix(model, prefixes[k], [], sampling, think=think, fwd_hooks=fwd_hooks, batches=batches):
                 r.prefix = tag
                 if (tag, r.index) in have:  # a partly done batch: keep what is on disk
                     r = have[(tag, r.index)]
@@ -131,15 +135,6 @@ def rollouts_over_ranks(
     if missing:
         raise RuntimeError(f"rank 0 gathered no rollout for {missing[:5]} ({len(missing)} missing)")
     return merged
-
-
-def _cuts(n: int, rows: int) -> list[tuple[int, int]]:
-    """(start, size) of the balanced batches `run_prefix` cuts n jobs into at `rows` rows a batch."""
-    if n == 0:
-        return []
-    n_batches = -(-n // rows)
-    size = -(-n // n_batches)
-    return [(lo, size) for lo in range(0, n, size)]
 
 
 def _rows(model: "HookedCoT", sampling: Sampling, memory_budget: int | None, out: Path | None) -> int:
