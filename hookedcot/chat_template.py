@@ -83,9 +83,10 @@ def _plain(value: Any) -> Any:
 # A template is a program from the checkpoint; these bound what one render may cost. Released
 # templates stay far below them (a long conversation renders in a few hundred range items and
 # kilobytes); a template that loops or repeats without bound fails with a ChatTemplateError.
-MAX_RANGE_ITEMS = 1_000_000  # all range() calls of one render together (nested loops multiply)
-MAX_VALUE_CHARS = 10_000_000  # a string or list built by * or ~, and the rendered prompt
-_budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar("chat_template_range_budget")
+MAX_LOOP_ITEMS = 1_000_000  # items all for-loops of one render step through together (nested loops multiply)
+MAX_VALUE_CHARS = 10_000_000  # a string built by *, + or ~, and the rendered prompt
+MAX_ITEMS = 100_000  # a list or tuple built by * or + (each item may print as many characters)
+_budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar("chat_template_loop_budget")
 
 
 def _render(template: str, **context: Any) -> str:
@@ -100,7 +101,7 @@ def _render(template: str, **context: Any) -> str:
     except jinja2.TemplateError as exc:
         raise ChatTemplateError(f"the chat template does not compile ({type(exc).__name__}: {exc}); fix or replace "
                                 "it (apply_chat_template(..., chat_template=...))") from exc
-    token = _budget.set([MAX_RANGE_ITEMS])
+    token = _budget.set([MAX_LOOP_ITEMS])
     try:
         pieces, size = [], 0
         for piece in compiled.generate(**context):
@@ -118,10 +119,42 @@ def _render(template: str, **context: Any) -> str:
         _budget.reset(token)
 
 
+def _limit(value: Any) -> int | None:
+    return MAX_VALUE_CHARS if isinstance(value, str) else MAX_ITEMS if isinstance(value, (list, tuple)) else None
+
+
 def _bounded(value: Any) -> Any:
-    if isinstance(value, (str, list, tuple)) and len(value) > MAX_VALUE_CHARS:
-        raise ChatTemplateError(f"the chat template built a value of {len(value)} items (limit {MAX_VALUE_CHARS})")
+    limit = _limit(value)
+    if limit is not None and len(value) > limit:
+        raise ChatTemplateError(f"the chat template built a value of {len(value)} items (limit {limit})")
     return value
+
+
+def _check_sizes(obj: Any, args: tuple, kwargs: dict) -> None:
+    """Refuse a call asked for a size past the bound before it allocates: an int argument, or a
+    width written into a format string (`'{:>999999999}'.format`, `'%999999999s' % x`)."""
+    import re
+
+    numbers = [a for a in (*args, *kwargs.values()) if isinstance(a, int) and not isinstance(a, bool)]
+    method = getattr(obj, "__wrapped__", obj)  # the sandbox wraps str.format; the wrapper keeps the original
+    fmt = obj if isinstance(obj, str) else getattr(method, "__self__", None) if getattr(method, "__name__", "") in (
+        "format", "format_map") else None
+    if isinstance(fmt, str):
+        numbers += [int(n) for n in re.findall(r"\d{8,}", fmt)]
+    if any(abs(n) > MAX_VALUE_CHARS for n in numbers):
+        raise ChatTemplateError(f"the chat template asks a call for a size above {MAX_VALUE_CHARS}")
+
+
+def _size_checked(fn: Any) -> Any:
+    """A jinja filter that refuses size arguments past the bound (its pass_context marks kept)."""
+    import functools
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        _check_sizes(None, args[1:], kwargs)
+        return _bounded(fn(*args, **kwargs))
+
+    return checked
 
 
 @lru_cache(maxsize=16)
@@ -180,19 +213,27 @@ def _compile(template: str) -> Any:
             self.write("))")
 
     class BoundedSandbox(ImmutableSandboxedEnvironment):
-        """The sandbox, plus bounds on repetition (`*`, `**`), concatenation and range()."""
+        """The sandbox, plus bounds on repetition (`*`, `**`), concatenation, loop iterations and
+        the sizes a call may be asked for (`'x'.ljust(10**9)`, `'%9999999999s' % x`)."""
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (jinja's signature)
+            _check_sizes(__obj, args, kwargs)
+            return _bounded(ImmutableSandboxedEnvironment.call(__self, __context, __obj, *args, **kwargs))
 
         code_generator_class = BoundedCodeGenerator
-        intercepted_binops = frozenset({"*", "**", "+"})
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 \
                     and right * abs(left).bit_length() > 4096:
                 raise ChatTemplateError(f"the chat template computes {left} ** {right}, a number too large to build")
+            if operator == "%" and isinstance(left, str):
+                _check_sizes(left, (), {})
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_VALUE_CHARS:
-                        raise ChatTemplateError(f"the chat template repeats a value {n} times (limit {MAX_VALUE_CHARS} items)")
+                    limit = _limit(seq)
+                    if limit is not None and isinstance(n, int) and len(seq) * n > limit:
+                        raise ChatTemplateError(f"the chat template repeats a value {n} times (limit {limit} items)")
             return _bounded(super().call_binop(context, operator, left, right))
 
         @staticmethod
@@ -200,19 +241,25 @@ def _compile(template: str) -> Any:
             return _bounded(jinja2.runtime.markup_join(parts) if any(hasattr(p, "__html__") for p in parts)
                             else "".join(map(str, parts)))
 
-    def bounded_range(*args: int) -> range:
-        items = safe_range(*args)
-        left = _budget.get([MAX_RANGE_ITEMS])
-        left[0] -= len(items)
-        if left[0] < 0:
-            raise ChatTemplateError(f"the chat template's range() calls exceed {MAX_RANGE_ITEMS} items in one render")
-        return items
+    def bounded_loop(items: Any) -> Any:
+        left = _budget.get([MAX_LOOP_ITEMS])
+        for item in items:
+            left[0] -= 1
+            if left[0] < 0:
+                raise ChatTemplateError(f"the chat template's loops step through more than {MAX_LOOP_ITEMS} items in one "
+                                        "render")
+            yield item
 
     env = BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationBlock, "jinja2.ext.loopcontrols"])
-    env.globals["range"] = bounded_range
+    env.globals["range"] = safe_range  # jinja's own limit per call; the loops over it are counted
+    env.globals["bounded_loop"] = bounded_loop
+    env.filters = {name: _size_checked(f) for name, f in env.filters.items()}  # `center(10**9)` and kin
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.globals["dict"] = lambda *args, **kwargs: dict(*args, **kwargs)  # the builtin's classmethods stay out of reach
     env.globals["namespace"] = SafeNamespace
-    return env.from_string(template)
+    tree = env.parse(template)
+    for loop in tree.find_all(nodes.For):  # every for-loop steps through bounded_loop(its iterable)
+        loop.iter = nodes.Call(nodes.Name("bounded_loop", "load"), [loop.iter], [], None, None, lineno=loop.lineno)
+    return env.from_string(tree)

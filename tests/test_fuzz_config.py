@@ -77,7 +77,7 @@ def _consistency_check(text: str, original_logits: torch.Tensor):
                 assert type(value) in (int, float) and math.isfinite(value) and value > 0, f"rope {key}={value!r}"
         assert cfg.n_layers <= TINY_HF_CONFIG["num_hidden_layers"]
         with torch.no_grad():
-            logits = model(PROBE[:, PROBE[0] < cfg.d_vocab])
+            logits = model(PROBE[:, PROBE[0] < cfg.d_vocab][:, : cfg.n_ctx])
         assert torch.isfinite(logits).all(), "non-finite logits"
         if _math(source) == _math(TINY_HF_CONFIG):
             assert torch.equal(logits, original_logits), "no key that changes the math moved, yet the logits did"
