@@ -169,7 +169,8 @@ def build_model(
     for name, ref in converted.tensors.items():
         target = placement.device_of(name) if placement is not None else device
         tensor = ref.load(dtype).to(device=target, dtype=dtype)
-        check_finite(tensor, ref.source_name, cfg.source or cfg.model_name)
+        if not tensor.is_meta:  # a module mapped to "meta" (device_map) holds no data to check
+            check_finite(tensor, ref.source_name, cfg.source or cfg.model_name)
         module_name, attr = name.rsplit(".", 1)
         model.get_submodule(module_name)._parameters[attr] = nn.Parameter(tensor, requires_grad=requires_grad)
     if cfg.tie_embeddings:
