@@ -8,6 +8,7 @@ from hookedcot.hook_names import HOOKS, all_hook_names, get_act_name
 from hookedcot.hook_points import Hook, HookError, HookNameError
 from hookedcot.hooked import HookedCoT
 from hookedcot.kv_cache import KVCache
+from hookedcot.tl_kv_cache import HookedTransformerKeyValueCache
 from hookedcot.memory import retain_freed_memory
 
 __all__ = [
@@ -21,6 +22,7 @@ __all__ = [
     "HookNameError",
     "HookedCoT",
     "HookedCoTError",
+    "HookedTransformerKeyValueCache",
     "KVCache",
     "ModelConfig",
     "all_hook_names",

@@ -24,7 +24,13 @@ class ConfigError(HookedCoTError, ValueError):
 SUPPORTED_ACTIVATIONS = ("silu",)
 
 
-@dataclass(frozen=True)
+# The one field TransformerLens code assigns on a loaded model (`model.cfg.default_prepend_bos =
+# False`); every other field is fixed once the config is built: the weights' shapes and the math
+# follow from it (use `cfg.replace(...)` for a changed copy).
+ASSIGNABLE_FIELDS = frozenset({"default_prepend_bos"})
+
+
+@dataclass
 class ModelConfig:
     n_layers: int
     d_model: int
@@ -83,6 +89,15 @@ class ModelConfig:
             problems += rope_scaling_problems(self.rope_scaling) or _rope_value_problems(self.rope_scaling)
         if problems:
             raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
+        object.__setattr__(self, "_built", True)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self.__dict__.get("_built") and name not in ASSIGNABLE_FIELDS:
+            raise dataclasses.FrozenInstanceError(
+                f"cannot assign to field {name!r}: a ModelConfig is fixed once built (only "
+                f"{', '.join(sorted(ASSIGNABLE_FIELDS))} can be assigned); use cfg.replace({name}=...) for a changed copy"
+            )
+        object.__setattr__(self, name, value)
 
     # TransformerLens' read-only fields, for code written against `HookedTransformerConfig`.
     @property

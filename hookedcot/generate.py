@@ -273,7 +273,8 @@ def generate(
             return torch.cat([decoder.embeds, new_embeds.to(decoder.embeds.dtype)], 1)
         return model.embed(sequences)
     texts = _texts(model, decoder)
-    return texts[0] if isinstance(input, str) else texts
+    one = isinstance(input, str) or (isinstance(input, Tensor) and len(texts) == 1)  # TL: one row -> one str
+    return texts[0] if one else texts
 
 
 @torch.inference_mode()

@@ -2,7 +2,7 @@
 ("did you mean ..."), the README's hook table and the tests all read it.
 
 Shape letters: b batch, p position, d d_model, h query heads, g key/value heads, k d_head,
-m d_mlp, q/s query/key positions.
+m d_mlp, q/s query/key positions, v d_vocab.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec("hook_resid_post", "blocks.L", "b p d", "residual stream leaving block L"),
     HookSpec("hook_scale", "ln_final", "b p 1", "final RMSNorm scale"),
     HookSpec("hook_normalized", "ln_final", "b p d", "final RMSNorm output (weight applied): the unembedding's input"),
+    HookSpec("hook_in", "unembed", "b p d", "the unembedding's input (TransformerLens' name; = ln_final.hook_normalized, last position only with last_logits_only)"),
+    HookSpec("hook_out", "unembed", "b p v", "logits"),
 )
 
 # TransformerLens short names for get_act_name / cache["resid_post", 3].

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hookedcot.conversions import CheckpointNotFoundError, ConversionError, ConvertedCheckpoint, check_finite
+from hookedcot.embedded import EMBEDDED_HUB_IDS
 from hookedcot.rope import inv_freq
 
 _DTYPES = {
@@ -134,6 +135,8 @@ def load_pretrained(
     model = build_model(cls, converted, target_dtype, torch.device(device or "cpu"), requires_grad=requires_grad,
                         device_map=device_map)
     tokenizer = model.tokenizer
+    if tokenizer is not None and hasattr(tokenizer, "name_or_path"):  # HF's field: the hub id, folder or file
+        tokenizer.name_or_path = EMBEDDED_HUB_IDS.get(str(name_or_path).lower(), str(name_or_path))
     if tokenizer is not None and default_prepend_bos is not None:
         tokenizer.add_bos = bool(default_prepend_bos)
     if tokenizer is not None and default_padding_side is not None:

@@ -225,6 +225,7 @@ class Transformer(nn.Module, ModelWeights):
         self.hook_embed = "hook_embed"
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layers))
         self.ln_final = RMSNorm(cfg.d_model, cfg.norm_eps, "ln_final")
+        self.hook_unembed_in, self.hook_unembed_out = "unembed.hook_in", "unembed.hook_out"
         self.unembed = Linear(cfg.d_model, cfg.d_vocab, bias=False)
         if cfg.tie_embeddings:
             self.unembed.weight = self.embed.weight
@@ -287,7 +288,11 @@ class Transformer(nn.Module, ModelWeights):
             resid = on_device(resid, self.placement.ln_final)
         normed = self.ln_final(resid, run)
         normed = normed[..., -1:, :] if last_only else normed
-        return self.unembed(normed if self.placement is None else on_device(normed, self.placement.unembed))
+        if self.placement is not None:
+            normed = on_device(normed, self.placement.unembed)
+        if run is None:
+            return self.unembed(normed)
+        return run(self.hook_unembed_out, self.unembed(run(self.hook_unembed_in, normed)))
 
 
 class Linear(nn.Linear):

@@ -25,6 +25,14 @@ class TokenizerError(HookedCoTError, ValueError):
     """A tokenizer cannot be built, or a request (single token, substring position) cannot be met."""
 
 
+class NoTokenizerError(TokenizerError, AssertionError):
+    """Text was given to a model without a tokenizer (an AssertionError too, as TransformerLens raises)."""
+
+
+class TokenNotFoundError(TokenizerError, AssertionError):
+    """`get_token_position` found no such token; also an AssertionError, which TransformerLens raises."""
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's byte -> printable character table, the alphabet of byte-level BPE vocabularies."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -90,7 +98,8 @@ class Tokenizer:
         self.chat_template = chat_template
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         probe = backend.encode("a", add_special_tokens=True).ids
-        self.add_bos: bool = self.bos_token_id is not None and len(probe) > 1 and probe[0] == self.bos_token_id
+        self._encode_adds_bos = self.bos_token_id is not None and len(probe) > 1 and probe[0] == self.bos_token_id
+        self.add_bos: bool = self._encode_adds_bos  # what `tokenize(prepend_bos=None)` does; settable
         decoder = backend.decoder.__getstate__() if backend.decoder is not None else b""
         self._byte_level = b'"ByteLevel"' in decoder  # token strings are bytes in GPT-2's alphabet
         self._added = {i: t.content for i, t in backend.get_added_tokens_decoder().items()}
@@ -99,6 +108,24 @@ class Tokenizer:
         self.name_or_path: str = ""
 
     # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_transformers(cls, hf_tokenizer: Any) -> "Tokenizer":
+        """From a transformers fast tokenizer (what TransformerLens code passes to `set_tokenizer`
+        or the constructor): its `tokenizers` backend (copied), special tokens and chat template."""
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        if not isinstance(backend, Backend):
+            raise TokenizerError(
+                f"cannot use a {type(hf_tokenizer).__name__} as the model's tokenizer: pass a hookedcot Tokenizer "
+                "or a transformers *fast* tokenizer (AutoTokenizer.from_pretrained(..., use_fast=True))"
+            )
+        special = {name: getattr(hf_tokenizer, name, None) for name in _SPECIAL_NAMES}
+        special = {k: (str(v) if v is not None else None) for k, v in special.items()}
+        template = getattr(hf_tokenizer, "chat_template", None)
+        out = cls(Backend.from_str(backend.to_str()), special, (), template if isinstance(template, (str, dict)) else None)
+        out.name_or_path = str(getattr(hf_tokenizer, "name_or_path", "") or "")
+        out.padding_side = getattr(hf_tokenizer, "padding_side", "right")
+        return out
+
     @classmethod
     def from_gguf(cls, source: Any) -> "Tokenizer":
         """From a GGUF file's metadata as a dict, or an open `gguf.GGUFReader`. (A file path goes
@@ -261,14 +288,15 @@ class Tokenizer:
         target = self.to_single_token(single_token) if isinstance(single_token, str) else int(single_token)
         hits = [i for i, t in enumerate(ids) if t == target]
         if not hits:
-            raise TokenizerError(f"token {target} ({self.decode([target])!r}) does not occur in the sequence")
+            raise TokenNotFoundError(f"token {target} ({self.decode([target])!r}) does not occur in the sequence")
         return hits[0] if mode == "first" else hits[-1]
 
     def _encode_row(self, text: str, prepend_bos: bool | None) -> list[int]:
         ids = self.encode(text, add_special_tokens=True)
-        if prepend_bos is None:
+        prepend_bos = self.add_bos if prepend_bos is None else prepend_bos
+        if prepend_bos == self._encode_adds_bos:
             return ids
-        if self.add_bos and ids[:1] == [self.bos_token_id]:
+        if self._encode_adds_bos and ids[:1] == [self.bos_token_id]:
             ids = ids[1:]
         if prepend_bos:
             if self.bos_token_id is None:

@@ -220,17 +220,26 @@ def get_attention_mask(tokenizer: Any, tokens: Int[Tensor, "batch pos"], prepend
     pad id inside the text is attended. With left padding, `prepend_bos` and BOS sharing the pad's
     id, the last leading pad is the BOS and stays unmasked. `tokenizer=None` gives all ones.
     """
-    mask = torch.ones_like(tokens)
     if tokenizer is None:
+        return torch.ones_like(tokens)
+    return padding_mask(tokens, tokenizer.pad_token_id, tokenizer.bos_token_id,
+                        getattr(tokenizer, "padding_side", "right"), prepend_bos)
+
+
+def padding_mask(tokens: Int[Tensor, "batch pos"], pad_token_id: int | None, bos_token_id: int | None,
+                 padding_side: str, prepend_bos: bool) -> Int[Tensor, "batch pos"]:
+    """`get_attention_mask` with the tokenizer's fields given one by one (no pad id: all ones)."""
+    mask = torch.ones_like(tokens)
+    if pad_token_id is None:
         return mask
-    not_pad = tokens.ne(tokenizer.pad_token_id).long()
-    if getattr(tokenizer, "padding_side", "right") == "right":
+    not_pad = tokens.ne(pad_token_id).long()
+    if padding_side == "right":
         trailing = not_pad.flip(-1).cumsum(-1).flip(-1) == 0
         mask[trailing] = 0
     else:
         leading = not_pad.cumsum(-1) == 0
         mask[leading] = 0
-        if prepend_bos and tokenizer.bos_token_id == tokenizer.pad_token_id:
+        if prepend_bos and bos_token_id == pad_token_id:
             bos_pos = leading.sum(-1) - 1
             mask[torch.arange(mask.shape[0], device=mask.device), bos_pos] = 1
     return mask

@@ -30,7 +30,7 @@ def tokens() -> torch.Tensor:
 
 def expected_shape(spec_shape: str, b: int, p: int) -> tuple[int, ...]:
     sizes = {"b": b, "p": p, "q": p, "s": p, "d": CFG.d_model, "h": CFG.n_heads, "g": CFG.n_key_value_heads,
-             "k": CFG.d_head, "m": CFG.d_mlp, "1": 1}
+             "k": CFG.d_head, "m": CFG.d_mlp, "v": CFG.d_vocab, "1": 1}
     return tuple(sizes[c] for c in spec_shape.split())
 
 
@@ -43,7 +43,7 @@ def test_every_hook_fires_once_with_its_documented_shape(model, tokens):
     model.run_with_hooks(tokens, fwd_hooks=[(lambda n: True, record)])
     assert list(seen) == model.hook_names()  # every hook, in firing order
     per_layer = [s for s in HOOKS if s.per_layer]
-    assert len(model.hook_names()) == 1 + CFG.n_layers * len(per_layer) + 2
+    assert len(model.hook_names()) == 1 + CFG.n_layers * len(per_layer) + 4  # final norm (2), unembed (2)
     for name, shapes in seen.items():
         assert shapes == [expected_shape(spec_of(name).shape, *tokens.shape)], name
 

@@ -60,7 +60,9 @@ def test_a_string_gives_a_string_a_list_a_list_and_return_type_overrides(model, 
     assert torch.equal(model.generate(PROMPT, 6, stop_at_eos=False, return_type="tokens"), greedy)
     texts = model.generate(PROMPTS, 3, stop_at_eos=False)
     assert isinstance(texts, list) and len(texts) == 2 and all(t.startswith(p) for t, p in zip(texts, PROMPTS))
-    assert model.generate(greedy[:, :-6], 6, stop_at_eos=False, return_type="str") == [text]
+    assert model.generate(greedy[:, :-6], 6, stop_at_eos=False, return_type="str") == text  # one row: a str (TL)
+    two = torch.cat([greedy[:, :-6]] * 2)
+    assert model.generate(two, 6, stop_at_eos=False, return_type="str") == [text, text]
 
 
 def test_return_type_embeds_is_the_embedding_matrix_indexed_by_the_sequence(model, greedy):
@@ -77,7 +79,7 @@ def test_embeddings_in_continue_as_the_same_token_ids_do(model, prompt_ids, gree
     assert new.shape == (1, p0 + 6, model.cfg.d_model)
     assert torch.equal(new[:, :p0], prompt_embeds) and torch.equal(new[:, p0:], model.embed.weight.detach()[greedy[:, p0:]])
     assert torch.equal(model.generate(prompt_embeds, 6, return_type="tokens", **kw), greedy[:, p0:])
-    assert model.generate(prompt_embeds, 6, return_type="str", **kw) == [model.tokenizer.decode(greedy[0, p0:])]
+    assert model.generate(prompt_embeds, 6, return_type="str", **kw) == model.tokenizer.decode(greedy[0, p0:])
     with pytest.raises(ValueError, match="embeddings must be"):
         model.generate(prompt_embeds[0], 2)
 

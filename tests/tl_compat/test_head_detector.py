@@ -19,7 +19,7 @@ MODEL = "smollm2-135m-instruct"
 ATOL = 1e-4  # Absolute tolerance - how far does a float have to be before we consider it no longer equal?
 # ATOL is set to 1e-4 because the tensors we check on are also to 4 decimal places.
 
-model = HookedTransformer.from_pretrained(MODEL)
+model = HookedTransformer.from_pretrained(MODEL, default_prepend_bos=True)  # hookedcot: as TL loads it (BOS prepended); SmolLM2's own tokenizer adds none, hookedcot's default
 test_regular_sequence = " four token sequence"  # Four tokens including BOS
 test_duplicated_sequence = " seven token sequence seven token sequence"
 test_duplicated_sequence2 = " one two three one two three"

@@ -91,9 +91,7 @@ def test_add_hook_prepend(mock_handle, mock_lens_handle):
 
 def test_enable_reshape():
     """Test that enable_reshape sets the hook conversion correctly."""
-    from hookedcot.conversion_utils.conversion_steps.base_tensor_conversion import (
-        BaseTensorConversion,
-    )
+    from hookedcot.hook_points import BaseTensorConversion
 
     class TestHookConversion(BaseTensorConversion):
         def handle_conversion(self, input_value, *full_context):
@@ -123,9 +121,7 @@ def test_reshape_functionality_integration():
     """Test that hook conversion works in an integration context."""
     import torch
 
-    from hookedcot.conversion_utils.conversion_steps.base_tensor_conversion import (
-        BaseTensorConversion,
-    )
+    from hookedcot.hook_points import BaseTensorConversion
 
     # Create a test hook conversion
     class TestHookConversion(BaseTensorConversion):
@@ -172,9 +168,7 @@ def test_reshape_functionality_hook_returns_none_integration():
     """Test that output revert is not applied when hook returns None."""
     import torch
 
-    from hookedcot.conversion_utils.conversion_steps.base_tensor_conversion import (
-        BaseTensorConversion,
-    )
+    from hookedcot.hook_points import BaseTensorConversion
 
     # Create a test hook conversion
     class TestHookConversion(BaseTensorConversion):

@@ -4,7 +4,7 @@ import pytest
 import torch as t
 
 from hookedcot import HookedCoT as HookedTransformer
-from hookedcot import KVCache as TransformerLensKeyValueCache
+from hookedcot import HookedTransformerKeyValueCache as TransformerLensKeyValueCache
 
 
 # Pythia models seem to have some kind of numerical stability issue.

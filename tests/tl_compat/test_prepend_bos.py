@@ -40,13 +40,13 @@ class TestPrependBos:
 
     @pytest.fixture(scope="class")
     def model(self, model_name):
-        return HookedTransformer.from_pretrained(model_name)
+        return HookedTransformer.from_pretrained(model_name, default_prepend_bos=True)  # hookedcot: as TL loads it (BOS prepended); SmolLM2's own tokenizer adds none, hookedcot's default
 
     # tests
     def test_default_prepend_bos(self, model_name):
         intended_prepend_bos = True
 
-        model = HookedTransformer.from_pretrained(model_name)
+        model = HookedTransformer.from_pretrained(model_name, default_prepend_bos=True)  # hookedcot: as TL loads it (BOS prepended); SmolLM2's own tokenizer adds none, hookedcot's default
         assert (
             model.cfg.default_prepend_bos == intended_prepend_bos
         ), "Default prepend_bos should be True"
@@ -88,7 +88,7 @@ class TestPrependBos:
             self.check_tokens_length(model, logits, str_tokens, tokens, intended_prepend_bos)
 
     def test_prepend_bos_with_get_token_position(self, model_name):
-        model = HookedTransformer.from_pretrained(model_name)
+        model = HookedTransformer.from_pretrained(model_name, default_prepend_bos=True)  # hookedcot: as TL loads it (BOS prepended); SmolLM2's own tokenizer adds none, hookedcot's default
 
         bos_position = model.get_token_position(model.tokenizer.bos_token_id, self.prompt)
         assert bos_position == 0

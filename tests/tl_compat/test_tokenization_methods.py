@@ -9,7 +9,7 @@ from hookedcot import HookedCoT as HookedTransformer
 from tl_models import hf_tokenizer
 from tl_models import tl_config as HookedTransformerConfig
 
-model = HookedTransformer.from_pretrained("smollm2-135m-instruct")
+model = HookedTransformer.from_pretrained("smollm2-135m-instruct", default_prepend_bos=True)  # hookedcot: as TL loads it (BOS prepended); SmolLM2's own tokenizer adds none, hookedcot's default
 
 
 def test_set_tokenizer_during_initialization():

@@ -14,7 +14,12 @@ from tl_models import einsum  # was: from fancy_einsum import einsum
 
 pytestmark = pytest.mark.tl_compat
 
-torch.set_grad_enabled(False)
+@pytest.fixture(scope="module", autouse=True)
+def no_grad():
+    # The notebooks' `torch.set_grad_enabled(False)`, scoped to this module: at import time it
+    # would switch gradients off for every test collected after it (TL's backward-hook tests).
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

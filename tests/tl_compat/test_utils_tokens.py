@@ -11,7 +11,7 @@ from hookedcot import HookedCoT as HookedTransformer
 
 MODEL = "smollm2-135m-instruct"
 
-model = HookedTransformer.from_pretrained(MODEL)
+model = HookedTransformer.from_pretrained(MODEL, default_prepend_bos=True)  # hookedcot: as TL loads it (BOS prepended); SmolLM2's own tokenizer adds none, hookedcot's default
 
 
 @pytest.fixture
