@@ -210,3 +210,23 @@ def test_activations_collected_over_two_ranks_make_the_same_store_file_for_file(
         a, b = load_file(one / name), load_file(two / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp / "store.parts").exists()
+
+
+def test_resample_steps_over_ranks_returns_what_the_single_process_call_returns(smol_model, tmp_path):
+    """One rank here (the spread itself is the rollout engine tested above with two): the same
+    ResamplingResult — rollouts, distributions, importances — as `cot.importance.resample_steps`."""
+    from hookedcot.cot import CoT
+    from hookedcot.cot.importance import resample_steps as resample_one
+    from hookedcot.distributed import resample_steps as resample_ranks
+
+    cot = CoT.from_text(smol_model, "Q: What is 12 times 7?\nA: <think>",
+                        "Ten times 7 is 70. Two times 7 is 14.</think> The answer is 84.", correct_answer="84")
+    kw = dict(temperature=0.7, max_new_tokens=4, seed=5, memory_budget=64 << 20)
+    one = resample_one(smol_model, cot, 2, progress=False, **kw)
+    ranks = resample_ranks(smol_model, cot, 2, out_dir=tmp_path, ranks=Ranks(), **kw)
+    assert ranks.rollouts == one.rollouts and len(one.rollouts) == cot.n_steps + 1
+    a, b = one.to_dict(), ranks.to_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        if key != "rollouts_path":
+            assert str(a[key]) == str(b[key]), key  # str: NaN == NaN

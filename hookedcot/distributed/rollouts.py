@@ -54,7 +54,7 @@ def sample_rollouts(
               "seed": seed, "sampling": sampling.to_dict(), "model": _model_id(model)}
     done = rollouts_over_ranks(model, [prefix], [key], n, sampling, seed, think, memory_budget, fwd_hooks,
                                out_dir, header, ranks, tag_prefix=False)
-    return None if done is None else [done[(None, i)] for i in range(n)]
+    return None if done is None else [done[0][(None, i)] for i in range(n)]
 
 
 def resample_steps(
@@ -80,20 +80,25 @@ def resample_steps(
                                fwd_hooks, out_dir, header, ranks, tag_prefix=True)
     if done is None:
         return None
+    done, n_sampled = done
     rollouts = [[done[(k, i)] for i in range(n_rollouts)] for k in range(len(prefixes))]
     if similarity is None:
         r0, r1 = cot.reasoning_tokens
         similarity = ResidualSimilarity(model, reference=cot.tokens[r0:r1] or cot.tokens)
-    return measure_importance(cot, rollouts, similarity, THRESHOLD if threshold is None else threshold,
-                              SMOOTHING if smoothing is None else smoothing)
+    result = measure_importance(cot, rollouts, similarity, THRESHOLD if threshold is None else threshold,
+                                SMOOTHING if smoothing is None else smoothing)
+    result.rollouts_path = Path(out_dir) if out_dir is not None else None  # rank{r}/rollouts.jsonl inside
+    result.n_sampled = n_sampled
+    return result
 
 
 def rollouts_over_ranks(
     model: "HookedCoT", prefixes: list[list[int]], keys: list[Any], n: int, sampling: Sampling, seed: int,
     think: tuple[str, str] | None, memory_budget: int | None, fwd_hooks: Iterable, out_dir: str | Path | None,
     header: dict[str, Any], ranks: Ranks | None, tag_prefix: bool,
-) -> dict[tuple[int | None, int], Rollout] | None:
-    """The engine: {(prefix k or None, index): Rollout} for n rollouts of every prefix, on rank 0."""
+) -> tuple[dict[tuple[int | None, int], Rollout], int] | None:
+    """The engine: ({(prefix k or None, index): Rollout} for n rollouts of every prefix, how many
+    of them this call sampled, the rest read from `out_dir`) on rank 0, None elsewhere."""
     ranks = ranks if ranks is not None else init_ranks()
     out = Path(out_dir) if out_dir is not None else None
     rows = ranks.broadcast(_rows(model, sampling, memory_budget, out) if ranks.is_main else None)
@@ -105,6 +110,7 @@ def rollouts_over_ranks(
         have.update(_read_all(out, store.header))
         have.update(store.done)
     mine: dict[tuple[int | None, int], Rollout] = {}
+    sampled = 0
     todo: dict[int, list[list[tuple[int, int]]]] = {}  # prefix -> this rank's batches to decode
     for j in ranks.share(len(items)):
         k, batch = items[j]
@@ -120,21 +126,23 @@ def rollouts_over_ranks(
                 r.prefix = tag
                 if (tag, r.index) in have:  # a partly done batch: keep what is on disk
                     r = have[(tag, r.index)]
-                elif store is not None:
-                    store.append(r)
+                else:
+                    sampled += 1
+                    if store is not None:
+                        store.append(r)
                 mine[(tag, r.index)] = r
     finally:
         if store is not None:
             store.close()
-    parts = ranks.gather(mine)
+    parts = ranks.gather((mine, sampled))
     if parts is None:
         return None
-    merged = {key: r for part in parts for key, r in part.items()}
+    merged = {key: r for part, _ in parts for key, r in part.items()}
     missing = [key for k in range(len(prefixes)) for key in [((k if tag_prefix else None), i) for i in range(n)]
                if key not in merged]
     if missing:
         raise RuntimeError(f"rank 0 gathered no rollout for {missing[:5]} ({len(missing)} missing)")
-    return merged
+    return merged, sum(n for _, n in parts)
 
 
 def _rows(model: "HookedCoT", sampling: Sampling, memory_budget: int | None, out: Path | None) -> int:
