@@ -93,6 +93,11 @@ def choose_path(requested: str, model: "HookedCoT", active: dict[str, list[Any]]
         raise ValueError(f"decode must be one of {PATHS}, got {requested!r}")
     if requested == "eager":
         return "eager"
+    if getattr(model, "placement", None) is not None:  # split by a device_map: a static cache lives on one device
+        if requested != "auto":
+            raise ValueError(f"decode={requested!r} needs the model on one device, and this one is split over "
+                             f"{len(model.placement.devices)} by its device_map; use decode='eager' or 'auto'")
+        return "eager"
     python_hook = first_python_hook(active)
     if python_hook is not None or not use_cache:
         why = ("use_cache=False" if not use_cache else

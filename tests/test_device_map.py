@@ -160,8 +160,6 @@ def split_on_cpu(monkeypatch):
     spread = []
 
     def place_every_cache(past, devices):
-        if getattr(past, "static", False):  # a fixed-shape decode cache is never spread (placed_cache refuses it)
-            return
         for name in ("keys", "values", "prefix_keys", "prefix_values"):
             buf = getattr(past, name, None)
             if isinstance(buf, torch.Tensor):
@@ -189,13 +187,15 @@ def test_the_split_path_gives_the_same_patching_sweep_generation_and_rollouts(sp
     b = patch_layer_position(split, clean, corrupted, progress=False)
     assert torch.equal(a.values, b.values) and float(a.values.abs().max()) > 0
     assert whole.generate("Hello", max_new_tokens=8, do_sample=False) == split.generate("Hello", max_new_tokens=8, do_sample=False)
+    with pytest.raises(ValueError, match="needs the model on one device"):  # a fixed-shape cache is one device's
+        split.generate("Hello", max_new_tokens=2, decode="static")
     kw = dict(temperature=0.9, top_p=0.95, max_new_tokens=6, stop_at_eos=False, seed=2, progress=False)
     prefix = [ord(c) for c in "Q: 2+2? A:"]
     assert sample_rollouts(whole, prefix, 5, **kw) == sample_rollouts(split, prefix, 5, **kw)
-    # the patching and rollout caches ran on per-layer buffers (the rollouts' shared-prefix cache
-    # is built from its prefix cache's, already spread: `LayerStack.new_empty`), and so did
-    # generation's unless it took a fixed-shape decode cache
-    assert spread.count("keys") == spread.count("values") >= 2
+    # the patching, generation and rollout caches ran on per-layer buffers (the rollouts'
+    # shared-prefix cache is built from its prefix cache's, already spread: `LayerStack.new_empty`);
+    # generation on a split model takes the eager loop, whose cache can be spread
+    assert spread.count("keys") == spread.count("values") >= 3
 
 
 def test_a_split_model_gathered_onto_one_device_forgets_its_placement():
