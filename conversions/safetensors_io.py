@@ -233,7 +233,7 @@ def _shard_files(folder: Path, weight_map: dict[str, str]) -> list[Path]:
                 "names inside the checkpoint folder"
             )
         shards.setdefault(shard, []).append(name)
-    missing = [s for s in shards if not (folder / s).is_file()]
+    missing = [s for s in shards if not _is_file(folder / s)]
     if missing:
         detail = "; ".join(f"{s} (holds {_first(shards[s], 3)})" for s in missing)
         raise ConversionError(
@@ -241,6 +241,14 @@ def _shard_files(folder: Path, weight_map: dict[str, str]) -> list[Path]:
             f"names: {detail}. The download is incomplete; download the missing files again."
         )
     return [folder / s for s in shards]
+
+
+def _is_file(path: Path) -> bool:
+    """Path.is_file, with a name the OS rejects (too long, a NUL byte) reading as no file."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _no_safetensors_message(folder: Path) -> str:

@@ -268,3 +268,19 @@ def test_attacker_headers_from_the_issue_are_refused(original, tmp_path, edit):
     (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + original.data[8 + original.header_len:])
     with pytest.raises(ConversionError, match="model.safetensors"):
         HookedCoT.from_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("shard", ["a" * 1000, "nul\u0000byte", "..", ""], ids=["name too long", "NUL", "dotdot", "empty"])
+def test_index_entries_the_os_cannot_open_are_refused(original, tmp_path, shard):
+    """Found by the slow fuzz: a 1,000-character shard name made Path.is_file raise OSError."""
+    from hookedcot.conversions import ConversionError
+
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(TINY_HF_CONFIG))
+    for name, data in original.shard_bytes.items():
+        (folder / name).write_bytes(data)
+    name = sorted(original.weight_map)[0]
+    (folder / INDEX).write_text(json.dumps({**original.index, "weight_map": {**original.weight_map, name: shard}}))
+    with pytest.raises(ConversionError, match=INDEX):
+        HookedCoT.from_pretrained(str(folder))
