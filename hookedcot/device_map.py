@@ -7,9 +7,11 @@ devices, or "auto". The modules are the model's own: `embed` (alias `hook_embed`
     {"hook_embed": "cuda:0", "blocks.0-13": "cuda:0", "blocks.14-27": "cuda:1", "ln_final": "cuda:1"}
 
 Every block must be placed exactly once (a gap or an overlap is an error naming the blocks);
-`embed` defaults to block 0's device, `ln_final` to the last block's, `unembed` to `ln_final`'s —
-or, when the embeddings are tied, to `embed`'s: a tied unembedding *is* the embedding, so it
-stays one tensor and the final residual travels to it (placing it elsewhere is refused).
+`embed` defaults to block 0's device, `ln_final` to the last block's, `unembed` to `embed`'s:
+the normed final residual travels back there (small: [batch, pos, d_model]), so logits are made
+where the tokens are, `model.device`, and generation, sampling and losses see one device, as on
+an unsplit model. A tied unembedding *is* the embedding: placing it elsewhere is refused. An
+untied one may be mapped elsewhere; the forward then copies its logits back to `model.device`.
 
 Placement is data (`Placement`): the loader streams each tensor to its device, and the forward
 pass (model.py) moves the residual, the rotary tables and the mask only where one block's device
@@ -131,16 +133,12 @@ def parse_device_map(device_map: DeviceMap, cfg: ModelConfig) -> Placement:
     blocks = tuple(named[f"blocks.{layer}"] for layer in range(n))
     embed = named.get("embed", blocks[0])
     ln_final = named.get("ln_final", blocks[-1])
-    if cfg.tie_embeddings:
-        if "unembed" in named and named["unembed"] != embed:
-            raise DeviceMapError(
-                f"{cfg.model_name or 'this model'} ties its unembedding to the embedding, so unembed lives where embed "
-                f"does ({embed}); drop 'unembed' from the map or place it on {embed} (the final residual moves there)"
-            )
-        unembed = embed
-    else:
-        unembed = named.get("unembed", ln_final)
-    return Placement(embed, blocks, ln_final, unembed)
+    if cfg.tie_embeddings and named.get("unembed", embed) != embed:
+        raise DeviceMapError(
+            f"{cfg.model_name or 'this model'} ties its unembedding to the embedding, so unembed lives where embed "
+            f"does ({embed}); drop 'unembed' from the map or place it on {embed} (the final residual moves there)"
+        )
+    return Placement(embed, blocks, ln_final, named.get("unembed", embed))
 
 
 def resolve_device_map(device_map: DeviceMap | str, cfg: ModelConfig, param_bytes: Mapping[str, int]) -> Placement:
@@ -181,8 +179,8 @@ def module_bytes(param_bytes: Mapping[str, int], cfg: ModelConfig) -> tuple[int,
 def plan_auto(cfg: ModelConfig, param_bytes: Mapping[str, int], capacities: Mapping[str, int]) -> Placement:
     """Contiguous runs of blocks over `capacities` ({device: bytes}, in order), each device's share
     of the weights proportional to its capacity (balanced, as accelerate's "balanced"), never over
-    it. The embedding goes on the first device, the final norm and an untied unembedding with the
-    last block. No capacities: everything on the CPU."""
+    it. The embedding and the unembedding go on the first device (logits are made where the tokens
+    are), the final norm with the last block. No capacities: everything on the CPU."""
     if not capacities:
         return parse_device_map({"blocks": "cpu", "embed": "cpu", "ln_final": "cpu"}, cfg)
     embed, blocks, ln_final, unembed = module_bytes(param_bytes, cfg)
@@ -196,8 +194,8 @@ def plan_auto(cfg: ModelConfig, param_bytes: Mapping[str, int], capacities: Mapp
         )
     shares = [total * c / sum(caps) for c in caps]
     used, dev, placed = [0] * len(caps), 0, []
-    used[0] = embed
-    tail = ln_final + unembed
+    used[0] = embed + unembed
+    tail = ln_final
     for layer, size in enumerate(blocks):
         last = layer == len(blocks) - 1
         need = size + (tail if last else 0)

@@ -277,7 +277,8 @@ class Transformer(nn.Module, ModelWeights):
             if run.listens(self.ln_final.hook_scale) or run.listens(self.ln_final.hook_normalized):
                 self.ln_final(resid if self.placement is None else on_device(resid, self.placement.ln_final), run)
             return None
-        return self.unembed_resid(resid, run, last_only=last_logits_only)
+        logits = self.unembed_resid(resid, run, last_only=last_logits_only)
+        return logits if self.placement is None else on_device(logits, self.placement.embed)  # where the tokens are
 
     def unembed_resid(
         self, resid: Float[Tensor, "... pos d_model"], run: HookRun | None = None, last_only: bool = False
