@@ -18,6 +18,7 @@ from torch import nn
 
 from hookedcot.conversions import CheckpointNotFoundError, ConversionError, ConvertedCheckpoint, check_finite
 from hookedcot.embedded import EMBEDDED_HUB_IDS
+from hookedcot.inputs import InputError
 from hookedcot.rope import inv_freq
 
 _DTYPES = {
@@ -33,7 +34,7 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         return dtype
     key = str(dtype).removeprefix("torch.")
     if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))} or a torch.dtype")
+        raise InputError(f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))} or a torch.dtype")
     return _DTYPES[key]
 
 
@@ -124,11 +125,11 @@ def load_pretrained(
             stacklevel=3,
         )
     if default_padding_side not in (None, "left", "right"):
-        raise ValueError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
+        raise InputError(f"default_padding_side must be 'left' or 'right', got {default_padding_side!r}")
     if dtype is not None and torch_dtype is not None:
-        raise ValueError("pass dtype or torch_dtype, not both")
+        raise InputError("pass dtype or torch_dtype, not both")
     if device_map is not None and device is not None:
-        raise ValueError("pass device or device_map, not both: a device_map names each module's device")
+        raise InputError("pass device or device_map, not both: a device_map names each module's device")
     target_dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
     converted = convert_source(name_or_path, strict_config=strict_config, revision=revision)
     target_dtype = target_dtype or _default_dtype(converted.source_dtype)

@@ -77,3 +77,14 @@ def test_loading_a_name_that_is_nothing_raises_from_the_family_and_stays_a_file_
     with pytest.raises(UnknownEmbeddedModelError, match="'gpt2' is not an embedded model") as info:
         embedded_model_path("gpt2")
     assert isinstance(info.value, KeyError)
+
+
+def test_bad_from_pretrained_arguments_are_input_errors_and_still_value_errors(tmp_path):
+    from hookedcot.inputs import InputError
+    from hookedcot.loading import parse_dtype
+
+    with pytest.raises(InputError, match="unknown dtype 'float8'"):
+        parse_dtype("float8")
+    with pytest.raises(InputError, match="'left' or 'right'") as info:
+        hookedcot.HookedCoT.from_pretrained(str(tmp_path), default_padding_side="middle")
+    assert isinstance(info.value, ValueError)
