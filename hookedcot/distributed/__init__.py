@@ -12,9 +12,11 @@ SLURM `srun torchrun --nnodes $SLURM_NNODES --nproc-per-node N --rdzv-backend c1
 """
 
 from hookedcot.distributed.activations import collect_activations
-from hookedcot.distributed.ranks import Ranks, init_ranks, local_device, run_items, saved_items
+from hookedcot.distributed.ranks import (
+    RankFailedError, Ranks, WorkFolderError, init_ranks, local_device, run_items, saved_items,
+)
 from hookedcot.distributed.rollouts import resample_steps, sample_rollouts
 from hookedcot.distributed.sweeps import patch_pairs
 
-__all__ = ["Ranks", "collect_activations", "init_ranks", "local_device", "patch_pairs", "resample_steps", "run_items", "sample_rollouts",
+__all__ = ["RankFailedError", "Ranks", "WorkFolderError", "collect_activations", "init_ranks", "local_device", "patch_pairs", "resample_steps", "run_items", "sample_rollouts",
            "saved_items"]

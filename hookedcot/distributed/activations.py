@@ -23,7 +23,7 @@ from hookedcot.dictionaries.store import (
     DTYPES, MANIFEST, ActivationStore, _batch_plan, _fingerprint, _named_models, _tokenize, batch_records,
     collect_activations as collect_here,
 )
-from hookedcot.distributed.ranks import Ranks, init_ranks, run_items
+from hookedcot.distributed.ranks import Ranks, WorkFolderError, init_ranks, run_items
 from hookedcot.hook_names import stop_layer
 
 
@@ -70,6 +70,6 @@ def _batches_in_store(out: Path, fingerprint: str) -> int:
         return 0
     manifest = json.loads(path.read_text())
     if manifest.get("fingerprint") != fingerprint:
-        raise ValueError(f"{out} holds another collection (other models, texts, hooks or settings); "
+        raise WorkFolderError(f"{out} holds another collection (other models, texts, hooks or settings); "
                          "choose a new folder or delete this one")
     return sum(s["batches"][1] - s["batches"][0] for s in manifest["shards"])

@@ -29,7 +29,17 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from hookedcot.errors import HookedCoTError
+
 MANIFEST = "work.json"
+
+
+class RankFailedError(HookedCoTError, RuntimeError):
+    """Another rank died before the results were gathered (its saved work stays; rerun to resume)."""
+
+
+class WorkFolderError(HookedCoTError, ValueError):
+    """A resumed out_dir holds results of different work."""
 
 
 @dataclass
@@ -56,7 +66,7 @@ class Ranks:
         try:
             dist.gather_object(obj, out, dst=0, group=self.group)
         except RuntimeError as exc:  # gloo: "Connection closed by peer" when a rank died
-            raise RuntimeError(f"rank {self.rank}: another rank failed before the results were gathered ({exc}). "
+            raise RankFailedError(f"rank {self.rank}: another rank failed before the results were gathered ({exc}). "
                                "Work saved under out_dir stays; run the same command again to resume.") from exc
         return out
 
@@ -113,7 +123,7 @@ def check_manifest(out_dir: Path, description: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
         if old != json.loads(json.dumps(description, default=str)):
             diffs = [k for k in sorted(set(old) | set(description)) if old.get(k) != json.loads(json.dumps(description.get(k), default=str))]
-            raise ValueError(f"{out_dir} holds results of different work (differs in: {', '.join(diffs)}); "
+            raise WorkFolderError(f"{out_dir} holds results of different work (differs in: {', '.join(diffs)}); "
                              "pass a new out_dir, or the same model, items and options to resume it")
         return
     tmp = path.with_suffix(f".tmp{os.getpid()}")
