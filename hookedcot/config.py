@@ -89,10 +89,15 @@ class ModelConfig:
             problems += rope_scaling_problems(self.rope_scaling) or _rope_value_problems(self.rope_scaling)
         if problems:
             raise ConfigError("invalid ModelConfig: " + "; ".join(problems))
-        object.__setattr__(self, "_built", True)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if self.__dict__.get("_built") and name not in ASSIGNABLE_FIELDS:
+        """Fields are set once (by __init__); afterwards only ASSIGNABLE_FIELDS can change."""
+        first_time = name in self.__dataclass_fields__ and name not in self.__dict__
+        if name not in self.__dataclass_fields__:
+            raise dataclasses.FrozenInstanceError(
+                f"ModelConfig has no field {name!r} (TransformerLens switches are methods here, e.g. "
+                "model.set_use_attn_result(True))")
+        if not first_time and name not in ASSIGNABLE_FIELDS:
             raise dataclasses.FrozenInstanceError(
                 f"cannot assign to field {name!r}: a ModelConfig is fixed once built (only "
                 f"{', '.join(sorted(ASSIGNABLE_FIELDS))} can be assigned); use cfg.replace({name}=...) for a changed copy"

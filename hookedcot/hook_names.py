@@ -33,6 +33,9 @@ class HookSpec:
 HOOKS: tuple[HookSpec, ...] = (
     HookSpec("hook_embed", "", "b p d", "token embeddings (or the inputs_embeds you pass)"),
     HookSpec("hook_resid_pre", "blocks.L", "b p d", "residual stream entering block L"),
+    HookSpec("hook_q_input", "blocks.L", "b p h d", "TransformerLens' split input: a per-query-head copy of the residual before ln1, the queries' input; built only when hooked (use_split_qkv_input)", True),
+    HookSpec("hook_k_input", "blocks.L", "b p g d", "as hook_q_input, per key/value head: the keys' input", True),
+    HookSpec("hook_v_input", "blocks.L", "b p g d", "as hook_q_input, per key/value head: the values' input", True),
     HookSpec("hook_scale", "blocks.L.ln1", "b p 1", "RMSNorm scale sqrt(mean(x^2) + eps) before attention"),
     HookSpec("hook_normalized", "blocks.L.ln1", "b p d", "RMSNorm output (weight applied): the attention's input"),
     HookSpec("hook_q", "blocks.L.attn", "b p h k", "queries (with bias where the model has one)"),
@@ -46,6 +49,7 @@ HOOKS: tuple[HookSpec, ...] = (
     HookSpec("hook_result", "blocks.L.attn", "b p h d", "per-head contribution to the residual (not in a default full cache: costs b·p·h·d)", True),
     HookSpec("hook_attn_out", "blocks.L", "b p d", "attention output"),
     HookSpec("hook_resid_mid", "blocks.L", "b p d", "residual after attention, before the MLP"),
+    HookSpec("hook_mlp_in", "blocks.L", "b p d", "TransformerLens' MLP input: a copy of hook_resid_mid that feeds ln2 and the MLP only (editing it leaves the residual); built only when hooked (use_hook_mlp_in)", True),
     HookSpec("hook_scale", "blocks.L.ln2", "b p 1", "RMSNorm scale before the MLP"),
     HookSpec("hook_normalized", "blocks.L.ln2", "b p d", "RMSNorm output (weight applied): the MLP's input"),
     HookSpec("hook_pre", "blocks.L.mlp", "b p m", "gate pre-activation (gate_proj)"),

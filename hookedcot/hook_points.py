@@ -7,6 +7,12 @@ Two kinds of hooks:
   thread running the same model never sees them. Each belongs to the model that installed it: a
   second model run inside the block (a diffing partner, a source of patched features) sees none.
 
+A call that takes hooks (`run_with_hooks`, `run_with_cache`, `generate`) runs in a copy of the
+caller's context (`in_own_context`), so its hooks exist in that copy only and nothing has to remove
+them: an exception or a Ctrl-C landing anywhere, even inside the cleanup, leaves the caller's
+context as it was. A `with model.hooks(...)` block runs its body in the caller's context, so it
+removes its hooks on exit, finishing the removal before re-raising an interrupt that lands in it.
+
 At the start of each forward pass the two are merged once into a `HookRun`; each hook point then
 costs one dict lookup when nothing listens. Everything a hook might need but the forward does not
 (attention scores, per-head results) is only built when `HookRun.listens(name)` says so.
@@ -48,11 +54,9 @@ _TL_ONLY = (
      "rotary, after blocks.L.attn.hook_q / hook_k (blocks.L.attn.hook_rot_q / hook_rot_k)"),
     (re.compile(r"^hook_tokens$"), "hookedcot has no token hook: edit the token ids before the call, or hook "
      "hook_embed (the embeddings)"),
-    (re.compile(r"^blocks\.(\d+)\.hook_(attn_in|q_input|k_input|v_input)$"), "TransformerLens' per-head copy of the "
-     "attention's input (use_attn_in / use_split_qkv_input); hookedcot keeps no per-head copy: hook "
-     "blocks.{0}.hook_resid_pre (before the norm) or blocks.{0}.ln1.hook_normalized (after it)"),
-    (re.compile(r"^blocks\.(\d+)\.hook_mlp_in$"), "TransformerLens' MLP input (use_hook_mlp_in) is "
-     "blocks.{0}.hook_resid_mid here (before the norm), or blocks.{0}.ln2.hook_normalized (after it)"),
+    (re.compile(r"^blocks\.(\d+)\.hook_attn_in$"), "TransformerLens' per-head copy of the attention's input "
+     "(use_attn_in) is split here: blocks.{0}.hook_q_input (per query head), hook_k_input and hook_v_input "
+     "(per key/value head), or blocks.{0}.hook_resid_pre for all of them"),
 )
 
 
@@ -121,19 +125,42 @@ def resolve_hooks(
     return resolved
 
 
+def in_own_context(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)` in a copy of the current context: scoped hooks it installs vanish
+    with the copy, whatever way it ends."""
+    return contextvars.copy_context().run(fn, *args, **kwargs)
+
+
 class scoped_hooks:
-    """Context manager installing (name, fn) pairs on `owner` (a model), for the current
-    thread/context only."""
+    """Context manager installing (name, fn) pairs on `owner` (a model) for the current
+    thread/context only; `with ... as m` gives the owner.
+
+    A class, not a generator-based context manager: an interrupt delivered as a generator resumes
+    at its `yield` skips the `with` around the yield (found by tests/test_interrupts.py), which left
+    the hooks attached. An interrupt inside `__enter__` or `__exit__` is raised once the install is
+    undone / the removal is done."""
 
     def __init__(self, hooks: list[tuple[str, HookFn]], owner: object):
         self.hooks = tuple((owner, name, fn) for name, fn in hooks)
+        self.owner = owner
 
-    def __enter__(self) -> "scoped_hooks":
-        _SCOPED.set(_SCOPED.get() + self.hooks)
-        return self
+    def __enter__(self) -> Any:
+        try:
+            _SCOPED.set(_SCOPED.get() + self.hooks)
+            return self.owner
+        except BaseException:
+            self.__exit__()
+            raise
 
     def __exit__(self, *exc: object) -> None:
-        # Remove exactly this block's hooks (by identity): hooks the block's body removed with
+        try:
+            self._remove()
+        except BaseException:  # interrupted while removing: finish, then raise the interrupt
+            self._remove()
+            raise
+
+    def _remove(self) -> None:
+        # Exactly this block's hooks (by identity): hooks the block's body removed with
         # `remove_scoped_hooks` stay removed, and an enclosing block's hooks stay put.
         mine = {id(h) for h in self.hooks}
         _SCOPED.set(tuple(h for h in _SCOPED.get() if id(h) not in mine))

@@ -72,13 +72,20 @@ class Attention(nn.Module, AttentionWeights):
         self.hook_z, self.hook_result = p + "hook_z", p + "hook_result"
 
     def forward(
-        self, x: Tensor, run: HookRun, rope: tuple[Tensor, Tensor], mask: "AttentionMask", past: KVCache | None
+        self, x: Tensor, run: HookRun, rope: tuple[Tensor, Tensor], mask: "AttentionMask", past: KVCache | None,
+        split: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> Tensor:
+        """`x`: the normed residual [b p d]; or `split`: normed per-head inputs of the queries
+        [b p h d], keys and values [b p g d] (TransformerLens' split q/k/v input)."""
         b, p, _ = x.shape
         h, g, k = self.n_heads, self.n_kv_heads, self.d_head
-        q = run(self.hook_q, self.q_proj(x).view(b, p, h, k))
-        key = run(self.hook_k, self.k_proj(x).view(b, p, g, k))
-        v = run(self.hook_v, self.v_proj(x).view(b, p, g, k))
+        if split is None:
+            q, key, v = self.q_proj(x).view(b, p, h, k), self.k_proj(x).view(b, p, g, k), self.v_proj(x).view(b, p, g, k)
+        else:
+            q, key, v = (_per_head(inp, proj, k) for inp, proj in zip(split, (self.q_proj, self.k_proj, self.v_proj)))
+        q = run(self.hook_q, q)
+        key = run(self.hook_k, key)
+        v = run(self.hook_v, v)
         cos, signed_sin = rope
         q = run(self.hook_rot_q, apply_rotary(q, cos, signed_sin))
         key = run(self.hook_rot_k, apply_rotary(key, cos, signed_sin))
@@ -143,6 +150,13 @@ class Attention(nn.Module, AttentionWeights):
         return z.transpose(0, 1).reshape(b, h, n, k)
 
 
+def _per_head(inp: Tensor, proj: nn.Linear, d_head: int) -> Tensor:
+    """[b p heads d] inputs, one per head, through `proj`'s rows for that head -> [b p heads d_head]."""
+    heads = inp.shape[2]
+    out = torch.einsum("bpnd,nkd->bpnk", inp, proj.weight.view(heads, d_head, -1))
+    return out + proj.bias.view(heads, d_head) if proj.bias is not None else out
+
+
 class MLP(nn.Module, MLPWeights):
     """SwiGLU: down(silu(gate(x)) * up(x)); `W_in`, `W_gate`, `W_out` are TL views (tl_weights.py)."""
 
@@ -170,13 +184,28 @@ class Block(nn.Module):
         p = f"blocks.{layer}."
         self.hook_resid_pre, self.hook_attn_out, self.hook_resid_mid = p + "hook_resid_pre", p + "hook_attn_out", p + "hook_resid_mid"
         self.hook_mlp_out, self.hook_resid_post = p + "hook_mlp_out", p + "hook_resid_post"
+        self.hook_q_input, self.hook_k_input, self.hook_v_input = p + "hook_q_input", p + "hook_k_input", p + "hook_v_input"
+        self.hook_mlp_in = p + "hook_mlp_in"
 
     def forward(self, resid: Tensor, run: HookRun, rope, mask, past: KVCache | None) -> Tensor:
         resid = run(self.hook_resid_pre, resid)
-        attn_out = run(self.hook_attn_out, self.attn(self.ln1(resid, run), run, rope, mask, past))
+        split = self._split_inputs(resid, run) if run.listens(self.hook_q_input) or run.listens(
+            self.hook_k_input) or run.listens(self.hook_v_input) else None
+        attn_in = self.ln1(resid, run)
+        attn_out = run(self.hook_attn_out, self.attn(attn_in, run, rope, mask, past, split))
         resid = run(self.hook_resid_mid, resid + attn_out)
-        mlp_out = run(self.hook_mlp_out, self.mlp(self.ln2(resid, run), run))
+        mlp_in = run(self.hook_mlp_in, resid.clone()) if run.listens(self.hook_mlp_in) else resid
+        mlp_out = run(self.hook_mlp_out, self.mlp(self.ln2(mlp_in, run), run))
         return run(self.hook_resid_post, resid + mlp_out)
+
+    def _split_inputs(self, resid: Tensor, run: HookRun) -> tuple[Tensor, Tensor, Tensor]:
+        """TransformerLens' split input: one copy of the residual per query head and per key/value
+        head, hooked, then each through ln1 (without ln1's hooks, which saw the residual itself)."""
+        b, p, d = resid.shape
+        heads = (self.attn.n_heads, self.attn.n_kv_heads, self.attn.n_kv_heads)
+        names = (self.hook_q_input, self.hook_k_input, self.hook_v_input)
+        return tuple(self.ln1(run(name, resid[:, :, None, :].expand(b, p, n, d).clone()))
+                     for name, n in zip(names, heads))
 
 
 class AttentionMask:

@@ -100,6 +100,10 @@ class World:
     def __init__(self):
         self.model = random_model(CFG, seed=16)
         self.names = self.model.hook_names()
+        with torch.no_grad():  # hooks that switch the computation to another path (same math, other bits):
+            clean = self.model(TOKENS)  # the explicit attention path, per-head results, split inputs
+            self.path_changing = {n for n in self.names
+                                  if not torch.equal(self.model.run_with_hooks(TOKENS, fwd_hooks=[(n, _look)]), clean)}
         self.logits, self.suffix, self.generated, self.sweep = {}, {}, {}, {}
         self.kv = KVCache(CFG, 2, 6, self.model.dtype, "cpu")
         with torch.no_grad():
@@ -220,7 +224,7 @@ def _act(world: World, rng: random.Random, op: str, failure: str, bomb, bomb_at:
         tokens[rng.randrange(2), rng.randrange(6)] = CFG.d_vocab + rng.randrange(5)
     # hooks that only watch, at points that do not switch the computation to another path (the
     # explicit attention path for scores/pattern, the per-head sum for result): reference results
-    plain = _plain(hooks)
+    plain = _plain(world, hooks)
 
     if op == "forward":
         out = model.run_with_hooks(tokens, fwd_hooks=hooks)
@@ -266,7 +270,7 @@ def _act(world: World, rng: random.Random, op: str, failure: str, bomb, bomb_at:
         with model.hooks(fwd_hooks=around):
             values = patch_layer_position(model, TOKENS[:1], CORRUPT, metric=metric, progress=False,
                                           batch_size=SWEEP_BATCH).values
-        if _plain(around) and not any(fn is bomb for _, fn in around):
+        if _plain(world, around) and not any(fn is bomb for _, fn in around):
             assert torch.equal(values, world.sweep[_subset_of(world)])
 
 
@@ -275,9 +279,8 @@ def _subset_of(world: World) -> tuple[int, ...]:
     return tuple(i for i, (name, _) in enumerate(PERSISTENT) if name in active)
 
 
-def _plain(hooks) -> bool:
-    return not any(fn is _half or not isinstance(name, str)
-                   or name.endswith(("hook_attn_scores", "hook_pattern", "hook_result")) for name, fn in hooks)
+def _plain(world: World, hooks) -> bool:
+    return not any(fn is _half or not isinstance(name, str) or name in world.path_changing for name, fn in hooks)
 
 
 def _holders(x) -> list[str]:

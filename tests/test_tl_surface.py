@@ -215,3 +215,60 @@ def test_generate_without_tokenizer_refuses_text_and_an_unknowable_eos(model):
         bare.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, stop_at_eos=True)
     out = bare.generate(torch.zeros(1, 3, dtype=torch.long), max_new_tokens=2, stop_at_eos=True, eos_token_id=0)
     assert out.shape[0] == 1
+
+
+# ---------------------------------------------------------------- split q/k/v inputs, mlp_in
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@torch.no_grad()
+def test_split_qkv_inputs_change_nothing_until_edited_and_have_tl_shapes(model, tokens):
+    plain = model(tokens)
+    names = ["blocks.1.hook_q_input", "blocks.1.hook_k_input", "blocks.1.hook_v_input"]
+    logits, cache = model.run_with_cache(tokens, names_filter=names)
+    torch.testing.assert_close(logits, plain, rtol=1e-5, atol=1e-5)
+    assert cache[names[0]].shape == (2, 9, 4, 32) and cache[names[1]].shape == (2, 9, 2, 32)
+    _, full = model.run_with_cache(tokens)
+    assert names[0] not in full
+    model.set_use_split_qkv_input(True)
+    try:
+        _, full = model.run_with_cache(tokens)
+    finally:
+        model.set_use_split_qkv_input(False)
+    assert all(n in full for n in names)
+
+
+@torch.no_grad()
+def test_editing_one_kv_heads_key_input_moves_that_heads_keys_only(model, tokens):
+    delta = torch.randn(CFG.d_model, generator=torch.Generator().manual_seed(9))
+
+    def shift_head_1(x, hook):
+        x[:, :, 1] += delta
+        return x
+
+    _, base = model.run_with_cache(tokens, names_filter=["blocks.2.hook_resid_pre", "blocks.2.attn.hook_k"])
+    _, edited = model.run_with_cache(tokens, names_filter=["blocks.2.attn.hook_k", "blocks.2.attn.hook_q"],
+                                     fwd_hooks=[("blocks.2.hook_k_input", shift_head_1)])
+    block = model.blocks[2]
+    x = _rms(base["blocks.2.hook_resid_pre"] + delta, block.ln1.weight, CFG.norm_eps)
+    w = block.attn.k_proj.weight.view(2, CFG.d_head, CFG.d_model)[1]
+    b = block.attn.k_proj.bias.view(2, CFG.d_head)[1]
+    torch.testing.assert_close(edited["blocks.2.attn.hook_k"][:, :, 1], x @ w.T + b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(edited["blocks.2.attn.hook_k"][:, :, 0], base["blocks.2.attn.hook_k"][:, :, 0],
+                               rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_hook_mlp_in_feeds_the_mlp_and_not_the_residual(model, tokens):
+    names = ["blocks.0.hook_resid_mid", "blocks.0.hook_mlp_out", "blocks.0.hook_resid_post"]
+    _, base = model.run_with_cache(tokens, names_filter=names)
+    _, edited = model.run_with_cache(tokens, names_filter=names,
+                                     fwd_hooks=[("blocks.0.hook_mlp_in", lambda x, hook: x.mul_(0.0))])
+    torch.testing.assert_close(edited["blocks.0.hook_resid_mid"], base["blocks.0.hook_resid_mid"], rtol=0, atol=0)
+    mlp = model.blocks[0].mlp
+    zero_in = torch.zeros(1, CFG.d_model)
+    expected = mlp.down_proj(torch.nn.functional.silu(mlp.gate_proj(zero_in)) * mlp.up_proj(zero_in))
+    torch.testing.assert_close(edited["blocks.0.hook_mlp_out"], expected.expand(2, 9, -1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(edited["blocks.0.hook_resid_post"], base["blocks.0.hook_resid_mid"] + expected,
+                               rtol=1e-6, atol=1e-6)

@@ -35,8 +35,7 @@ def tl_config(**kw) -> ModelConfig:
         n_layers=kw.get("n_layers", 2), d_model=d_model, n_heads=n_heads,
         n_key_value_heads=kw.get("n_key_value_heads") or n_heads, d_head=d_head,
         d_mlp=kw.get("d_mlp") or 4 * d_model, d_vocab=kw.get("d_vocab") or 49152,
-        n_ctx=kw.get("n_ctx", 2048), act_fn="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        family="llama", **extra,
+        n_ctx=kw.get("n_ctx", 2048), act_fn="silu", family="llama", **extra,  # special ids: the tokenizer's, as in TL
     )
 
 
