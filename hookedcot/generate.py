@@ -199,7 +199,7 @@ def _start(model: "HookedCoT", input: Any, max_new_tokens: int, attention_mask: 
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     active = active_hooks(model)
     b, capacity = mask.shape[0], mask.shape[1] + max_new_tokens
-    path = choose_path(decode, model, active, use_cache, b, capacity)
+    path = choose_path(decode, model, active, use_cache)
     fast = FastStep(model, b, capacity, active, compiled=path == "compiled") if path != "eager" else None
     decoder = _Decoder(model, tokens, embeds, mask, max_new_tokens, sampling, generator, stop_ids,
                        _pad_id(model, stop_ids), stop_strings, use_cache, freq_penalty, on_token, verbose, fast)

@@ -141,5 +141,5 @@ def test_compiled_greedy_tokens_equal_the_eager_loops_for_64_tokens_on_smollm2(s
     eager = smol_model.generate(prompt, 64, decode="eager", **kw)
     assert torch.equal(fast.sequences, eager.sequences)
     assert max(float((a - b).abs().max()) for a, b in zip(fast.logits, eager.logits)) < 1e-4
-    again = smol_model.generate(prompt, 64, **kw)  # "auto" reuses the compiled step: no new compile
+    again = smol_model.generate(prompt, 64, decode="compiled", **kw)  # the same key: no new compile
     assert len(COMPILE_SECONDS) == n_compiled + 1 and torch.equal(again.sequences, fast.sequences)
