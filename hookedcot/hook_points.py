@@ -54,11 +54,9 @@ _TL_ONLY = (
      "rotary, after blocks.L.attn.hook_q / hook_k (blocks.L.attn.hook_rot_q / hook_rot_k)"),
     (re.compile(r"^hook_tokens$"), "hookedcot has no token hook: edit the token ids before the call, or hook "
      "hook_embed (the embeddings)"),
-    (re.compile(r"^blocks\.(\d+)\.hook_(attn_in|q_input|k_input|v_input)$"), "TransformerLens' per-head copy of the "
-     "attention's input (use_attn_in / use_split_qkv_input); hookedcot keeps no per-head copy: hook "
-     "blocks.{0}.hook_resid_pre (before the norm) or blocks.{0}.ln1.hook_normalized (after it)"),
-    (re.compile(r"^blocks\.(\d+)\.hook_mlp_in$"), "TransformerLens' MLP input (use_hook_mlp_in) is "
-     "blocks.{0}.hook_resid_mid here (before the norm), or blocks.{0}.ln2.hook_normalized (after it)"),
+    (re.compile(r"^blocks\.(\d+)\.hook_attn_in$"), "TransformerLens' per-head copy of the attention's input "
+     "(use_attn_in) is split here: blocks.{0}.hook_q_input (per query head), hook_k_input and hook_v_input "
+     "(per key/value head), or blocks.{0}.hook_resid_pre for all of them"),
 )
 
 

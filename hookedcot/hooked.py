@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextvars
 import threading
+import warnings
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, Union
 
@@ -29,6 +31,8 @@ from hookedcot.inputs import (
     InputError, check_attention_mask, check_generate_prompt, check_length, check_position_ids, check_tokens,
 )
 from hookedcot.kv_cache import KVCache
+from hookedcot.tokenizer import NoTokenizerError, Tokenizer
+from hookedcot.tl_kv_cache import HookedTransformerKeyValueCache, tl_cache_attention_mask
 from hookedcot.model import Transformer
 
 TextOrTokens = Union[str, Sequence[str], Tensor]
@@ -46,10 +50,13 @@ class HookedCoT(Transformer):
 
     def __init__(self, cfg: ModelConfig, tokenizer: Any = None):
         super().__init__(cfg)
-        self.tokenizer = tokenizer
+        self.tokenizer = None
+        if tokenizer is not None:
+            self.set_tokenizer(tokenizer)
         self._persistent: dict[str, list[HookFn]] = {}
         self._hook_names = all_hook_names(cfg.n_layers)
         self._default_cache_names = [n for n in self._hook_names if not spec_of(n).opt_in]
+        _bind_hook_names(self)
         self._sync_cfg_device()
 
     def _sync_cfg_device(self) -> None:
@@ -125,8 +132,10 @@ class HookedCoT(Transformer):
         loss_per_token: bool = False,
         last_logits_only: bool = False,
         tokens: Int[Tensor, "batch pos"] | None = None,
-        past_kv_cache: KVCache | None = None,
+        past_kv_cache: KVCache | HookedTransformerKeyValueCache | None = None,
         shortformer_pos_embed: Tensor | None = None,
+        prepend_bos: bool | None = None,
+        padding_side: str | None = None,
     ) -> Any:
         """Run the model. `input` is text, token ids [batch, pos] / [pos], or — with
         `start_at_layer` — the residual [batch, pos, d_model] entering that block.
@@ -137,7 +146,9 @@ class HookedCoT(Transformer):
         `last_logits_only` unembeds only the last position (generation: hooks still see them all).
         This method prepares the inputs, the hooks and the loss; `Transformer.forward` computes.
         TransformerLens' names: `past_kv_cache` (= `past_kv`), `tokens` (the loss targets when
-        starting from a residual), `shortformer_pos_embed` (must be None: rotary models have none).
+        starting from a residual), `shortformer_pos_embed` (must be None: rotary models have none),
+        `prepend_bos` / `padding_side` (for text input, and for TL's cache object: with a
+        `HookedTransformerKeyValueCache` the mask covers the new tokens only, read off their pads).
         """
         if shortformer_pos_embed is not None:
             raise ValueError("shortformer_pos_embed must be None: hookedcot's models use rotary positions")
@@ -146,10 +157,15 @@ class HookedCoT(Transformer):
                 raise ValueError("pass past_kv or past_kv_cache (TransformerLens' name), not both")
             past_kv = past_kv_cache
         targets = tokens
-        tokens, x, attention_mask = self._prepare_input(input, inputs_embeds, attention_mask, start_at_layer)
+        tokens, x, attention_mask = self._prepare_input(input, inputs_embeds, attention_mask, start_at_layer,
+                                                        prepend_bos, padding_side)
         if tokens is None and targets is not None:
             tokens = targets.to(self.device)
         b, p = x.shape[:2]
+        if isinstance(past_kv, HookedTransformerKeyValueCache):
+            attention_mask = tl_cache_attention_mask(
+                past_kv, tokens, p, b, attention_mask, self.tokenizer, padding_side,
+                self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos, x.device)
         past_len = past_kv.length if past_kv is not None else 0
         check_length(b, p, past_len, self.cfg.n_ctx)
         if position_ids is not None:
@@ -188,7 +204,7 @@ class HookedCoT(Transformer):
         loss = self._next_token_loss(out, tokens, attention_mask, per_token=loss_per_token)
         return loss if return_type == "loss" else (out, loss)
 
-    def _prepare_input(self, input, inputs_embeds, attention_mask, start_at_layer):
+    def _prepare_input(self, input, inputs_embeds, attention_mask, start_at_layer, prepend_bos=None, padding_side=None):
         """-> (token ids or None, what the model runs on: token ids, embeddings or a residual,
         attention mask or None)."""
         if start_at_layer is not None:
@@ -208,8 +224,9 @@ class HookedCoT(Transformer):
         if isinstance(input, str) or (isinstance(input, (list, tuple)) and input and isinstance(input[0], str)):
             if attention_mask is not None:
                 raise ValueError("attention_mask is built from the text; pass token ids to give your own mask")
-            tokens, mask = self.tokenize(input)
-            attention_mask = mask
+            tok = self._require_tokenizer()
+            sides = {"padding_side": padding_side} if padding_side is not None else {}
+            tokens, attention_mask = tok.tokenize(input, prepend_bos=prepend_bos, **sides)
         elif isinstance(input, Tensor) and not input.is_floating_point():
             tokens = input[None] if input.dim() == 1 else input
             if tokens.dim() != 2:
@@ -501,30 +518,62 @@ class HookedCoT(Transformer):
             tokens = tokens.to(self.device)
             if attention_mask is None and not bool(mask.all()):
                 attention_mask = mask.to(self.device)
-        if past_kv_cache is not None and attention_mask is not None and attention_mask.shape[1] == tokens.shape[1]:
+        if isinstance(past_kv_cache, HookedTransformerKeyValueCache):
+            prepend = self.cfg.default_prepend_bos if prepend_bos is None else prepend_bos
+            attention_mask = tl_cache_attention_mask(past_kv_cache, tokens, tokens.shape[1], tokens.shape[0],
+                                                     attention_mask, self.tokenizer, padding_side, prepend, self.device)
+        elif past_kv_cache is not None and attention_mask is not None and attention_mask.shape[1] == tokens.shape[1]:
             past = torch.ones(tokens.shape[0], past_kv_cache.length, dtype=attention_mask.dtype, device=self.device)
             attention_mask = torch.cat([past, attention_mask], dim=1)
         return self.embed(tokens), tokens, None, attention_mask
 
+    # TransformerLens' switches. The hooks they name are always hookable here (built only when
+    # something listens); a switch says whether `run_with_cache` records them by default.
     def set_use_attn_result(self, use_attn_result: bool) -> None:
-        """TransformerLens' switch. hookedcot's `blocks.L.attn.hook_result` is always hookable (it
-        is computed only when something listens); this switch says whether `run_with_cache`
-        records it by default (it costs batch × pos × heads × d_model per layer)."""
-        opt_in = [n for n in self._hook_names if spec_of(n).opt_in]
-        base = [n for n in self._hook_names if not spec_of(n).opt_in]
-        self._default_cache_names = [n for n in self._hook_names if n in set(base) | (set(opt_in) if use_attn_result else set())]
+        """`blocks.L.attn.hook_result` in a default full cache (batch × pos × heads × d_model per layer)."""
+        self._default_cache_opt_in(("attn.hook_result",), use_attn_result)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """`blocks.L.hook_q_input` / `hook_k_input` / `hook_v_input` in a default full cache."""
+        self._default_cache_opt_in(("hook_q_input", "hook_k_input", "hook_v_input"), use_split_qkv_input)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """`blocks.L.hook_mlp_in` in a default full cache."""
+        self._default_cache_opt_in(("hook_mlp_in",), use_hook_mlp_in)
+
+    def _default_cache_opt_in(self, suffixes: tuple[str, ...], on: bool) -> None:
+        chosen = {n for n in self._hook_names if spec_of(n).opt_in and n.endswith(suffixes)}
+        current = set(self._default_cache_names)
+        current = current | chosen if on else current - chosen
+        self._default_cache_names = [n for n in self._hook_names if n in current]
 
     def all_head_labels(self) -> list[str]:
         return [f"L{l}H{h}" for l in range(self.cfg.n_layers) for h in range(self.cfg.n_heads)]
 
     # ---------------------------------------------------------------- text
+    def set_tokenizer(self, tokenizer: Any, default_padding_side: str | None = None) -> None:
+        """Use `tokenizer` for text (TransformerLens' `set_tokenizer`): a hookedcot Tokenizer, a
+        transformers fast tokenizer (converted), or any object with `tokenize`. `cfg.default_prepend_bos`
+        takes the tokenizer's own habit (`add_bos`)."""
+        if not hasattr(tokenizer, "tokenize") or hasattr(tokenizer, "backend_tokenizer"):
+            tokenizer = Tokenizer.from_transformers(tokenizer)
+        if default_padding_side is not None:
+            tokenizer.padding_side = default_padding_side
+        self.tokenizer = tokenizer
+        if isinstance(getattr(tokenizer, "add_bos", None), bool):
+            self.cfg = self.cfg.replace(default_prepend_bos=tokenizer.add_bos)  # a copy: cfgs may be shared
+
     def _require_tokenizer(self):
-        if self.tokenizer is None:
-            raise ValueError(
+        """The tokenizer, its BOS default made `cfg.default_prepend_bos` (TL code assigns that field)."""
+        tok = self.tokenizer
+        if tok is None:
+            raise NoTokenizerError(
                 "this model has no tokenizer: load a checkpoint folder with tokenizer.json, a GGUF file or "
-                "'smollm2-135m-instruct', or pass token ids instead of text"
+                "'smollm2-135m-instruct', pass token ids instead of text, or model.set_tokenizer(tokenizer)"
             )
-        return self.tokenizer
+        if isinstance(getattr(tok, "add_bos", None), bool) and tok.add_bos != self.cfg.default_prepend_bos:
+            tok.add_bos = bool(self.cfg.default_prepend_bos)
+        return tok
 
     def to_tokens(
         self, input: str | Sequence[str], prepend_bos: bool | None = None, padding_side: str | None = None,
@@ -606,8 +655,27 @@ class HookedCoT(Transformer):
         prepend_bos, on_token(step, tokens), verbose."""
         from hookedcot.generate import generate
 
+        self._check_generate_options(input, kwargs)
         check_generate_prompt(input, kwargs.get("attention_mask"), max_new_tokens, self.cfg.n_ctx)
         return in_own_context(generate, self, input, max_new_tokens, **kwargs)  # hooks die with the call
+
+    def _check_generate_options(self, input: Any, kwargs: dict[str, Any]) -> None:
+        """TransformerLens' checks before generating: transformers-only flags are dropped with a
+        warning; text needs a tokenizer and an explicit stop_at_eos=True needs an EOS id (both
+        errors are also AssertionErrors, as TL raises)."""
+        ignored = [k for k in _HF_ONLY_GENERATE_FLAGS if kwargs.pop(k, None) is not None]
+        if ignored:
+            warnings.warn(f"unsupported generation kwargs ignored: {', '.join(ignored)} (output_logits=True "
+                          "returns each step's logits)", UserWarning, stacklevel=3)
+        if self.tokenizer is None and (isinstance(input, str) or (isinstance(input, (list, tuple)) and input
+                                                                  and isinstance(input[0], str))):
+            raise NoTokenizerError("generate got text but the model has no tokenizer: pass token ids, or "
+                                   "model.set_tokenizer(tokenizer) first")
+        eos_known = (kwargs.get("eos_token_id") is not None or self.cfg.eos_token_id is not None
+                     or getattr(self.tokenizer, "eos_token_id", None) is not None)
+        if kwargs.get("stop_at_eos") is True and not eos_known:
+            raise NoTokenizerError("stop_at_eos=True but no eos_token_id is known (no tokenizer, none in the "
+                                   "config): pass eos_token_id=..., or stop_at_eos=False")
 
     def generate_stream(self, input: str | Sequence[str] | Tensor, max_new_tokens: int = 10,
                         max_tokens_per_yield: int = 25, **kwargs: Any) -> Iterator[Any]:
@@ -624,6 +692,10 @@ class HookedCoT(Transformer):
             f"HookedCoT({c.model_name!r}: {c.n_layers} layers, d_model {c.d_model}, {c.n_heads} heads / "
             f"{c.n_key_value_heads} kv, d_mlp {c.d_mlp}, vocab {c.d_vocab}, {self.dtype}, {self.device})"
         )
+
+
+# transformers' generate flags with no meaning here: warned about and ignored (TransformerLens too).
+_HF_ONLY_GENERATE_FLAGS = ("output_scores", "output_attentions", "output_hidden_states")
 
 
 # Persistent hooks are published by replacing `model._persistent` (a forward reads it once, so a
@@ -717,6 +789,46 @@ class HookPoint:
 
     def __repr__(self) -> str:
         return f"HookPoint({self.name!r})"
+
+
+class HookName(str):
+    """A module's hook-name attribute (`model.blocks[0].hook_resid_pre`, `model.hook_embed`):
+    the name itself — the forward dispatches on it as on any string — that also answers
+    TransformerLens' `HookPoint` calls (`.add_hook(fn)`, `.remove_hooks()`, `.fwd_hooks`, ...) for
+    the model it belongs to (held weakly: the model owns its modules)."""
+
+    def __new__(cls, name: str, model: "HookedCoT") -> "HookName":
+        out = super().__new__(cls, name)
+        out._model = weakref.ref(model)
+        return out
+
+    @property
+    def name(self) -> str:
+        return str(self)
+
+    def _point(self) -> HookPoint:
+        return HookPoint(self._model(), str(self))
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return getattr(self._point(), attr)
+
+    def __reduce__(self) -> Any:  # pickles as the plain name
+        return (str, (str(self),))
+
+    def __deepcopy__(self, memo: dict) -> str:
+        """In a deep copy of the model, the copy's name (bound to the copied model)."""
+        twin = memo.get(id(self._model()))
+        return HookName(str(self), twin) if twin is not None else str(self)
+
+
+def _bind_hook_names(model: "HookedCoT") -> None:
+    """Turn every module's `hook_*` string attribute into a HookName of `model`."""
+    for module in model.modules():
+        for attr, value in list(vars(module).items()):
+            if attr.startswith("hook_") and type(value) is str:
+                object.__setattr__(module, attr, HookName(value, model))
 
 
 def _position_axis(name: str) -> int | None:

@@ -181,9 +181,7 @@ def test_positions_outside_the_sequence_are_refused(model, tokens):
 @pytest.mark.parametrize("name, hint", [
     ("hook_pos_embed", "no positional embedding"),
     ("hook_tokens", "no token hook"),
-    ("blocks.1.hook_attn_in", "blocks.1.hook_resid_pre .* blocks.1.ln1.hook_normalized"),
-    ("blocks.0.hook_q_input", "blocks.0.hook_resid_pre"),
-    ("blocks.0.hook_mlp_in", "blocks.0.hook_resid_mid here"),
+    ("blocks.1.hook_attn_in", "blocks.1.hook_q_input .* hook_k_input and hook_v_input"),
 ])
 def test_transformer_lens_names_we_do_not_have_say_what_to_hook_instead(model, tokens, name, hint):
     if name in model.hook_names():  # TransformerLens' optional hooks, once hookedcot has them, just work
