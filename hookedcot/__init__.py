@@ -5,11 +5,12 @@ from hookedcot.config import ConfigError, ModelConfig
 from hookedcot.errors import HookedCoTError
 from hookedcot.factored_matrix import FactoredMatrix, FactoredShapeError
 from hookedcot.hook_names import HOOKS, all_hook_names, get_act_name
-from hookedcot.hook_points import Hook, HookError, HookNameError
+from hookedcot.hook_points import Hook, HookError, HookNameError, NonFiniteError
 from hookedcot.hooked import HookedCoT
+from hookedcot.inputs import InputError
 from hookedcot.kv_cache import KVCache
-from hookedcot.tl_kv_cache import HookedTransformerKeyValueCache
 from hookedcot.memory import retain_freed_memory
+from hookedcot.tl_kv_cache import HookedTransformerKeyValueCache
 
 __all__ = [
     "ActivationCache",
@@ -23,8 +24,10 @@ __all__ = [
     "HookedCoT",
     "HookedCoTError",
     "HookedTransformerKeyValueCache",
+    "InputError",
     "KVCache",
     "ModelConfig",
+    "NonFiniteError",
     "all_hook_names",
     "get_act_name",
     "retain_freed_memory",
