@@ -100,6 +100,11 @@ def choose_path(requested: str, model: "HookedCoT", active: dict[str, list[Any]]
             raise ValueError(f"decode={requested!r} needs the model on one device, and this one is split over "
                              f"{len(model.placement.devices)} by its device_map; use decode='eager' or 'auto'")
         return "eager"
+    if getattr(model, "check_finite", False) and active:  # the static step skips the per-hook check
+        if requested != "auto":
+            raise ValueError(f"decode={requested!r} does not run model.check_finite's per-hook check; use "
+                             "decode='eager' or 'auto' while check_finite is on")
+        return "eager"
     python_hook = first_python_hook(active)
     if python_hook is not None or not use_cache:
         why = ("use_cache=False" if not use_cache else

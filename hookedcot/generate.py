@@ -180,7 +180,7 @@ def _start(model: "HookedCoT", input: Any, max_new_tokens: int, attention_mask: 
         kind = "str"
         # left-padded whatever padding_side says (TransformerLens forces left for batches too):
         # every row's next token is then read at the last position
-        tokens, mask = model._require_tokenizer().tokenize(input, prepend_bos=prepend_bos)
+        tokens, mask = model._require_tokenizer().tokenize(input, prepend_bos=model._prepend_bos(prepend_bos))
         tokens, mask = tokens.to(model.device), mask.to(model.device)
     elif isinstance(input, Tensor) and input.is_floating_point():
         kind = "embeds"

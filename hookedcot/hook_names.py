@@ -33,7 +33,7 @@ class HookSpec:
 HOOKS: tuple[HookSpec, ...] = (
     HookSpec("hook_embed", "", "b p d", "token embeddings (or the inputs_embeds you pass)"),
     HookSpec("hook_resid_pre", "blocks.L", "b p d", "residual stream entering block L"),
-    HookSpec("hook_q_input", "blocks.L", "b p h d", "TransformerLens' split input: a per-query-head copy of the residual before ln1, the queries' input; built only when hooked (use_split_qkv_input)", True),
+    HookSpec("hook_q_input", "blocks.L", "b p h d", "TransformerLens' split input: a per-query-head copy of the residual before ln1, the queries' input; built only when hooked (use_split_qkv_input). While any split input is hooked, attention reads the split copies: ln1's hooks still see the residual's norm but their edits do not reach attention, and logits move by float rounding (~1e-7)", True),
     HookSpec("hook_k_input", "blocks.L", "b p g d", "as hook_q_input, per key/value head: the keys' input", True),
     HookSpec("hook_v_input", "blocks.L", "b p g d", "as hook_q_input, per key/value head: the values' input", True),
     HookSpec("hook_scale", "blocks.L.ln1", "b p 1", "RMSNorm scale sqrt(mean(x^2) + eps) before attention"),

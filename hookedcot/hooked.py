@@ -59,6 +59,10 @@ class HookedCoT(Transformer):
         _bind_hook_names(self)
         self._sync_cfg_device()
 
+    def __setstate__(self, state: dict) -> None:  # unpickled (torch.load of a whole model): rebind hook names
+        super().__setstate__(state)
+        _bind_hook_names(self)
+
     def _sync_cfg_device(self) -> None:
         """Keep `cfg.device` (TransformerLens' field) equal to where the weights are."""
         device = str(self.embed.weight.device)
@@ -193,8 +197,8 @@ class HookedCoT(Transformer):
                 logits=return_type is not None,
             )
         except BaseException:
-            if past_kv is not None and past_kv.length != past_len:
-                past_kv.truncate(past_len)  # a failed call (a hook after the blocks) leaves the cache as it was
+            if past_kv is not None and (past_kv.length != past_len or isinstance(past_kv, HookedTransformerKeyValueCache)):
+                past_kv.truncate(past_len)  # a failed call leaves the cache as it was (TL's grows per layer)
             raise
         if stop_at_layer is not None or return_type in ("logits", None):
             return out
@@ -226,7 +230,7 @@ class HookedCoT(Transformer):
                 raise ValueError("attention_mask is built from the text; pass token ids to give your own mask")
             tok = self._require_tokenizer()
             sides = {"padding_side": padding_side} if padding_side is not None else {}
-            tokens, attention_mask = tok.tokenize(input, prepend_bos=prepend_bos, **sides)
+            tokens, attention_mask = tok.tokenize(input, prepend_bos=self._prepend_bos(prepend_bos), **sides)
         elif isinstance(input, Tensor) and not input.is_floating_point():
             tokens = input[None] if input.dim() == 1 else input
             if tokens.dim() != 2:
@@ -514,7 +518,7 @@ class HookedCoT(Transformer):
         else:
             tok = self._require_tokenizer()
             sides = {"padding_side": padding_side} if padding_side is not None else {}
-            tokens, mask = tok.tokenize(input, prepend_bos=prepend_bos, **sides)
+            tokens, mask = tok.tokenize(input, prepend_bos=self._prepend_bos(prepend_bos), **sides)
             tokens = tokens.to(self.device)
             if attention_mask is None and not bool(mask.all()):
                 attention_mask = mask.to(self.device)
@@ -564,16 +568,22 @@ class HookedCoT(Transformer):
             self.cfg = self.cfg.replace(default_prepend_bos=tokenizer.add_bos)  # a copy: cfgs may be shared
 
     def _require_tokenizer(self):
-        """The tokenizer, its BOS default made `cfg.default_prepend_bos` (TL code assigns that field)."""
+        """The tokenizer (pass `self._prepend_bos(prepend_bos)` to it: BOS follows `cfg.default_prepend_bos`)."""
         tok = self.tokenizer
         if tok is None:
             raise NoTokenizerError(
                 "this model has no tokenizer: load a checkpoint folder with tokenizer.json, a GGUF file or "
                 "'smollm2-135m-instruct', pass token ids instead of text, or model.set_tokenizer(tokenizer)"
             )
-        if isinstance(getattr(tok, "add_bos", None), bool) and tok.add_bos != self.cfg.default_prepend_bos:
-            tok.add_bos = bool(self.cfg.default_prepend_bos)
         return tok
+
+    def _prepend_bos(self, prepend_bos: bool | None) -> bool | None:
+        """A call's `prepend_bos`: as given, else `cfg.default_prepend_bos` (TL code assigns that
+        field; the tokenizer, which other models or threads may share, is never changed). A
+        tokenizer of one's own without `add_bos` keeps its own habit (None)."""
+        if prepend_bos is not None or not isinstance(getattr(self.tokenizer, "add_bos", None), bool):
+            return prepend_bos
+        return bool(self.cfg.default_prepend_bos)
 
     def to_tokens(
         self, input: str | Sequence[str], prepend_bos: bool | None = None, padding_side: str | None = None,
@@ -585,15 +595,15 @@ class HookedCoT(Transformer):
         mask is not returned: for batches of different lengths use `tokenize` (ids and mask)."""
         tok = self._require_tokenizer()
         if hasattr(tok, "padding_side"):
-            tokens, _ = tok.tokenize(input, prepend_bos=prepend_bos, padding_side=padding_side or tok.padding_side,
+            tokens, _ = tok.tokenize(input, prepend_bos=self._prepend_bos(prepend_bos), padding_side=padding_side or tok.padding_side,
                                      max_length=self.cfg.n_ctx if truncate else None)
         else:  # a minimal tokenizer of one's own: ids and mask, left padded
-            tokens, _ = tok.tokenize(input, prepend_bos=prepend_bos)
+            tokens, _ = tok.tokenize(input, prepend_bos=self._prepend_bos(prepend_bos))
         return tokens.to(self.device) if move_to_device else tokens
 
     def tokenize(self, text: str | Sequence[str], prepend_bos: bool | None = None) -> tuple[Tensor, Tensor]:
         """(token ids [batch, pos], attention mask [batch, pos]), left-padded."""
-        tokens, mask = self._require_tokenizer().tokenize(text, prepend_bos=prepend_bos)
+        tokens, mask = self._require_tokenizer().tokenize(text, prepend_bos=self._prepend_bos(prepend_bos))
         return tokens.to(self.device), mask.to(self.device)
 
     def to_string(self, tokens: Any) -> str | list[str]:
@@ -611,7 +621,7 @@ class HookedCoT(Transformer):
         if isinstance(input, (list, tuple)) and input and not isinstance(input[0], (int, np.integer)):
             return [self.to_str_tokens(x, prepend_bos) for x in input]
         if isinstance(input, str):
-            ids = tok.tokenize(input, prepend_bos=prepend_bos)[0][0].tolist()
+            ids = tok.tokenize(input, prepend_bos=self._prepend_bos(prepend_bos))[0][0].tolist()
         elif isinstance(input, (Tensor, np.ndarray)):
             if input.ndim == 2 and input.shape[0] != 1:
                 raise ValueError("to_str_tokens takes one sequence; index the batch row you want, or pass a list")
@@ -630,7 +640,7 @@ class HookedCoT(Transformer):
     def get_token_position(self, single_token: str | int | Tensor, input: str | Tensor, mode: str = "first",
                            prepend_bos: bool | None = None, padding_side: str | None = None) -> int:
         """Where a single token (text or id) occurs first / last (`mode`) in a text or one sequence of ids."""
-        return self._require_tokenizer().get_token_position(single_token, input, mode=mode, prepend_bos=prepend_bos)
+        return self._require_tokenizer().get_token_position(single_token, input, mode=mode, prepend_bos=self._prepend_bos(prepend_bos))
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True, **kwargs: Any) -> str:
         return self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **kwargs)

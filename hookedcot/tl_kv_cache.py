@@ -48,6 +48,7 @@ class HookedTransformerKeyValueCache:
         self.previous_attention_mask = previous_attention_mask
         self.frozen = frozen
         self.length = previous_attention_mask.shape[1]
+        self._pending_mask: Tensor | None = None  # this forward's full mask, kept once it succeeds
 
     @classmethod
     def init_cache(cls, cfg: ModelConfig, device: Any = None, batch_size: int = 1) -> "HookedTransformerKeyValueCache":
@@ -75,7 +76,7 @@ class HookedTransformerKeyValueCache:
 
     # ------------------------------------------------------------ what the forward calls
     def append_attention_mask(self, attention_mask: Tensor) -> Tensor:
-        """The mask of cached + new positions; remembered unless the cache is frozen."""
+        """The mask of cached + new positions (TL's method; remembered unless the cache is frozen)."""
         updated = torch.cat([self.previous_attention_mask.to(attention_mask.device, attention_mask.dtype),
                              attention_mask], dim=-1)
         if not self.frozen:
@@ -84,12 +85,17 @@ class HookedTransformerKeyValueCache:
 
     def full_attention_mask(self, attention_mask: Tensor | None, n_new: int, batch: int, device: Any) -> Tensor:
         """`attention_mask` for the new tokens (None: all attended), or already covering the cached
-        positions too -> the mask over cached + new positions."""
-        if attention_mask is not None and attention_mask.shape[-1] == self.length + n_new and self.length:
-            return attention_mask
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, n_new, dtype=torch.int, device=device)
-        return self.append_attention_mask(attention_mask)
+        positions too -> the mask over cached + new positions. It becomes the cache's mask when the
+        forward succeeds (`advance`): a call that fails, or only asks (`input_to_embed`), changes nothing."""
+        if attention_mask is not None and self.length and attention_mask.shape[-1] == self.length + n_new:
+            full = attention_mask
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, n_new, dtype=torch.int, device=device)
+            full = torch.cat([self.previous_attention_mask.to(attention_mask.device, attention_mask.dtype),
+                              attention_mask], dim=-1)
+        self._pending_mask = full
+        return full
 
     def write(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Append `key`/`value` [b g p k] to this layer's entry (unless frozen); return the cached
@@ -106,15 +112,23 @@ class HookedTransformerKeyValueCache:
         return full_k.transpose(1, 2), full_v.transpose(1, 2)
 
     def advance(self, n: int) -> None:
+        """The forward succeeded: its positions (and its mask) are now cached, unless frozen."""
+        pending, self._pending_mask = self._pending_mask, None
         if not self.frozen:
             self.length += n
+            if pending is not None and pending.shape[-1] == self.length:
+                self.previous_attention_mask = pending
+            else:  # a forward that built no mask here (e.g. hookedcot's own past_kv= path): all attended
+                pad = torch.ones(self.previous_attention_mask.shape[0], n, dtype=self.previous_attention_mask.dtype,
+                                 device=self.previous_attention_mask.device)
+                self.previous_attention_mask = torch.cat([self.previous_attention_mask, pad], dim=-1)
 
     def truncate(self, length: int) -> None:
         """Forget every position from `length` on (a failed forward leaves the cache as it was)."""
         for entry in self.entries:
             entry.past_keys, entry.past_values = entry.past_keys[:, :length], entry.past_values[:, :length]
         self.previous_attention_mask = self.previous_attention_mask[:, :length]
-        self.length = length
+        self.length, self._pending_mask = length, None
 
 
 def tl_cache_attention_mask(cache: HookedTransformerKeyValueCache, tokens: Tensor | None, n_new: int, batch: int,

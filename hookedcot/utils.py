@@ -109,7 +109,7 @@ def test_prompt(
     n_answers, multiple = len(answers), len(answers) > 1
     if prepend_space_to_answer:
         answers = [a if a.startswith(" ") else " " + a for a in answers]
-    prompt_ids = tok.tokenize(prompt, prepend_bos=prepend_bos)[0][0].tolist()
+    prompt_ids = tok.tokenize(prompt, prepend_bos=model._prepend_bos(prepend_bos))[0][0].tolist()
     answer_ids = [tok.encode(a, add_special_tokens=False) for a in answers]
     if any(not ids for ids in answer_ids):
         raise ValueError("an answer tokenizes to no tokens")
@@ -193,7 +193,7 @@ def input_to_embed(
     tokenizer's `padding_side`). The residual is the embedding before `hook_embed`'s hooks run."""
     if isinstance(input, (str, list)):
         tok = model._require_tokenizer()
-        tokens, mask = tok.tokenize(input, prepend_bos=prepend_bos, padding_side=padding_side or tok.padding_side)
+        tokens, mask = tok.tokenize(input, prepend_bos=model._prepend_bos(prepend_bos), padding_side=padding_side or tok.padding_side)
         attention_mask = mask if attention_mask is None else attention_mask
     else:
         tokens = input[None] if input.dim() == 1 else input

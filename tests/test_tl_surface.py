@@ -272,3 +272,53 @@ def test_hook_mlp_in_feeds_the_mlp_and_not_the_residual(model, tokens):
     torch.testing.assert_close(edited["blocks.0.hook_mlp_out"], expected.expand(2, 9, -1), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(edited["blocks.0.hook_resid_post"], base["blocks.0.hook_resid_mid"] + expected,
                                rtol=1e-6, atol=1e-6)
+
+
+# ---------------------------------------------------------------- review: state kept consistent
+@torch.no_grad()
+def test_a_hook_failing_mid_model_or_a_rejected_input_leaves_the_tl_cache_usable(model, tokens):
+    row = tokens[:1]
+    cache = HookedTransformerKeyValueCache.init_cache(model.cfg, batch_size=1)
+    model(row[:, :3], past_kv_cache=cache)
+
+    def boom(x, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        model.run_with_hooks(row[:, 3:4], past_kv_cache=cache, fwd_hooks=[("blocks.1.hook_resid_pre", boom)])
+    with pytest.raises(ValueError):
+        model(row[:, 3:4], past_kv_cache=cache, position_ids=torch.tensor([[-1]]))
+    assert [e.past_keys.shape[1] for e in cache.entries] == [3, 3, 3]
+    assert cache.previous_attention_mask.shape == (1, 3)
+    out = model(row[:, 3:5], past_kv_cache=cache)
+    torch.testing.assert_close(out, model(row[:, :5])[:, 3:], rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_tl_cache_full_length_masks_and_input_to_embed_keep_mask_and_keys_in_step(model, tokens):
+    row = tokens[:1]
+    cache = HookedTransformerKeyValueCache.init_cache(model.cfg, batch_size=1)
+    resid, toks, _, mask = model.input_to_embed(row[:, :4], past_kv_cache=cache)  # a fresh cache: nothing stored
+    assert cache.previous_attention_mask.shape == (1, 0)
+    model(resid, start_at_layer=0, tokens=toks, attention_mask=mask, past_kv_cache=cache)
+    model(row[:, 4:5], past_kv_cache=cache, attention_mask=torch.ones(1, 5, dtype=torch.long))  # covers the cache too
+    assert cache.length == 5 and cache.previous_attention_mask.shape == (1, 5)
+    out = model(row[:, 5:6], past_kv_cache=cache)
+    torch.testing.assert_close(out, model(row[:, :6])[:, 5:], rtol=1e-5, atol=1e-5)
+
+
+def test_models_sharing_a_tokenizer_keep_their_own_bos_default(smol_tok_model):
+    other = HookedCoT(smol_tok_model.cfg.replace(), tokenizer=smol_tok_model.tokenizer)
+    other.cfg.default_prepend_bos = True
+    bos = smol_tok_model.tokenizer.bos_token_id
+    assert other.to_tokens("a b")[0, 0] == bos and smol_tok_model.to_tokens("a b")[0, 0] != bos
+    assert smol_tok_model.tokenizer.add_bos is False  # the shared tokenizer is not changed
+
+
+def test_an_unpickled_model_keeps_hook_attributes_that_take_hooks(model, tokens):
+    twin = pickle.loads(pickle.dumps(model))
+    fired = []
+    twin.blocks[0].hook_resid_post.add_hook(lambda x, hook: fired.append(hook.name))
+    with torch.no_grad():
+        twin(tokens)
+    assert fired == ["blocks.0.hook_resid_post"]
