@@ -44,9 +44,11 @@ from typing import Any, Callable, Iterator
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from hookedcot.dictionaries.files import (DictionaryFileError, DictionaryFileNotFoundError, float_tensor, optional_type,
+                                          positive_int, read_json_object, read_tensors)
 from hookedcot.dictionaries.sae import FeatureEdit
 
 ARCHITECTURES = ("l1", "batchtopk")
@@ -204,30 +206,52 @@ class CrossCoder(nn.Module):
 
     @classmethod
     def load(cls, folder: str | Path, *, device: Any = None, dtype: Any = None) -> "CrossCoder":
+        """A folder written by `save`. The files are untrusted: whatever is wrong with them (JSON,
+        types, shapes against the config, non-finite weights) is a `DictionaryFileError`."""
         folder = Path(folder)
         for name in (CONFIG, WEIGHTS):
             if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name} not found; a crosscoder folder holds {CONFIG} and {WEIGHTS} "
-                                        "(written by CrossCoder.save)")
-        cfg = json.loads((folder / CONFIG).read_text())
-        if cfg.get("format", FORMAT) > FORMAT:
-            raise ValueError(f"{folder / CONFIG} has format {cfg['format']}; this hookedcot reads formats up to "
-                             f"{FORMAT}: upgrade hookedcot")
-        w = load_file(folder / WEIGHTS)
+                raise DictionaryFileNotFoundError(f"{folder / name} not found; a crosscoder folder holds {CONFIG} and "
+                                                  f"{WEIGHTS} (written by CrossCoder.save)")
+        cfg_path, weights_path = folder / CONFIG, folder / WEIGHTS
+        cfg = read_json_object(cfg_path)
+        if (fmt := positive_int(cfg_path, cfg, "format", required=False) or FORMAT) > FORMAT:
+            raise DictionaryFileError(f"{cfg_path} has format {fmt}; this hookedcot reads formats up to "
+                                      f"{FORMAT}: upgrade hookedcot")
+        models = cfg.get("models")
+        if not isinstance(models, list) or not models or not all(isinstance(m, str) and m for m in models) \
+                or len(set(models)) != len(models):
+            raise DictionaryFileError(f"{cfg_path}: 'models' must be a list of distinct model names, got {models!r}")
+        d_in, d_latent = positive_int(cfg_path, cfg, "d_in"), positive_int(cfg_path, cfg, "d_latent")
+        architecture = cfg.get("architecture")
+        if architecture not in ARCHITECTURES:
+            raise DictionaryFileError(f"{cfg_path}: architecture {architecture!r} is not one of {', '.join(ARCHITECTURES)}")
+        k = positive_int(cfg_path, cfg, "k", required=False)
+        threshold = optional_type(cfg_path, cfg, "threshold", (int, float))
+        hook_name = optional_type(cfg_path, cfg, "hook_name", (str,))
+        l1_coeff = optional_type(cfg_path, cfg, "l1_coeff", (int, float))
+        training = optional_type(cfg_path, cfg, "training", (dict,))
+        w = read_tensors(weights_path)
         if missing := sorted({"W_enc", "b_enc", "W_dec", "b_dec"} - set(w)):
-            raise ValueError(f"{folder / WEIGHTS} lacks {missing}; expected W_enc, b_enc, W_dec, b_dec, input_scale; "
-                             f"found {sorted(w)}")
-        n_models, d_in, d_latent = len(cfg["models"]), cfg["d_in"], cfg["d_latent"]
+            raise DictionaryFileError(f"{weights_path} lacks {missing}; expected W_enc, b_enc, W_dec, b_dec, "
+                                      f"input_scale; found {sorted(w)}")
+        n_models = len(models)
         if tuple(w["W_enc"].shape) != (n_models, d_in, d_latent):
-            raise ValueError(f"{folder / WEIGHTS}: W_enc has shape {tuple(w['W_enc'].shape)} but {CONFIG} says "
-                             f"[n_models, d_in, d_latent] = {[n_models, d_in, d_latent]}")
+            raise DictionaryFileError(f"{weights_path}: W_enc has shape {tuple(w['W_enc'].shape)} but {CONFIG} says "
+                                      f"[n_models, d_in, d_latent] = {[n_models, d_in, d_latent]}")
+        tensors = {n: float_tensor(weights_path, n, w[n]) for n in ("W_enc", "b_enc", "W_dec", "b_dec", "input_scale")
+                   if n in w}
+        if "input_scale" in tensors and not bool((tensors["input_scale"] > 0).all()):
+            raise DictionaryFileError(f"{weights_path}: input_scale must be positive, got {tensors['input_scale'].tolist()}")
+        dtypes = {t.dtype for t in tensors.values()}
+        if len(dtypes) > 1:
+            raise DictionaryFileError(f"{weights_path}: the tensors mix dtypes {sorted(map(str, dtypes))}; re-save it")
         try:
-            coder = cls(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], input_scale=w.get("input_scale"),
-                        architecture=cfg["architecture"], k=cfg.get("k"), threshold=cfg.get("threshold"),
-                        models=cfg["models"], hook_name=cfg.get("hook_name"), l1_coeff=cfg.get("l1_coeff"),
-                        training=cfg.get("training"))
+            coder = cls(tensors["W_enc"], tensors["b_enc"], tensors["W_dec"], tensors["b_dec"],
+                        input_scale=tensors.get("input_scale"), architecture=architecture, k=k, threshold=threshold,
+                        models=models, hook_name=hook_name, l1_coeff=l1_coeff, training=training)
         except ValueError as e:
-            raise ValueError(f"{folder / WEIGHTS}: {e}") from None
+            raise DictionaryFileError(f"{weights_path}: {e}") from None
         return coder.to(device=device, dtype=dtype) if (device or dtype) else coder
 
     def __repr__(self) -> str:

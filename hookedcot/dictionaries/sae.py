@@ -32,9 +32,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from hookedcot.dictionaries.files import (DictionaryFileError, DictionaryFileNotFoundError, float_tensor, optional_type,
+                                          positive_int, read_json_object, read_tensors)
 from hookedcot.interp.positions import Positions
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
@@ -180,11 +182,12 @@ class FeatureEdit:
 # ---------------------------------------------------------------------------------------- loading
 def load_sae(path: str | Path, *, hook_name: str | None = None, device: Any = None, dtype: Any = None) -> SAE | dict[str, SAE]:
     """A SAELens or sparsify folder (module docstring). A sparsify folder holding several modules
-    gives {hook name: SAE}; a folder of one module (or the module's own subfolder) one SAE."""
+    gives {hook name: SAE}; a folder of one module (or the module's own subfolder) one SAE. The
+    files are untrusted: whatever is wrong with them is a `DictionaryFileError` (files.py)."""
     path = Path(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path} is not a folder; an SAE is a folder with cfg.json and "
-                                f"{SAELENS_WEIGHTS} (SAELens) or {SPARSIFY_WEIGHTS} (sparsify)")
+        raise DictionaryFileNotFoundError(f"{path} is not a folder; an SAE is a folder with cfg.json and "
+                                          f"{SAELENS_WEIGHTS} (SAELens) or {SPARSIFY_WEIGHTS} (sparsify)")
     if (path / SAELENS_WEIGHTS).exists():
         sae = _load_saelens(path)
     elif (path / SPARSIFY_WEIGHTS).exists():
@@ -192,7 +195,7 @@ def load_sae(path: str | Path, *, hook_name: str | None = None, device: Any = No
     else:
         subs = sorted(p for p in path.iterdir() if (p / SPARSIFY_WEIGHTS).exists())
         if not subs:
-            raise FileNotFoundError(
+            raise DictionaryFileNotFoundError(
                 f"{path} holds neither {SAELENS_WEIGHTS} (SAELens) nor {SPARSIFY_WEIGHTS} in it or its subfolders "
                 f"(sparsify); found {sorted(p.name for p in path.iterdir())[:10]}")
         saes = [_load_sparsify(p, p.name) for p in subs]
@@ -203,23 +206,55 @@ def load_sae(path: str | Path, *, hook_name: str | None = None, device: Any = No
     return sae.to(device=device, dtype=dtype) if (device or dtype) else sae
 
 
+def _build(where: Path, tensors: dict[str, Tensor], **kwargs: Any) -> SAE:
+    """SAE(...) with every tensor checked (floating point, finite) and its shape errors as file errors."""
+    checked = {n: float_tensor(where, n, t, ndim=2 if n in ("W_enc", "W_dec") else 1) if t is not None else None
+               for n, t in tensors.items()}
+    try:
+        return SAE(checked["W_enc"], checked["b_enc"], checked["W_dec"], checked["b_dec"],
+                   threshold=checked.get("threshold"), **kwargs)
+    except ValueError as exc:
+        raise DictionaryFileError(f"{where}: {exc}") from None
+
+
 def _load_saelens(folder: Path) -> SAE:
-    cfg = json.loads((folder / SAELENS_CFG).read_text())
-    w = load_file(folder / SAELENS_WEIGHTS)
+    cfg_path, weights_path = folder / SAELENS_CFG, folder / SAELENS_WEIGHTS
+    if not cfg_path.is_file():
+        raise DictionaryFileNotFoundError(f"{cfg_path} not found; a SAELens folder holds {SAELENS_CFG} beside "
+                                          f"{SAELENS_WEIGHTS}")
+    cfg = read_json_object(cfg_path)
+    w = read_tensors(weights_path)
     missing = sorted({"W_enc", "b_enc", "W_dec", "b_dec"} - set(w))
     if missing:
-        raise ValueError(f"{folder / SAELENS_WEIGHTS} lacks {missing}; a SAELens SAE has W_enc, b_enc, W_dec, b_dec "
-                         f"(and threshold for JumpReLU); found {sorted(w)}")
-    meta = cfg.get("metadata") or {}
-    hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
-    arch = cfg.get("architecture") or ("topk" if cfg.get("activation_fn_str") == "topk" else "standard")
+        raise DictionaryFileError(f"{weights_path} lacks {missing}; a SAELens SAE has W_enc, b_enc, W_dec, b_dec "
+                                  f"(and threshold for JumpReLU); found {sorted(w)}")
+    meta = optional_type(cfg_path, cfg, "metadata", (dict,)) or {}
+    hook = optional_type(cfg_path, meta, "hook_name", (str,)) or optional_type(cfg_path, cfg, "hook_name", (str,)) \
+        or optional_type(cfg_path, cfg, "hook_point", (str,))
+    activation = optional_type(cfg_path, cfg, "activation_fn_str", (str,))
+    arch = optional_type(cfg_path, cfg, "architecture", (str,)) or ("topk" if activation == "topk" else "standard")
     arch = {"relu": "standard", "jump_relu": "jumprelu"}.get(arch, arch)
-    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if arch not in ARCHITECTURES:
+        raise DictionaryFileError(f"{cfg_path}: architecture {arch!r} is not one this loader knows "
+                                  f"({', '.join(ARCHITECTURES)}, or 'relu' / 'jump_relu')")
+    k = positive_int(cfg_path, cfg, "k", required=False)
+    if k is None:
+        kwargs = optional_type(cfg_path, cfg, "activation_fn_kwargs", (dict,)) or {}
+        k = positive_int(cfg_path, kwargs, "k", required=False)
+    for key in ("d_in", "d_sae"):
+        positive_int(cfg_path, cfg, key, required=False)
+    apply_b_dec = optional_type(cfg_path, cfg, "apply_b_dec_to_input", (bool,))
     threshold = w.get("threshold")
     if threshold is None and "log_threshold" in w:
-        threshold = w["log_threshold"].exp()
-    return SAE(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], architecture=arch, hook_name=hook, threshold=threshold,
-               k=k, apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)), meta={"cfg": cfg})
+        threshold = float_tensor(weights_path, "log_threshold", w["log_threshold"]).exp()
+    sae = _build(weights_path, {"W_enc": w["W_enc"], "b_enc": w["b_enc"], "W_dec": w["W_dec"], "b_dec": w["b_dec"],
+                                "threshold": threshold}, architecture=arch, hook_name=hook, k=k,
+                 apply_b_dec_to_input=True if apply_b_dec is None else apply_b_dec, meta={"cfg": cfg})
+    for key, got in (("d_in", sae.d_in), ("d_sae", sae.d_sae)):
+        if cfg.get(key) is not None and cfg[key] != got:
+            raise DictionaryFileError(f"{cfg_path} says {key}={cfg[key]} but {weights_path} holds W_enc "
+                                      f"{tuple(sae.W_enc.shape)} [d_in, d_sae]: the files do not belong together")
+    return sae
 
 
 def sparsify_hook_name(module: str) -> str:
@@ -237,17 +272,27 @@ def sparsify_hook_name(module: str) -> str:
 
 
 def _load_sparsify(folder: Path, module: str) -> SAE:
-    cfg = json.loads((folder / "cfg.json").read_text()) if (folder / "cfg.json").exists() else {}
-    w = load_file(folder / SPARSIFY_WEIGHTS)
+    cfg_path, weights_path = folder / "cfg.json", folder / SPARSIFY_WEIGHTS
+    cfg = read_json_object(cfg_path) if cfg_path.exists() else {}
+    w = read_tensors(weights_path)
     missing = sorted({"encoder.weight", "encoder.bias", "W_dec", "b_dec"} - set(w))
     if missing:
-        raise ValueError(f"{folder / SPARSIFY_WEIGHTS} lacks {missing}; a sparsify SAE has encoder.weight, "
-                         f"encoder.bias, W_dec, b_dec; found {sorted(w)}")
-    enc = w["encoder.weight"]  # [d_sae, d_in], nn.Linear's layout
+        raise DictionaryFileError(f"{weights_path} lacks {missing}; a sparsify SAE has encoder.weight, "
+                                  f"encoder.bias, W_dec, b_dec; found {sorted(w)}")
+    enc = float_tensor(weights_path, "encoder.weight", w["encoder.weight"], ndim=2)  # [d_sae, d_in], nn.Linear's layout
     d_sae, d_in = enc.shape
     dec = w["W_dec"]
     if tuple(dec.shape) == (d_in, d_sae) and d_in != d_sae:
         dec = dec.T  # some versions store the decoder [d_in, d_sae]
-    k = cfg.get("k")
-    return SAE(enc.T.contiguous(), w["encoder.bias"], dec.contiguous(), w["b_dec"], architecture="topk" if k else "standard",
-               hook_name=sparsify_hook_name(module), k=k, apply_b_dec_to_input=True, meta={"cfg": cfg, "module": module})
+    k = positive_int(cfg_path, cfg, "k", required=False)
+    latents = positive_int(cfg_path, cfg, "num_latents", required=False)
+    if latents is not None and latents != d_sae:
+        raise DictionaryFileError(f"{cfg_path} says num_latents={latents} but {weights_path} holds encoder.weight "
+                                  f"{tuple(enc.shape)} [d_sae, d_in]: the files do not belong together")
+    try:
+        hook = sparsify_hook_name(module)
+    except ValueError as exc:
+        raise DictionaryFileError(str(exc)) from None
+    return _build(weights_path, {"W_enc": enc.T.contiguous(), "b_enc": w["encoder.bias"], "W_dec": dec.contiguous(),
+                                 "b_dec": w["b_dec"]}, architecture="topk" if k else "standard", hook_name=hook, k=k,
+                  apply_b_dec_to_input=True, meta={"cfg": cfg, "module": module})

@@ -36,10 +36,12 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hookedcot.dictionaries.files import DictionaryFileError, DictionaryFileNotFoundError, read_json_object
+from hookedcot.dictionaries.store_check import _check_batch, _check_manifest, _check_tokens
 from hookedcot.generate import _stop_ids
 from hookedcot.hook_names import stop_layer
 
@@ -318,14 +320,13 @@ class ActivationStore:
         self.path = Path(path)
         manifest_path = self.path / MANIFEST
         if not manifest_path.exists():
-            raise FileNotFoundError(f"{self.path} has no {MANIFEST}: it is not an activation store "
-                                    "(make one with hookedcot.dictionaries.collect_activations)")
-        self.manifest = json.loads(manifest_path.read_text())
+            raise DictionaryFileNotFoundError(f"{self.path} has no {MANIFEST}: it is not an activation store "
+                                              "(make one with hookedcot.dictionaries.collect_activations)")
+        self.manifest = read_json_object(manifest_path)
         if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"{manifest_path} has format {self.manifest.get('format')!r}; this reader knows {FORMAT!r}")
-        self.models: list[str] = list(self.manifest["models"])
-        self.hook_names: list[str] = list(self.manifest["hooks"])
-        self.shards: list[dict[str, Any]] = self.manifest["shards"]
+            raise DictionaryFileError(f"{manifest_path} has format {self.manifest.get('format')!r}; this reader "
+                                      f"knows {FORMAT!r}")
+        self.models, self.hook_names, self.shards = _check_manifest(self.path, self.manifest)
         self.n_tokens: int = sum(s["n_tokens"] for s in self.shards)
         self._tokens: dict[str, Tensor] | None = None
 
@@ -369,7 +370,7 @@ class ActivationStore:
     def sequence_tokens(self, seq: int) -> Tensor:
         """The token ids of sequence `seq` (as collected, before `skip_first`)."""
         if self._tokens is None:
-            self._tokens = load_file(self.path / TOKENS)
+            self._tokens = _check_tokens(self.path / TOKENS, self.manifest)
         offsets = self._tokens["offsets"]
         if not 0 <= seq < len(offsets) - 1:
             raise IndexError(f"sequence {seq} out of range: the store holds {len(offsets) - 1} sequences")
@@ -378,9 +379,16 @@ class ActivationStore:
     def load_shard(self, index: int, hook_name: str, models: Sequence[str] | None = None) -> ActivationBatch:
         """One whole shard: acts [n, n_models, d] (float32) and its token ids, positions, sequences."""
         chosen, hook = self._models(models), self._hook(hook_name)
-        with safe_open(self.path / self.shards[index]["file"], framework="pt") as f:
-            acts = torch.stack([f.get_tensor(f"acts.{m}.{hook}").float() for m in chosen], dim=1)
-            return ActivationBatch(acts, f.get_tensor("tokens"), f.get_tensor("positions"), f.get_tensor("sequences"))
+        file = self.path / self.shards[index]["file"]
+        try:
+            with safe_open(file, framework="pt") as f:
+                acts = torch.stack([f.get_tensor(f"acts.{m}.{hook}").float() for m in chosen], dim=1)
+                batch = ActivationBatch(acts, f.get_tensor("tokens"), f.get_tensor("positions"), f.get_tensor("sequences"))
+        except Exception as exc:  # noqa: BLE001 - the parser's errors (a shard changed since the store was opened)
+            raise DictionaryFileError(f"{file} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); the store is "
+                                      "damaged: collect it again") from None
+        _check_batch(file, batch, self.manifest["n_sequences"])
+        return batch
 
     def batches(self, hook_name: str, batch_size: int, *, shuffle: bool = True, seed: int = 0, epochs: int | None = 1,
                 models: Sequence[str] | None = None, normalize: bool = False, mix: int = 2,

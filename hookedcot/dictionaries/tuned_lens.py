@@ -31,6 +31,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
 
+from hookedcot.dictionaries.files import (DictionaryFileError, DictionaryFileNotFoundError, float_tensor, optional_type,
+                                          positive_int, read_json_object, read_tensors)
 from hookedcot.hook_names import get_act_name
 
 LENS_TYPE = "linear_tuned_lens"
@@ -108,38 +110,59 @@ class TunedLens(nn.Module):
     @classmethod
     def load(cls, path: str | Path) -> "TunedLens":
         """A lens saved by `save` or by tuned-lens (either layout; safetensors first when both exist).
-        `params.pt` is read with `torch.load(weights_only=True)`: tensors only, never code."""
+        `params.pt` is read with `torch.load(weights_only=True)`: tensors only, never code. The
+        files are untrusted: whatever is wrong with them is a `DictionaryFileError`, and every
+        shape is checked against config.json before anything the size of config.json's numbers
+        is allocated."""
         path = Path(path)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"{path} has no config.json; a tuned lens folder holds config.json and "
-                                    "params.pt (tuned-lens' layout) or params.safetensors")
-        config = json.loads((path / "config.json").read_text())
+        cfg_path = path / "config.json"
+        if not cfg_path.is_file():
+            raise DictionaryFileNotFoundError(f"{path} has no config.json; a tuned lens folder holds config.json and "
+                                              "params.pt (tuned-lens' layout) or params.safetensors")
+        config = read_json_object(cfg_path)
         if unknown := sorted(set(config) - set(CONFIG_FIELDS)):
-            raise ValueError(f"{path / 'config.json'} has fields this loader does not understand: {unknown}; "
-                             f"known fields: {list(CONFIG_FIELDS)}")
+            raise DictionaryFileError(f"{cfg_path} has fields this loader does not understand: {unknown}; "
+                                      f"known fields: {list(CONFIG_FIELDS)}")
         if missing := [k for k in ("d_model", "num_hidden_layers") if k not in config]:
-            raise ValueError(f"{path / 'config.json'} lacks {missing}")
+            raise DictionaryFileError(f"{cfg_path} lacks {missing}")
         if config.get("lens_type", LENS_TYPE) != LENS_TYPE:
-            raise ValueError(f"lens_type {config['lens_type']!r} is not supported; only {LENS_TYPE!r} (affine translators)")
+            raise DictionaryFileError(f"{cfg_path}: lens_type {config['lens_type']!r} is not supported; only "
+                                      f"{LENS_TYPE!r} (affine translators)")
+        d_model, n_layers = positive_int(cfg_path, config, "d_model"), positive_int(cfg_path, config, "num_hidden_layers")
+        bias = optional_type(cfg_path, config, "bias", (bool,))
+        bias = True if bias is None else bias
+        strings = {k: optional_type(cfg_path, config, k, (str,))
+                   for k in ("base_model_name_or_path", "base_model_revision", "unembed_hash")}
         if (path / FORMATS["safetensors"]).is_file():
-            from safetensors.torch import load_file
-            state = load_file(str(path / FORMATS["safetensors"]))
+            state = read_tensors(path / FORMATS["safetensors"])
+            source = path / FORMATS["safetensors"]
         elif (path / FORMATS["tuned-lens"]).is_file():
-            state = torch.load(path / FORMATS["tuned-lens"], map_location="cpu", weights_only=True)
+            source = path / FORMATS["tuned-lens"]
+            try:
+                state = torch.load(source, map_location="cpu", weights_only=True)
+            except Exception as exc:  # noqa: BLE001 - the unpickler's and zip reader's errors all mean "unreadable"
+                raise DictionaryFileError(f"{source} cannot be read with torch.load(weights_only=True) "
+                                          f"({type(exc).__name__}: {str(exc)[:300]}); re-save the lens") from None
         else:
-            raise FileNotFoundError(f"{path} has config.json but neither params.pt nor params.safetensors")
-        if not isinstance(state, dict):
-            raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+            raise DictionaryFileNotFoundError(f"{path} has config.json but neither params.pt nor params.safetensors")
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
+            raise DictionaryFileError(f"{source}: expected a state dict of named tensors, got {type(state).__name__}")
         state = {k.removeprefix("layer_translators."): v for k, v in state.items()}
-        lens = cls(int(config["d_model"]), int(config["num_hidden_layers"]), bias=bool(config.get("bias", True)),
-                   base_model_name_or_path=config.get("base_model_name_or_path") or "",
-                   base_model_revision=config.get("base_model_revision"), unembed_hash=config.get("unembed_hash"))
-        expected = lens.layer_translators.state_dict()
-        if set(state) != set(expected):
-            raise ValueError(f"{path}: parameter keys do not match config.json (d_model={config['d_model']}, "
-                             f"num_hidden_layers={config['num_hidden_layers']}); missing "
-                             f"{sorted(set(expected) - set(state))[:6]}, unexpected {sorted(set(state) - set(expected))[:6]}")
-        lens.layer_translators.load_state_dict({k: v.float() for k, v in state.items()})
+        shapes = {f"{i}.weight": (d_model, d_model) for i in range(min(n_layers, len(state) + 1))}
+        if bias:
+            shapes.update({f"{i}.bias": (d_model,) for i in range(min(n_layers, len(state) + 1))})
+        if len(state) != n_layers * (2 if bias else 1) or set(state) != set(shapes):
+            raise DictionaryFileError(
+                f"{source}: parameter keys do not match config.json (d_model={d_model}, num_hidden_layers={n_layers}, "
+                f"bias={bias}); missing {sorted(set(shapes) - set(state))[:6]}, unexpected "
+                f"{sorted(set(state) - set(shapes))[:6]}")
+        if bad := {k: tuple(v.shape) for k, v in state.items() if tuple(v.shape) != shapes[k]}:
+            raise DictionaryFileError(f"{source}: shapes {dict(list(bad.items())[:4])} do not fit d_model={d_model} "
+                                      "of config.json")
+        state = {k: float_tensor(source, k, v).float() for k, v in state.items()}
+        lens = cls(d_model, n_layers, bias=bias, base_model_name_or_path=strings["base_model_name_or_path"] or "",
+                   base_model_revision=strings["base_model_revision"], unembed_hash=strings["unembed_hash"])
+        lens.layer_translators.load_state_dict(state)
         return lens
 
 

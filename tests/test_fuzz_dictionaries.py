@@ -1,0 +1,469 @@
+"""Fuzzed dictionary and lens files: SAEs (SAELens and sparsify folders), crosscoders, tuned lenses
+and activation stores. Every mutation of a tiny valid folder is refused with a HookedCoTError or
+loads consistently; 1,000 seeded cases per loader here, more under `-m slow`.
+
+Mutations (one file of the folder per case): the JSON config / manifest edited structurally at any
+depth (a value replaced by any JSON type: strings for numbers, 0, negatives, NaN, inf, huge ints,
+bools, lists, objects, 100,000-deep nesting; keys dropped, added or written twice; byte edits and
+truncation of the text); the safetensors file's bytes (bit flips, corrupt header length,
+truncation, insertions, deletions); its header re-serialised with a correct length but other
+dtypes, shapes, offsets, dropped / renamed / extra tensors; its tensors' values replaced by NaN,
+inf or huge numbers.
+
+A loaded case is consistent when every tensor is floating point and finite, the shapes agree with
+the config (d_in, d_sae / num_latents, models, d_latent, d_model, num_hidden_layers, the store's
+d and n_tokens), the settings have their types (k a positive int, names strings), and the object
+runs on a small input: encode and decode (outputs finite unless the weights are huge), every
+translator, every shard loaded with its statistics and every sequence's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from fuzzing import Tally, deep_nest, dumps, mutate_bytes, mutate_json_object, one_thread, random_json, run_case
+from hookedcot import ModelConfig
+from hookedcot.dictionaries import SAE, ActivationStore, CrossCoder, TunedLens, collect_activations, load_sae
+from model_factory import random_model
+
+FAST_CASES, SLOW_CASES = 1000, 10000
+MEMORY_EVERY = 10
+D_IN, D_SAE, HOOK = 8, 16, "blocks.0.hook_resid_post"
+HUGE = 1e6  # weights above this may overflow a matmul to inf: then only shapes are checked
+
+
+# ------------------------------------------------------------------------------------ mutations
+def _paths(value: Any, prefix: tuple = ()) -> list[tuple]:
+    """Every path (keys / indices) into a JSON value, the value itself excluded."""
+    out = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else []
+    for key, child in items:
+        out.append((*prefix, key))
+        out.extend(_paths(child, (*prefix, key)))
+    return out
+
+
+def mutate_tree(obj: dict, rng: random.Random) -> tuple[str, str]:
+    """A value anywhere in the tree replaced by any JSON value, deleted, or its container emptied;
+    or (a third of the time) fuzzing.mutate_json_object's top-level and text mutations."""
+    if rng.random() < 0.35:
+        return mutate_json_object(obj, rng, list(obj))
+    obj = json.loads(json.dumps(obj))
+    path = rng.choice(_paths(obj))
+    parent = obj
+    for key in path[:-1]:
+        parent = parent[key]
+    kind = rng.choice(["value", "value", "value", "delete", "off by one", "stringify"])
+    old = parent[path[-1]]
+    if kind == "delete":
+        del parent[path[-1]]
+    elif kind == "off by one" and type(old) is int:
+        parent[path[-1]] = old + rng.choice([-1, 1, -old - 1, 2**40])
+    elif kind == "stringify":
+        parent[path[-1]] = str(old) if not isinstance(old, (dict, list)) else json.dumps(old)
+    else:
+        parent[path[-1]] = random_json(rng) if rng.random() < 0.9 else deep_nest(100_000)
+    return dumps(obj), f"{kind} {'.'.join(map(str, path))[:60]}"
+
+
+def mutate_header(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """A structural edit of a safetensors header, re-serialised with a length that fits it."""
+    n = struct.unpack_from("<Q", data)[0]
+    header, body = json.loads(data[8: 8 + n]), data[8 + n:]
+    names = [k for k in header if k != "__metadata__"]
+    name = rng.choice(names)
+    entry = header[name]
+    begin, end = entry["data_offsets"]
+    kind = rng.choice(["dtype", "shape", "shape", "offsets", "drop", "rename", "add", "entry"])
+    if kind == "dtype":
+        entry["dtype"] = rng.choice(["F16", "BF16", "F64", "I64", "I32", "U8", "BOOL", "F8_E4M3", "X", random_json(rng)])
+    elif kind == "shape":
+        shape = entry["shape"]
+        entry["shape"] = rng.choice([[], [0], shape[::-1], [*shape, 1], [2**62, 2**62], [-1, *shape[1:]],
+                                     [s * 2 for s in shape], [s // 2 for s in shape], [1, *shape], random_json(rng)])
+    elif kind == "offsets":
+        shift = rng.choice([1, 4, 8, 64])
+        entry["data_offsets"] = rng.choice([[begin + shift, end + shift], [end, begin], [begin, begin], [0, end - begin],
+                                            [begin, 2**64], [float(begin), float(end)], random_json(rng)])
+    elif kind == "drop":
+        del header[name]
+    elif kind == "rename":
+        header[rng.choice(["W_enc", "b_enc", "W_dec", "b_dec", "threshold", "log_threshold", "input_scale",
+                           "0.weight", "1.bias", "layer_translators.0.weight", "tokens", "ids", "x"])] = header.pop(name)
+    elif kind == "add":
+        header[name + "_copy"] = dict(entry)
+    else:
+        header[name] = random_json(rng)
+    raw = dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + body, f"header {kind} of {name}"
+
+
+def mutate_values(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """One float tensor's values (or one value) set to NaN, inf or a huge number; header unchanged."""
+    n = struct.unpack_from("<Q", data)[0]
+    header = json.loads(data[8: 8 + n])
+    floats = [k for k, v in header.items() if k != "__metadata__" and v["dtype"] == "F32" and v["data_offsets"][1] > v["data_offsets"][0]]
+    if not floats:
+        return data, "values (no float tensor)"
+    name = rng.choice(floats)
+    begin, end = header[name]["data_offsets"]
+    value = rng.choice([math.nan, math.inf, -math.inf, 3e38, 1e20])
+    count = (end - begin) // 4
+    at = rng.randrange(count)
+    span = range(count) if rng.random() < 0.3 else [at]
+    out = bytearray(data)
+    for i in span:
+        struct.pack_into("<f", out, 8 + n + begin + 4 * i, value)
+    return bytes(out), f"values of {name} := {value} ({len(span)})"
+
+
+def mutate_safetensors(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    kind = rng.random()
+    if kind < 0.4:
+        n = struct.unpack_from("<Q", data)[0]
+        out, what, _ = mutate_bytes(data, rng, [(0, 8)], [0, 8, 8 + n, len(data)])
+        return out, what
+    if kind < 0.8:
+        return mutate_header(data, rng)
+    return mutate_values(data, rng)
+
+
+def mutate_pickle(data: bytes, rng: random.Random) -> tuple[bytes, str]:
+    """params.pt (a torch.save zip): its bytes, or its state dict edited and saved again."""
+    if rng.random() < 0.5:
+        out, what, _ = mutate_bytes(data, rng, [], [0, len(data) // 2, len(data)])
+        return out, what
+    import io
+
+    state = torch.load(io.BytesIO(data), weights_only=True)
+    name = rng.choice(sorted(state))
+    kind = rng.choice(["drop", "shape", "dtype", "nan", "rename", "value", "extra", "not a dict"])
+    if kind == "drop":
+        del state[name]
+    elif kind == "shape":
+        state[name] = torch.zeros(rng.choice([(D_IN + 1, D_IN), (D_IN,), (1, D_IN), (D_IN, D_IN, 1), ()]))
+    elif kind == "dtype":
+        state[name] = state[name].to(rng.choice([torch.int64, torch.float16, torch.bool, torch.float64]))
+    elif kind == "nan":
+        state[name] = state[name].clone().fill_(rng.choice([math.nan, math.inf]))
+    elif kind == "rename":
+        state[rng.choice(["9.weight", "0.bias.x", "layer_translators.0.weight", "weight"])] = state.pop(name)
+    elif kind == "value":
+        state[name] = rng.choice([1.5, "tensor", [1, 2], None, {"a": torch.zeros(2)}])
+    elif kind == "extra":
+        state["3.weight"] = torch.zeros(D_IN, D_IN)
+    else:
+        state = rng.choice([list(state.values()), torch.zeros(2), 7])
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue(), f"state dict {kind} of {name}"
+
+
+class Folder:
+    """A valid folder's files (relative path -> bytes); `case` writes it back with one file mutated."""
+
+    def __init__(self, root: Path, files: dict[str, bytes]):
+        self.root, self.files = root, files
+
+    def case(self, rng: random.Random) -> str:
+        name = rng.choice(sorted(self.files))
+        data = self.files[name]
+        if name.endswith(".json"):
+            text, what = mutate_tree(json.loads(data), rng)
+            mutated = text.encode("utf-8", "surrogatepass")
+        elif name.endswith(".pt"):
+            mutated, what = mutate_pickle(data, rng)
+        else:
+            mutated, what = mutate_safetensors(data, rng)
+        if self.root.exists():
+            shutil.rmtree(self.root)
+        for rel, content in self.files.items():
+            (self.root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (self.root / rel).write_bytes(mutated if rel == name else content)
+        return f"{name}: {what}"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _finite(tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        assert t.is_floating_point() and torch.isfinite(t).all(), f"{name} is not finite floating point"
+
+
+def _huge(tensors: Any) -> bool:
+    return any(float(t.detach().abs().max()) > HUGE for t in tensors if t is not None and t.numel())
+
+
+# ------------------------------------------------------------------------------------ SAEs
+def _check_sae(sae: Any, cfg_of: Callable[[], dict]) -> None:
+    saes = list(sae.values()) if isinstance(sae, dict) else [sae]
+    assert saes, "an empty dict of SAEs"
+    cfg = cfg_of()
+    for s in saes:
+        assert isinstance(s, SAE)
+        _finite({n: t for n, t in s.named_parameters()})
+        assert s.W_enc.shape == (s.d_in, s.d_sae) and s.W_dec.shape == (s.d_sae, s.d_in)
+        for key, got in (("d_in", s.d_in), ("d_sae", s.d_sae), ("num_latents", s.d_sae)):
+            if cfg.get(key) is not None:
+                assert cfg[key] == got, f"cfg {key}={cfg[key]!r} but the weights say {got}"
+        assert s.hook_name is None or isinstance(s.hook_name, str)
+        assert s.k is None or (type(s.k) is int and s.k > 0), f"k={s.k!r}"
+        x = torch.randn(3, s.d_in)
+        with torch.no_grad():
+            f, y = s.encode(x), s(x)
+        assert f.shape == (3, s.d_sae) and y.shape == (3, s.d_in)
+        if not _huge(s.parameters()):
+            assert torch.isfinite(y).all(), "finite weights of moderate size gave a non-finite reconstruction"
+
+
+def _saelens_folders(root: Path) -> list[Folder]:
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for arch, cfg in (("jumprelu", {"d_in": D_IN, "d_sae": D_SAE, "architecture": "jumprelu",
+                                    "metadata": {"hook_name": HOOK}, "apply_b_dec_to_input": True}),
+                      ("topk", {"d_in": D_IN, "d_sae": D_SAE, "architecture": "topk", "k": 4, "metadata": {"hook_name": HOOK}}),
+                      ("old", {"d_in": D_IN, "d_sae": D_SAE, "hook_point": HOOK, "activation_fn_str": "topk",
+                               "activation_fn_kwargs": {"k": 3}})):
+        w = {"W_enc": torch.randn(D_IN, D_SAE, generator=g), "b_enc": torch.randn(D_SAE, generator=g),
+             "W_dec": torch.randn(D_SAE, D_IN, generator=g), "b_dec": torch.randn(D_IN, generator=g)}
+        if arch == "jumprelu":
+            w["threshold"] = torch.rand(D_SAE, generator=g)
+        src = root / f"src_{arch}"
+        src.mkdir()
+        save_file(w, src / "sae_weights.safetensors")
+        (src / "cfg.json").write_text(json.dumps(cfg))
+        load_sae(src)  # the original is valid
+        out.append(Folder(root / "case", _snapshot(src)))
+    return out
+
+
+def _sparsify_folder(root: Path) -> Folder:
+    g = torch.Generator().manual_seed(1)
+    src = root / "src_sparsify"
+    for module, transposed in (("layers.1", False), ("layers.0.mlp", True)):
+        (src / module).mkdir(parents=True)
+        dec = torch.randn(D_SAE, D_IN, generator=g)
+        save_file({"encoder.weight": torch.randn(D_SAE, D_IN, generator=g), "encoder.bias": torch.randn(D_SAE, generator=g),
+                   "W_dec": dec.T.contiguous() if transposed else dec, "b_dec": torch.randn(D_IN, generator=g)},
+                  src / module / "sae.safetensors")
+        (src / module / "cfg.json").write_text(json.dumps({"k": 4, "num_latents": D_SAE, "expansion_factor": 2}))
+    assert len(load_sae(src)) == 2
+    return Folder(root / "case", _snapshot(src))
+
+
+def _cfgs(folder: Path) -> Callable[[], dict]:
+    """The (first readable) cfg.json of the case folder, for the shape checks; {} when none parses."""
+    def read() -> dict:
+        for p in sorted(folder.rglob("cfg.json")):
+            try:
+                cfg = json.loads(p.read_text())
+                if isinstance(cfg, dict) and (folder / "sae_weights.safetensors").exists():
+                    return cfg
+            except ValueError:
+                pass
+        return {}
+    return read
+
+
+def fuzz_sae(root: Path, n: int, seed: int, sparsify: bool) -> Tally:
+    folders = [_sparsify_folder(root)] if sparsify else _saelens_folders(root)
+    tally = Tally("load_sae (sparsify)" if sparsify else "load_sae (SAELens)")
+    rng = random.Random(seed)
+    with one_thread():
+        for i in range(n):
+            folder = rng.choice(folders)
+            what = folder.case(rng)
+            check = _check_sae_sparsify(folder.root) if sparsify else (lambda s, f=folder.root: _check_sae(s, _cfgs(f)))
+            run_case(tally, f"seed {seed} case {i} ({what})", lambda f=folder.root: load_sae(f), check,
+                     measure_memory=i % MEMORY_EVERY == 0)
+    return tally
+
+
+def _check_sae_sparsify(folder: Path) -> Callable[[Any], None]:
+    def check(saes: Any) -> None:
+        assert isinstance(saes, dict) and len(saes) == 2, "a two-module folder gave other than two SAEs"
+        names = {"blocks.1.hook_resid_post": "layers.1", "blocks.0.hook_mlp_out": "layers.0.mlp"}
+        assert set(saes) == set(names)
+        for hook, sae in saes.items():
+            cfg = json.loads((folder / names[hook] / "cfg.json").read_text())
+            _check_sae(sae, lambda c=cfg: c)
+            assert (sae.k is None) == (cfg.get("k") is None)
+    return check
+
+
+# ------------------------------------------------------------------------------------ crosscoders
+def _crosscoder_folder(root: Path) -> Folder:
+    src = CrossCoder.init(D_IN, D_SAE, ["base", "chat"], seed=0, architecture="batchtopk", k=3, threshold=0.25,
+                          hook_name=HOOK, l1_coeff=None).save(root / "src_crosscoder")
+    CrossCoder.load(src)
+    return Folder(root / "case", _snapshot(src))
+
+
+def _check_crosscoder(folder: Path) -> Callable[[Any], None]:
+    def check(coder: Any) -> None:
+        cfg = json.loads((folder / "config.json").read_text())
+        assert isinstance(coder, CrossCoder)
+        assert (coder.n_models, coder.d_in, coder.d_latent) == (len(cfg["models"]), cfg["d_in"], cfg["d_latent"])
+        assert coder.models == cfg["models"] and len(set(coder.models)) == coder.n_models
+        _finite({**dict(coder.named_parameters()), "input_scale": coder.input_scale})
+        assert coder.k is None or (type(coder.k) is int and coder.k > 0)
+        assert coder.threshold is None or (type(coder.threshold) in (int, float) and math.isfinite(coder.threshold))
+        x = torch.randn(5, coder.n_models, coder.d_in)
+        with torch.no_grad():
+            f = coder.encode(x)
+            y = coder.decode(f)
+        assert f.shape == (5, coder.d_latent) and y.shape == x.shape
+        if not _huge([*coder.parameters(), coder.input_scale]):
+            assert torch.isfinite(y).all()
+    return check
+
+
+def fuzz_crosscoder(root: Path, n: int, seed: int) -> Tally:
+    folder = _crosscoder_folder(root)
+    tally = Tally("CrossCoder.load")
+    rng = random.Random(seed)
+    with one_thread():
+        for i in range(n):
+            what = folder.case(rng)
+            run_case(tally, f"seed {seed} case {i} ({what})", lambda: CrossCoder.load(folder.root),
+                     _check_crosscoder(folder.root), measure_memory=i % MEMORY_EVERY == 0)
+    return tally
+
+
+# ------------------------------------------------------------------------------------ tuned lens
+def _lens_folders(root: Path) -> list[Folder]:
+    out = []
+    for fmt in ("safetensors", "tuned-lens"):
+        lens = TunedLens(D_IN, 3, bias=True, base_model_name_or_path="tiny")
+        with torch.no_grad():
+            for p in lens.parameters():
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(2))
+        src = lens.save(root / f"src_lens_{fmt}", format=fmt)
+        TunedLens.load(src)
+        out.append(Folder(root / "case", _snapshot(src)))
+    return out
+
+
+def _check_lens(folder: Path) -> Callable[[Any], None]:
+    def check(lens: Any) -> None:
+        cfg = json.loads((folder / "config.json").read_text())
+        assert isinstance(lens, TunedLens)
+        assert lens.n_layers == cfg["num_hidden_layers"] and lens.config["d_model"] == cfg["d_model"]
+        _finite(dict(lens.named_parameters()))
+        x = torch.randn(2, 4, cfg["d_model"])
+        for layer in range(lens.n_layers):
+            y = lens.transform(x, layer)
+            assert y.shape == x.shape
+            if not _huge(lens.parameters()):
+                assert torch.isfinite(y).all()
+    return check
+
+
+def fuzz_lens(root: Path, n: int, seed: int) -> Tally:
+    folders = _lens_folders(root)
+    tally = Tally("TunedLens.load")
+    rng = random.Random(seed)
+    with one_thread():
+        for i in range(n):
+            folder = rng.choice(folders)
+            what = folder.case(rng)
+            run_case(tally, f"seed {seed} case {i} ({what})", lambda f=folder.root: TunedLens.load(f),
+                     _check_lens(folder.root), measure_memory=i % MEMORY_EVERY == 0)
+    return tally
+
+
+# ------------------------------------------------------------------------------------ activation store
+STORE_CFG = ModelConfig(n_layers=1, d_model=D_IN, n_heads=2, n_key_value_heads=1, d_head=4, d_mlp=16, d_vocab=32,
+                        norm_eps=1e-6, model_name="tiny")
+
+
+def _store_folder(root: Path) -> Folder:
+    models = {"base": random_model(STORE_CFG, seed=0), "chat": random_model(STORE_CFG, seed=1)}
+    seqs = [[1, 5, 9, 3], [2, 7, 7, 30, 11], [4, 4, 8]]
+    src = root / "src_store"
+    store = collect_activations(models, seqs, [HOOK, "blocks.0.hook_mlp_out"], src, batch_size=1, shard_tokens=4,
+                                progress=False)
+    assert store.complete and len(store.shards) >= 2
+    return Folder(root / "case", _snapshot(src))
+
+
+def _open_and_read(folder: Path) -> tuple[ActivationStore, list, list]:
+    """Opening is not enough: a store is used by reading every shard, its statistics and tokens."""
+    store = ActivationStore(folder)
+    shards = [(hook, store.load_shard(i, hook)) for i in range(len(store.shards)) for hook in store.hook_names]
+    seqs = [store.sequence_tokens(s) for s in range(store.manifest["n_sequences"])]
+    for hook in store.hook_names:
+        store.scale(hook)
+    return store, shards, seqs
+
+
+def _check_store(result: tuple[ActivationStore, list, list]) -> None:
+    store, shards, seqs = result
+    assert store.n_tokens == sum(s["n_tokens"] for s in store.shards)
+    assert sum(len(b.tokens) for _, b in shards) == store.n_tokens * len(store.hook_names)
+    for hook, batch in shards:
+        n = len(batch.tokens)
+        assert batch.acts.shape == (n, len(store.models), store.d(hook))
+        assert torch.isfinite(batch.acts).all()
+        assert batch.positions.shape == batch.sequences.shape == (n,)
+    for hook in store.hook_names:
+        scale = store.scale(hook)
+        assert scale.shape == (len(store.models),) and torch.isfinite(scale).all() and (scale > 0).all()
+        for stat in store.stats(hook).values():
+            assert stat["mean"].shape == (store.d(hook),) and torch.isfinite(stat["mean"]).all()
+    assert all(s.dim() == 1 and not s.is_floating_point() for s in seqs)
+
+
+def fuzz_store(root: Path, n: int, seed: int) -> Tally:
+    folder = _store_folder(root)
+    tally = Tally("ActivationStore (open + read)")
+    rng = random.Random(seed)
+    with one_thread():
+        for i in range(n):
+            what = folder.case(rng)
+            run_case(tally, f"seed {seed} case {i} ({what})", lambda: _open_and_read(folder.root), _check_store,
+                     measure_memory=i % MEMORY_EVERY == 0)
+    return tally
+
+
+# ------------------------------------------------------------------------------------ the tests
+LOADERS = {
+    "saelens": lambda root, n, seed: fuzz_sae(root, n, seed, sparsify=False),
+    "sparsify": lambda root, n, seed: fuzz_sae(root, n, seed, sparsify=True),
+    "crosscoder": fuzz_crosscoder,
+    "tuned_lens": fuzz_lens,
+    "store": fuzz_store,
+}
+
+
+def _assert_clean(tally: Tally, n: int) -> None:
+    print("\n" + tally.summary())
+    assert tally.cases == n
+    assert not tally.escaped, f"{len(tally.escaped)} cases escaped as non-hookedcot errors:\n" + "\n".join(tally.escaped[:20])
+
+
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_a_thousand_mutated_files_are_refused_or_load_consistently(tmp_path, loader):
+    tally = LOADERS[loader](tmp_path, FAST_CASES, 16)
+    _assert_clean(tally, FAST_CASES)
+    assert tally.outcomes["loaded"] > 0, "no mutation loaded: the consistency check never ran"
+    assert sum(n for k, n in tally.outcomes.items() if k.startswith("refused")) > FAST_CASES // 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loader", list(LOADERS))
+def test_many_mutated_files(tmp_path, loader):
+    _assert_clean(LOADERS[loader](tmp_path, SLOW_CASES, 1616), SLOW_CASES)
