@@ -22,6 +22,7 @@ from hookedcot.dictionaries.files import DictionaryFileError, plain_file, read_t
 FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 INT_DTYPES = ("I64", "I32", "I16", "I8", "U8")
 FLOAT32_MAX = 3.0e38  # a little under torch.finfo(torch.float32).max: a mean above it is inf in float32
+FLOAT32_TINY = 1.2e-38  # torch.finfo(torch.float32).tiny: a scale below it is 0 in float32
 
 
 def _count(value: Any) -> bool:
@@ -76,15 +77,15 @@ def _check_manifest(folder: Path, manifest: dict[str, Any]) -> tuple[list[str], 
         if norm is None or stat.get("count") != total or not _finite_list(stat.get("sum"), width, total) \
                 or not _finite_list(stat.get("sum_sq"), width, total) or min(stat["sum_sq"]) < 0 \
                 or type(norm) not in (int, float) or not (math.isfinite(norm) and norm > 0) \
-                or not math.sqrt(width) / (norm / total) < FLOAT32_MAX:
+                or not FLOAT32_TINY < math.sqrt(width) / (norm / total) < FLOAT32_MAX:
             raise bad(f"statistics {key!r} must have count {total} (the shards' tokens), 'sum' and 'sum_sq' (>= 0) of "
                       f"{width} numbers whose means are finite in float32 and a positive 'sum_norm' whose "
-                      "normalising factor is finite")
-    names = [s["file"] for s in shards]
+                      "normalising factor is a finite, nonzero float32")
+    names = [s.get("file") for s in shards]
     if len(set(map(str, names))) != len(names):
         raise bad("two shard entries name the same file")
     for s in shards:
-        _check_shard_header(plain_file(folder, s["file"], "shard"), s["n_tokens"], list(models), hooks, d)
+        _check_shard_header(plain_file(folder, s.get("file"), "shard"), s["n_tokens"], list(models), hooks, d)
     return list(models), list(hooks), shards
 
 
