@@ -191,7 +191,9 @@ class Block(nn.Module):
         resid = run(self.hook_resid_pre, resid)
         split = self._split_inputs(resid, run) if run.listens(self.hook_q_input) or run.listens(
             self.hook_k_input) or run.listens(self.hook_v_input) else None
-        attn_in = self.ln1(resid, run)
+        ln1_hooked = run.listens(self.ln1.hook_scale) or run.listens(self.ln1.hook_normalized)
+        # With split inputs attention reads the per-head copies; ln1 on the residual runs only for its hooks.
+        attn_in = self.ln1(resid, run) if split is None or ln1_hooked else resid
         attn_out = run(self.hook_attn_out, self.attn(attn_in, run, rope, mask, past, split))
         resid = run(self.hook_resid_mid, resid + attn_out)
         mlp_in = run(self.hook_mlp_in, resid.clone()) if run.listens(self.hook_mlp_in) else resid

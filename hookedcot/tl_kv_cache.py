@@ -77,8 +77,7 @@ class HookedTransformerKeyValueCache:
     # ------------------------------------------------------------ what the forward calls
     def append_attention_mask(self, attention_mask: Tensor) -> Tensor:
         """The mask of cached + new positions (TL's method; remembered unless the cache is frozen)."""
-        updated = torch.cat([self.previous_attention_mask.to(attention_mask.device, attention_mask.dtype),
-                             attention_mask], dim=-1)
+        updated = self._after_cached(attention_mask)
         if not self.frozen:
             self.previous_attention_mask = updated
         return updated
@@ -92,10 +91,14 @@ class HookedTransformerKeyValueCache:
         else:
             if attention_mask is None:
                 attention_mask = torch.ones(batch, n_new, dtype=torch.int, device=device)
-            full = torch.cat([self.previous_attention_mask.to(attention_mask.device, attention_mask.dtype),
-                              attention_mask], dim=-1)
+            full = self._after_cached(attention_mask)
         self._pending_mask = full
         return full
+
+    def _after_cached(self, attention_mask: Tensor) -> Tensor:
+        """The cached positions' mask followed by `attention_mask` (the new tokens')."""
+        cached = self.previous_attention_mask.to(attention_mask.device, attention_mask.dtype)
+        return torch.cat([cached, attention_mask], dim=-1)
 
     def write(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Append `key`/`value` [b g p k] to this layer's entry (unless frozen); return the cached
