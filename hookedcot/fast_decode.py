@@ -13,9 +13,13 @@ Paths (`generate(..., decode=...)`):
 - "static": `StaticKVCache` + `StaticRun` (interventions called without building `Hook` objects),
   not compiled;
 - "compiled": "static" with the step compiled by inductor (`torch.compile(fullgraph=True,
-  dynamic=False)`), once per (batch, capacity bucket, hooks' structure); the compile time is
-  reported (`FastPathNotice`) and kept in `COMPILE_SECONDS`; by request only (slower on the CPU);
-- "auto": "static" when every hook is declarative, else "eager" (see `choose_path`).
+  dynamic=False)`), once per (batch, capacity bucket, hooks' structure); inside it the
+  matrix-vector products are reductions (`kernels.gemv_by_reduction`) that read the weights near
+  the memory bandwidth; the compile time is reported (`FastPathNotice`) and kept in
+  `COMPILE_SECONDS`;
+- "auto": "eager" when a hook is a Python function; else "compiled" when the step is already
+  compiled for this shape, or when the generation may be long enough to repay a compile
+  (`auto_compiles`); else "static".
 """
 
 from __future__ import annotations
@@ -34,8 +38,12 @@ if TYPE_CHECKING:
     from hookedcot.hooked import HookedCoT
 
 PATHS = ("auto", "eager", "static", "compiled")
-CAPACITY_BUCKET = 256  # compiled steps are shared by every generation whose prompt + new tokens fit a bucket
+MIN_CAPACITY = 256  # compiled steps are shared by every generation whose prompt + new tokens fit a bucket:
+# 256, 512, 1024, ... (powers of two: a handful of compiles covers every length, at the price of
+# attending over at most twice the slots a generation needs)
+AUTO_COMPILE_MIN_NEW_TOKENS = 512  # "auto" compiles a new step shape for generations asking at least this many
 COMPILE_SECONDS: dict[tuple, float] = {}  # compile time of each compiled (shape, hooks) key, this process
+COMPILE_FAILED: dict[tuple, str] = {}  # why a key "auto" tried to compile failed: "auto" does not try it again
 
 
 class FastPathNotice(UserWarning):
@@ -82,15 +90,11 @@ def first_python_hook(active: dict[str, list[Any]]) -> tuple[str, Any] | None:
     return None
 
 
-def choose_path(requested: str, model: "HookedCoT", active: dict[str, list[Any]], use_cache: bool) -> str:
+def choose_path(requested: str, model: "HookedCoT", active: dict[str, list[Any]], use_cache: bool,
+                batch: int = 1, capacity: int = 0, max_new_tokens: int = 0) -> str:
     """The path a generation takes. An explicit "static"/"compiled" with a Python hook, or
     without a cache, raises; "auto" falls back to "eager" then (with a notice naming the hook).
-    "auto" otherwise takes "static", never "compiled": measured on the 2-core CPU (2026-11-30,
-    SmolLM2, steering on, per decode step) the compiled step took 39 ms against 28 ms static and
-    29 ms eager — inductor's matrix-vector products do not spread over the threads as
-    `kernels.split_linear` does, which costs more than fusing the small ops saves — and its first
-    compile took 81 s. "compiled" stays available by request (see README, Fast generation with
-    interventions)."""
+    "auto" otherwise takes "compiled" or "static" by `auto_compiles`."""
     if requested not in PATHS:
         raise ValueError(f"decode must be one of {PATHS}, got {requested!r}")
     if requested == "eager":
@@ -115,11 +119,31 @@ def choose_path(requested: str, model: "HookedCoT", active: dict[str, list[Any]]
         if python_hook is not None:
             warnings.warn(f"generate runs the eager decode loop: {why}", FastPathNotice, stacklevel=4)
         return "eager"
-    return "static" if requested == "auto" else requested
+    if requested != "auto":
+        return requested
+    return "compiled" if auto_compiles(model, batch, capacity, active, max_new_tokens) else "static"
 
 
 def bucket(n_positions: int) -> int:
-    return -(-n_positions // CAPACITY_BUCKET) * CAPACITY_BUCKET
+    """The compiled cache's capacity for a generation of `n_positions` (prompt + new tokens)."""
+    return max(MIN_CAPACITY, 1 << (max(n_positions, 1) - 1).bit_length())
+
+
+def auto_compiles(model: "HookedCoT", batch: int, capacity: int, active: dict[str, list[Any]],
+                  max_new_tokens: int) -> bool:
+    """Whether "auto" takes the compiled step (after `choose_path` picked a fast path): when this
+    process already compiled it for this key (free), or on the CPU when the generation asks for at
+    least `AUTO_COMPILE_MIN_NEW_TOKENS`. Measured on the 2-core CPU, float32 (2026-11-30, steering
+    on, batch 1): a compile costs 26–32 s with an empty inductor cache and ~6 s once inductor's
+    on-disk cache holds the graph (a later process, same shapes); the compiled step saves ~11 ms a
+    token (SmolLM2: 13.4–16.7 against 25.8 ms static) to ~15 ms (Qwen2-0.5B shape: 56.7 against
+    72.0). So 512 tokens repay a warm compile, and a cold one within the first few such generations
+    of a process (the step is reused by every generation of its bucket). On a GPU the compiled step
+    is not measured yet: "auto" compiles there only a key compiled by request."""
+    key = step_key(model, batch, capacity, active)
+    if key in COMPILE_SECONDS:
+        return True
+    return key not in COMPILE_FAILED and model.device.type == "cpu" and max_new_tokens >= AUTO_COMPILE_MIN_NEW_TOKENS
 
 
 def step_key(model: "HookedCoT", batch: int, capacity: int, active: dict[str, list[Any]]) -> tuple:
@@ -151,12 +175,16 @@ def _compiled() -> Callable:
 class FastStep:
     """The decode steps of one generation on a `StaticKVCache`: `prefill` runs the prompt through
     the model's ordinary forward (hooks as hook functions, positions 0..p−1), then each call runs
-    one position through `decode_step`, compiled or not."""
+    one position through `decode_step`, compiled or not. With `fallback` (decode="auto"), a
+    compile that fails (no C++ compiler, an op inductor cannot lower) leaves a notice and the
+    generation runs the static step; by request, it raises."""
 
-    def __init__(self, model: "HookedCoT", batch: int, capacity: int, active: dict[str, list[Any]], compiled: bool):
-        self.model, self.compiled = model, compiled
+    def __init__(self, model: "HookedCoT", batch: int, capacity: int, active: dict[str, list[Any]], compiled: bool,
+                 fallback: bool = False):
+        self.model, self.compiled, self.fallback = model, compiled, fallback
         self.cache = StaticKVCache(model.cfg, batch, bucket(capacity) if compiled else capacity, model.dtype,
                                    model.device)
+        self.cache.attend_all = False  # the prompt, and steps not compiled: attention sums as the dynamic cache's
         self.key = step_key(model, batch, capacity, active)
         self.active = active
 
@@ -169,6 +197,7 @@ class FastStep:
         cache.key_valid.zero_()
         cache.key_valid[:, : cache.length] = self._prompt_valid
         cache.driven = True
+        cache.attend_all = self.compiled  # a compiled step's shapes are the whole capacity
         self.run = StaticRun(self.active, cache.input_pos)
         return logits
 
@@ -183,13 +212,23 @@ class FastStep:
             raise ValueError(f"static KV cache holds {cache.max_len} positions; position {position} is past it")
         cache.input_pos.fill_(position)
         cache.key_valid[:, position] = valid
+        cache.end = position + 1
         if not self.compiled:
             return decode_step(self.model, self.run, tokens, cache)
         if self.key in COMPILE_SECONDS:
             return _compiled()(self.model, self.run, tokens, cache)
         start = time.perf_counter()
-        with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512):
-            logits = _compiled()(self.model, self.run, tokens, cache)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512):
+                logits = _compiled()(self.model, self.run, tokens, cache)
+        except Exception as error:  # the step writes only this position's slots: running it again is safe
+            if not self.fallback:
+                raise
+            COMPILE_FAILED[self.key] = why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            warnings.warn(f"compiling the decode step failed ({why[:300]}); this generation runs the static step, "
+                          "and decode='auto' will not try this shape again", FastPathNotice, stacklevel=2)
+            self.compiled = cache.attend_all = False
+            return decode_step(self.model, self.run, tokens, cache)
         COMPILE_SECONDS[self.key] = seconds = time.perf_counter() - start
         b, cap = cache.key_valid.shape
         warnings.warn(f"compiled the decode step (batch {b}, capacity {cap}, {len(self.active)} hooked points) "

@@ -7,7 +7,6 @@ greedy or seeded sampling (temperature, top-k, top-p), stop on eos or stop strin
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
@@ -17,7 +16,6 @@ from tqdm.auto import tqdm
 
 from hookedcot.fast_decode import FastStep, active_hooks, choose_path
 from hookedcot.kv_cache import KVCache
-from hookedcot.kernels import decode_kernels
 
 if TYPE_CHECKING:
     from hookedcot.hooked import HookedCoT
@@ -115,10 +113,6 @@ class _Decoder:
             run = lambda: self.model(tokens, **kw)[:, -1]  # noqa: E731
         return self.fast.prefill(run) if self.fast is not None else run()
 
-    def kernels(self) -> Any:
-        """The decode kernels (kernels.py) around eager and static steps; a compiled step brings its own."""
-        return contextlib.nullcontext() if self.fast is not None and self.fast.compiled else decode_kernels(self.model)
-
     def steps(self) -> Iterator[tuple[int, Tensor, Tensor]]:
         logits = self._forward(self.tokens, self.embeds, 0)
         stop_tensor = torch.tensor(self.stop_ids, device=self.new.device, dtype=torch.long)
@@ -199,8 +193,9 @@ def _start(model: "HookedCoT", input: Any, max_new_tokens: int, attention_mask: 
     generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
     active = active_hooks(model)
     b, capacity = mask.shape[0], mask.shape[1] + max_new_tokens
-    path = choose_path(decode, model, active, use_cache)
-    fast = FastStep(model, b, capacity, active, compiled=path == "compiled") if path != "eager" else None
+    path = choose_path(decode, model, active, use_cache, b, capacity, max_new_tokens)
+    fast = FastStep(model, b, capacity, active, compiled=path == "compiled", fallback=decode == "auto") \
+        if path != "eager" else None
     decoder = _Decoder(model, tokens, embeds, mask, max_new_tokens, sampling, generator, stop_ids,
                        _pad_id(model, stop_ids), stop_strings, use_cache, freq_penalty, on_token, verbose, fast)
     return decoder, kind
@@ -257,10 +252,9 @@ def generate(
         decoder, kind = _start(model, input, max_new_tokens, attention_mask, do_sample, temperature, top_k, top_p,
                                freq_penalty, seed, stop_at_eos, eos_token_id, stop_strings, use_cache,
                                use_past_kv_cache, prepend_bos, padding_side, on_token, verbose, decode)
-        with decoder.kernels():
-            for _, _, logits in decoder.steps():
-                if output_logits:
-                    step_logits.append(logits.clone())
+        for _, _, logits in decoder.steps():
+            if output_logits:
+                step_logits.append(logits.clone())
     sequences = decoder.sequences()
     if output_logits:
         return GenerateOutput(sequences, tuple(step_logits))
@@ -293,7 +287,7 @@ def generate_stream(
     ids (TL's habit; not for embeddings in). `return_type="str"` yields text instead: for each
     chunk, the text it adds, the prompt's text first (a string for a string in, else a list per
     row). The other options are
-    `generate`'s; hooks and decode kernels are active only while a step runs, not while you hold a
+    `generate`'s; hooks are active only while a step runs, not while you hold a
     chunk. It decodes on the eager path: hooks may change between chunks, which a step built
     once from the hooks of the call could not follow."""
     if max_tokens_per_yield < 1:
@@ -313,7 +307,7 @@ def generate_stream(
         raise TypeError(f"generate_stream got unexpected options {sorted(kwargs)}")
     steps, sent, shown = decoder.steps(), 0, [""] * decoder.new.shape[0]
     while True:
-        with model.hooks(fwd_hooks), decode_kernels(model):
+        with model.hooks(fwd_hooks):
             done = next(steps, None) is None
         if (done and decoder.n > sent) or decoder.n - sent >= max_tokens_per_yield:
             chunk = decoder.new[:, sent : decoder.n]

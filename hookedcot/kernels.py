@@ -1,37 +1,30 @@
-"""CPU decode kernels, swapped into a model by generation (as gpt-fast's quantize.py swaps nn.Linear).
+"""The matrix products of the model's Linear layers: which kernel computes x @ W.T.
 
 F.linear's matrix-vector product (MKL's sgemv) reads the weights from one thread whatever the
-thread count; a decode step is a few such products per layer, so generation spreads them over
-every thread with `split_linear`, which keeps F.linear's bits. Every other forward (sweeps, the
-lens, a plain `model(tokens)`) runs plain F.linear.
+thread count; a decode step is a few such products per layer. So a float32 CPU product of at most
+`GEMV_MAX_ROWS` token rows, without autograd, runs as `split_linear`, which spreads the weight's
+row blocks over every thread and keeps F.linear's bits exactly; while a decode step is being
+compiled it runs as `gemv_by_reduction`, which inductor turns into one loop near the memory
+bandwidth. Everything else is plain F.linear.
 
-`decode_kernels(model)` turns the model's Linear layers into `DecodeLinear` for the duration of
-the block and back on exit, also when it raises. The swap is seen by every thread using the model,
-so `DecodeLinear` only splits inside a `decode_kernels` block of its own thread (a ContextVar):
-another thread's forward in the meantime still runs F.linear.
+The choice depends on the call's arguments only (no mode, no swapped classes, no state): a
+forward of any thread, interrupted anywhere, leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import threading
+import warnings
 from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from hookedcot.model import Linear
+from torch import Tensor
 
 GEMV_MAX_ROWS = 4  # products of more rows (a prompt) are matrix products F.linear already spreads
 GEMV_MIN_WEIGHT = 1 << 17  # elements: below it the split's own ops cost more than it saves
 GEMV_SPLITS = (8, 4, 2)  # row blocks tried, most first; at most 2 per thread
 GEMV_BLOCK_MULTIPLE = 16  # rows per block: other block sizes can change the bits at high thread counts
-
-_DECODING: ContextVar[bool] = ContextVar("hookedcot_decoding", default=False)
-_LOCK = threading.Lock()
-_SWAPPED: dict[int, tuple[int, list[tuple[nn.Linear, type]]]] = {}  # id(model) -> (users, swapped layers)
 
 
 def gemv_splits(x: Tensor, weight: Tensor) -> int:
@@ -69,62 +62,32 @@ def split_linear(x: Tensor, weight: Tensor, bias: Tensor | None, splits: int) ->
     return y.transpose(0, 1).reshape(*x.shape[:-1], n_out)
 
 
-class DecodeLinear(nn.Linear):
-    """A Linear layer inside `decode_kernels`: decode-step products of this thread's block run as
-    `split_linear`, everything else as F.linear."""
+def gemv_by_reduction(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight.T written as multiply-and-sum, for a step being compiled: inductor turns it into
+    one vectorised loop over the weight's rows, spread over the threads, which reads the weight
+    near the memory bandwidth (measured 2026-11-30 on the 2-core EPYC, float32: 36–48 GB/s against
+    16 GB/s for MKL's one-threaded sgemv and 26–30 GB/s for `split_linear`). Run eagerly it would
+    materialise rows × weight; it is only ever traced. The sum runs in another order than sgemv's,
+    so the bits differ (by float32 rounding: the compiled step's tolerance, tests/test_fast_decode)."""
+    y = (x.unsqueeze(-2) * weight).sum(-1)
+    return y + bias if bias is not None else y
 
-    def forward(self, x: Tensor) -> Tensor:
-        splits = gemv_splits(x, self.weight) if _DECODING.get() else 0
-        if splits:
-            return split_linear(x, self.weight, self.bias, splits)
-        return F.linear(x, self.weight, self.bias)
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """x @ weight.T + bias by the kernel this call's shapes want (module docstring)."""
+    if torch.compiler.is_compiling():  # tracing a compiled step: reductions that inductor fuses and spreads
+        if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and x.device.type == "cpu" and weight.dtype == torch.float32:
+            return gemv_by_reduction(x, weight, bias)
+        return F.linear(x, weight, bias)
+    splits = gemv_splits(x, weight)
+    if splits:
+        return split_linear(x, weight, bias, splits)
+    return F.linear(x, weight, bias)
 
 
 @contextmanager
-def decode_kernels(model: nn.Module) -> Iterator[None]:
-    """Within: `model`'s float32 CPU Linear layers are DecodeLinear, and this thread's decode-step
-    products split over the CPU's threads. Nested and concurrent blocks on one model share one
-    swap; the last to leave swaps the layers back."""
-    _swap_in(model)
-    token = _DECODING.set(True)
-    try:
-        yield
-    finally:
-        _DECODING.reset(token)
-        _swap_out(model)
-
-
-def _swap_in(model: nn.Module) -> None:
-    # The layer keeps its identity, parameters and torch hooks; only its class (its forward) changes.
-    with _LOCK:
-        users, layers = _SWAPPED.get(id(model), (0, []))
-        if users == 0:
-            layers = [(m, type(m)) for m in model.modules() if _splittable(m)]
-            try:
-                for layer, _ in layers:
-                    layer.__class__ = DecodeLinear
-            except BaseException:  # nothing half-swapped stays behind
-                for layer, cls in layers:
-                    layer.__class__ = cls
-                raise
-        _SWAPPED[id(model)] = (users + 1, layers)
-
-
-def _splittable(module: nn.Module) -> bool:
-    # Exactly the plain layers, whose forward is F.linear: a user's subclass or a parametrized
-    # layer computes something else. A GPU or half-precision layer would only pay the checks.
-    return (
-        type(module) in (Linear, nn.Linear)
-        and module.weight.device.type == "cpu"
-        and module.weight.dtype == torch.float32
-    )
-
-
-def _swap_out(model: nn.Module) -> None:
-    with _LOCK:
-        users, layers = _SWAPPED.pop(id(model))
-        if users > 1:
-            _SWAPPED[id(model)] = (users - 1, layers)
-            return
-        for layer, cls in layers:
-            layer.__class__ = cls
+def decode_kernels(model: torch.nn.Module) -> Iterator[None]:
+    """Deprecated: a no-op. Linear layers now pick their kernel on every call; nothing is swapped."""
+    warnings.warn("hookedcot.kernels.decode_kernels is no longer needed (Linear picks its kernel per call) and "
+                  "does nothing; remove it. It goes in the next release.", DeprecationWarning, stacklevel=3)
+    yield

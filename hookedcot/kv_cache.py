@@ -170,7 +170,13 @@ class StaticKVCache(KVCache):
     each step into `input_pos` and the keys that may be read into `key_valid` in place, and passes
     `key_valid` as the attention mask; then the forward reads no Python number that changes from
     step to step. Per-layer buffers (not views of one tensor), so an in-place write in a compiled
-    graph updates one input rather than a slice of a shared one."""
+    graph updates one input rather than a slice of a shared one.
+
+    `attend_all = False` makes each forward attend over the slots written so far only (a Python
+    number per step: for steps that are not compiled). Attention then sums over exactly the keys
+    the dynamic cache holds, so its bits equal `KVCache`'s (float32 and bfloat16); over the whole
+    capacity they differ by rounding (bfloat16: by an ulp of the output, enough to flip a greedy
+    token at a near tie)."""
 
     static = True
 
@@ -180,6 +186,7 @@ class StaticKVCache(KVCache):
         self.layer_keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.layer_values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.max_len, self.length, self.driven = capacity, 0, False
+        self.attend_all, self.end, self.span = True, 0, capacity  # end: slots in use (a driver sets it)
         self.key_valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
         self._eager_pos = self.input_pos
@@ -207,17 +214,22 @@ class StaticKVCache(KVCache):
             valid = torch.zeros_like(self.key_valid)
             valid[:, :end] = True if attention_mask is None else attention_mask.bool()
             attention_mask = valid
-        q_pos = self._positions()
-        causal = self._slots[None, :] <= q_pos[:, None]  # p capacity
-        own = self._slots[None, :] == q_pos[:, None]  # a padded query attends to itself: no all -inf row
-        return StaticMask(((causal[None] & attention_mask[:, None, :]) | own[None])[:, None])
+            self.end = end
+        self.span = n = self.max_len if self.attend_all else self.end  # the slots this forward attends over
+        q_pos, slots = self._positions(), self._slots[:n]
+        causal = slots[None, :] <= q_pos[:, None]  # p n
+        own = slots[None, :] == q_pos[:, None]  # a padded query attends to itself: no all -inf row
+        return StaticMask(((causal[None] & attention_mask[:, None, :n]) | own[None])[:, None])
 
     def write(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
-        """Store `key`/`value` [b g p k] at `input_pos`; return every slot, [b g capacity k]."""
+        """Store `key`/`value` [b g p k] at `input_pos`; return the slots attended over, [b g span k]
+        (every slot unless `attend_all` is off)."""
         k_buf, v_buf = self.layer_keys[layer], self.layer_values[layer]
         k_buf.index_copy_(2, self._positions(), key)
         v_buf.index_copy_(2, self._positions(), value)
-        return k_buf, v_buf
+        if self.span == self.max_len:
+            return k_buf, v_buf
+        return k_buf[:, :, : self.span], v_buf[:, :, : self.span]
 
     def _positions(self) -> Tensor:
         """The slots this forward writes: the driver's `input_pos`, else those after `length`."""
@@ -232,6 +244,7 @@ class StaticKVCache(KVCache):
         out.layer_keys = [k[rows].clone() for k in self.layer_keys]
         out.layer_values = [v[rows].clone() for v in self.layer_values]
         out.max_len, out.length, out.driven = self.max_len, self.length, self.driven
+        out.attend_all, out.end, out.span = self.attend_all, self.end, self.span
         out.key_valid, out.input_pos, out._slots = self.key_valid[rows].clone(), self.input_pos.clone(), self._slots
         out._eager_pos = self._eager_pos
         return out

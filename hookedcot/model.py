@@ -19,6 +19,7 @@ from hookedcot.config import ModelConfig
 from hookedcot.device_map import Placement, on_device, to_block_device
 from hookedcot.placed_cache import place_cache
 from hookedcot.hook_points import HookRun
+from hookedcot.kernels import linear
 from hookedcot.kv_cache import KVCache
 from hookedcot.rope import apply_rotary, inv_freq, rotary_tables
 from hookedcot.tl_weights import AttentionWeights, MLPWeights, ModelWeights
@@ -328,16 +329,19 @@ class Transformer(nn.Module, ModelWeights):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that skips random init on the meta device: loading fills the weights, and
-    initialising meta tensors costs one-time torch imports and means nothing."""
+    """nn.Linear whose product picks its kernel by shape (kernels.py: decode-step products spread
+    over the CPU's threads, same bits), and that skips random init on the meta device: loading
+    fills the weights, and initialising meta tensors costs one-time torch imports and means nothing."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return linear(x, self.weight, self.bias)
 
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:
             super().reset_parameters()
 
-    # TransformerLens' names for the unembedding (`model.unembed.W_U`). They live on every Linear
-    # because a subclass for the unembedding would drop out of the decode kernels (kernels.py
-    # swaps exactly this class).
+    # TransformerLens' names for the unembedding (`model.unembed.W_U`), on every Linear: one class
+    # for every product keeps the model file short.
     @property
     def W_U(self) -> Tensor:
         """[d_in, d_out]: a transposed view of the weight (for the unembedding, [d_model, d_vocab])."""

@@ -8,7 +8,6 @@ NaN under `check_finite`, a raising `on_token` or sweep metric, an out-of-vocabu
 exception in the body of a hook block, a stream dropped half-way. Afterwards:
 
 - no scoped hook is attached and only the run's persistent hooks are active;
-- no decode kernel is left swapped in;
 - every tensor a hook saw or a cache held is freed, with the garbage collector off (so no
   reference cycle is needed to free it);
 - the shared KV cache still holds exactly its prefix and extends to the reference logits;
@@ -34,7 +33,6 @@ from hookedcot import HookError, ModelConfig
 from hookedcot.hook_points import _SCOPED, NonFiniteError
 from hookedcot.inputs import InputError
 from hookedcot.interp import patch_layer_position
-from hookedcot.kernels import _SWAPPED
 from hookedcot.kv_cache import KVCache
 
 CFG = ModelConfig(n_layers=2, d_model=16, n_heads=2, n_key_value_heads=1, d_head=8, d_mlp=32, d_vocab=64)
@@ -200,7 +198,6 @@ def one_run(world: World, seed: int) -> str:
 
     assert _SCOPED.get() == (), f"run {seed}: scoped hooks left attached"
     assert sorted(model.active_hook_names()) == sorted({PERSISTENT[i][0] for i in subset}), f"run {seed}"
-    assert not _SWAPPED, f"run {seed}: decode kernels left swapped in"
     alive = [r() for r in seen if r() is not None]
     assert not alive, (f"run {seed} ({op}, {failure}): {len(alive)} of {len(seen)} tensors seen by hooks "
                        f"({names_seen}) are still alive, held by {_holders(alive[0])}")

@@ -1,6 +1,6 @@
 """A Ctrl-C can land anywhere: a KeyboardInterrupt raised at every line hookedcot executes during
-a call (sampled in the suite, every line when marked slow) leaves no hook attached, no decode kernel
-swapped in, the KV cache and grad mode as they were, and the next call's logits bit for bit clean.
+a call (sampled in the suite, every line when marked slow) leaves no hook attached, the KV cache
+and grad mode as they were, and the next call's logits bit for bit clean.
 
 A hook that raises (test_hygiene.py) only interrupts at hook points; a real interrupt arrives
 between any two lines, e.g. between installing a block's hooks and entering the `try` that removes
@@ -20,7 +20,6 @@ import hookedcot
 from hookedcot import ModelConfig
 from hookedcot.hook_points import _SCOPED, scoped_hooks
 from hookedcot.interp import patch_layer_position
-from hookedcot.kernels import _SWAPPED
 from hookedcot.kv_cache import KVCache
 
 CFG = ModelConfig(n_layers=2, d_model=16, n_heads=2, n_key_value_heads=1, d_head=8, d_mlp=32, d_vocab=64)
@@ -87,16 +86,6 @@ def _run(fn, k: int) -> tuple[_InterruptAt, bool]:
     return tracer, interrupted
 
 
-@pytest.fixture(autouse=True)
-def undo_stuck_kernel_swaps():
-    """After the known kernels.py window (see _KERNEL_WINDOW), put the layers back so later tests start clean."""
-    yield
-    for users, layers in list(_SWAPPED.values()):
-        for layer, cls in layers:
-            layer.__class__ = cls
-    _SWAPPED.clear()
-
-
 @pytest.fixture(scope="module")
 def world():
     model = random_model(CFG, seed=11)
@@ -136,7 +125,6 @@ def _interrupt_everywhere(world, name: str, samples: int | None) -> int:
             model.reset_hooks()
         assert _SCOPED.get() == (), f"{where}: scoped hooks left attached"
         assert model.active_hook_names() == ["blocks.1.hook_mlp_out"], where
-        assert not _SWAPPED, f"{where} ({tracer.at}): decode kernels left swapped in"
         assert torch.is_grad_enabled() == grad and not torch.is_inference_mode_enabled(), where
         # as it was, or extended by a forward that had completed when the interrupt came (valid entries)
         assert kv.length in (3, 5), f"{where}: the KV cache moved to {kv.length}"
@@ -146,14 +134,7 @@ def _interrupt_everywhere(world, name: str, samples: int | None) -> int:
     return hit
 
 
-# Known, not yet fixed (kernels.py, outside this change): `decode_kernels` swaps the Linear layers in
-# before entering its `try`, so an interrupt on the line between leaves them swapped (and counted as
-# in use). Numerically harmless (outside a decode block DecodeLinear computes F.linear), but state
-# left behind; strict, so fixing kernels.py turns this into a failure to remove.
-_KERNEL_WINDOW = pytest.mark.xfail(strict=True, raises=AssertionError,
-                                   reason="kernels.decode_kernels: interrupt between _swap_in and its try")
-OPERATIONS = ("run_with_cache", "hooks_block", "kv_forward", "generate",
-              pytest.param("stream", marks=_KERNEL_WINDOW), "sweep")
+OPERATIONS = ("run_with_cache", "hooks_block", "kv_forward", "generate", "stream", "sweep")
 
 
 @pytest.mark.parametrize("name", OPERATIONS)

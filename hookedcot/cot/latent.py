@@ -37,7 +37,6 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hookedcot.generate import SamplingConfig, _stop_ids, pick_next
-from hookedcot.kernels import decode_kernels
 from hookedcot.kv_cache import KVCache
 
 if TYPE_CHECKING:
@@ -304,7 +303,7 @@ def generate_latent(
             logits_rows.extend(logits.unbind(1))
         return logits[:, -1]
 
-    with model.hooks([*fwd_hooks, (read_name, capture)]), decode_kernels(model):
+    with model.hooks([*fwd_hooks, (read_name, capture)]):
         logits = step(input=head[None])
         for _ in range(n_latent):
             embed = _fed_back(fn, read["x"], model)

@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 
 from hookedcot.cot.answers import extract_answer
 from hookedcot.cot.trace import THINK
-from hookedcot.kernels import decode_kernels
 from hookedcot.kv_cache import KVCache, SharedPrefixKVCache
 
 if TYPE_CHECKING:
@@ -246,14 +245,14 @@ def run_prefix(
     once; the jobs are cut into balanced batches of at most `rows_per_batch` rows (`cut_batches`),
     or decoded in the `batches` given instead (a distributed rank's share of the batches one
     process would cut; `jobs` is then ignored). The caller's code between two yields runs inside
-    the hooks and decode kernels of this call."""
+    the hooks of this call."""
     if not prefix:
         raise ValueError("a rollout needs a non-empty prefix (at least one token to continue from)")
     jobs = [job for batch in batches for job in batch] if batches is not None else jobs
     if not jobs:
         return
     dev = model.device
-    with model.hooks(fwd_hooks), decode_kernels(model):
+    with model.hooks(fwd_hooks):
         prefix_cache = KVCache(model.cfg, 1, len(prefix), model.dtype, dev)
         last = model(torch.tensor([prefix], device=dev), past_kv=prefix_cache, last_logits_only=True)[:, -1]
         if sampling.temperature == 0:  # every row is the greedy continuation: decode one, copy it
