@@ -91,21 +91,24 @@ def hf_plain(tool, prompt: torch.Tensor, n_new: int, static_compiled: bool) -> t
     """Run in transformers' process, no hooks: `generate` as is, or with HF's static cache and the
     forward compiled as HF's docs show (`mode="reduce-overhead", fullgraph=True`), kept compiled."""
     m = tool.model
-    kw = {}
-    if static_compiled:
-        if "compiled_forward" not in tool.__dict__:
-            tool.__dict__["compiled_forward"] = m.forward = torch.compile(m.forward, mode="reduce-overhead",
-                                                                          fullgraph=True)
-        kw["cache_implementation"] = "static"
     pad = m.generation_config.pad_token_id
-    return m.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, min_new_tokens=n_new,
-                      do_sample=False, pad_token_id=pad if pad is not None else 0, use_cache=True, **kw)
+    kw = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False,
+              pad_token_id=pad if pad is not None else 0, use_cache=True)
+    if not static_compiled:
+        return m.generate(prompt, **kw)
+    if "compiled_forward" not in tool.__dict__:
+        tool.__dict__["compiled_forward"] = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
+    m.forward = tool.__dict__["compiled_forward"]  # for this call only: the other cases run the model as loaded
+    try:
+        return m.generate(prompt, cache_implementation="static", **kw)
+    finally:
+        del m.forward
 
 
-def timed_first(fn, *args) -> float:
-    """Seconds of a first call (a compile and one generation)."""
+def timed_first(tool, fn, *args) -> float:
+    """Run in a tool's process: seconds of `fn(tool, *args)`, a first call (a compile and one generation)."""
     start = time.perf_counter()
-    fn(*args)
+    fn(tool, *args)
     return time.perf_counter() - start
 
 

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 
 from hookedcot.hook_points import HookRun, no_positions
+from hookedcot.kernels import GEMV_MAX_ROWS
 from hookedcot.kv_cache import StaticKVCache
 
 if TYPE_CHECKING:
@@ -133,7 +134,7 @@ def auto_compiles(model: "HookedCoT", batch: int, capacity: int, active: dict[st
                   max_new_tokens: int) -> bool:
     """Whether "auto" takes the compiled step (after `choose_path` picked a fast path): when this
     process already compiled it for this key (free), or on the CPU when the generation asks for at
-    least `AUTO_COMPILE_MIN_NEW_TOKENS`. Measured on the 2-core CPU, float32 (2026-11-30, steering
+    least `AUTO_COMPILE_MIN_NEW_TOKENS` with at most `GEMV_MAX_ROWS` rows. Measured on the 2-core CPU, float32 (2026-11-30, steering
     on, batch 1): a compile costs 26–32 s with an empty inductor cache and ~6 s once inductor's
     on-disk cache holds the graph (a later process, same shapes); the compiled step saves ~11 ms a
     token (SmolLM2: 13.4–16.7 against 25.8 ms static) to ~15 ms (Qwen2-0.5B shape: 56.7 against
@@ -143,19 +144,22 @@ def auto_compiles(model: "HookedCoT", batch: int, capacity: int, active: dict[st
     key = step_key(model, batch, capacity, active)
     if key in COMPILE_SECONDS:
         return True
-    return key not in COMPILE_FAILED and model.device.type == "cpu" and max_new_tokens >= AUTO_COMPILE_MIN_NEW_TOKENS
+    return (key not in COMPILE_FAILED and model.device.type == "cpu" and max_new_tokens >= AUTO_COMPILE_MIN_NEW_TOKENS
+            and batch <= GEMV_MAX_ROWS)  # more rows: the products stay F.linear's, the saving is not measured
 
 
 def step_key(model: "HookedCoT", batch: int, capacity: int, active: dict[str, list[Any]]) -> tuple:
-    """What a compiled step depends on: the model, the shapes, the hooks' kinds and parameter shapes."""
-    hooks = tuple((name, tuple((type(fn).__name__, tuple((k, tuple(v.shape)) for k, v in fn.tensors().items()))
-                               for fn in fns)) for name, fns in sorted(active.items()))
+    """What a compiled step depends on: the model, the shapes, and what each hook bakes in
+    (`Intervention.structure`: kind, plain settings, parameter shapes). Two generations with one
+    key run one graph; anything that differs would make dynamo recompile behind the key."""
+    hooks = tuple((name, tuple(fn.structure() for fn in fns)) for name, fns in sorted(active.items()))
     return id(model), str(model.device), str(model.dtype), batch, bucket(capacity), hooks
 
 
 def decode_step(model: "HookedCoT", run: StaticRun, tokens: Tensor, cache: StaticKVCache) -> Tensor:
     """One new position per row: tokens [b, 1] -> last-position logits [b, d_vocab]. Reads the
-    cache's `input_pos` and `key_valid` (set by `FastStep`); no Python number changes per step."""
+    cache's `input_pos` and `key_valid` (set by `FastStep`); compiled (the cache's `attend_all`
+    on), no Python number changes per step; not compiled, attention spans `cache.end` slots."""
     position_ids = (cache.key_valid.sum(-1, keepdim=True) - 1).clamp(min=0)  # b 1: real tokens so far − 1
     from hookedcot.model import Transformer
 
@@ -215,22 +219,27 @@ class FastStep:
         cache.end = position + 1
         if not self.compiled:
             return decode_step(self.model, self.run, tokens, cache)
-        if self.key in COMPILE_SECONDS:
-            return _compiled()(self.model, self.run, tokens, cache)
+        new = self.key not in COMPILE_SECONDS
         start = time.perf_counter()
-        try:
+        try:  # a known key can still recompile (a guard dynamo adds that the key does not cover): same limits
             with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512):
                 logits = _compiled()(self.model, self.run, tokens, cache)
-        except Exception as error:  # the step writes only this position's slots: running it again is safe
+        except Exception as error:
             if not self.fallback:
                 raise
-            COMPILE_FAILED[self.key] = why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            warnings.warn(f"compiling the decode step failed ({why[:300]}); this generation runs the static step, "
-                          "and decode='auto' will not try this shape again", FastPathNotice, stacklevel=2)
-            self.compiled = cache.attend_all = False
-            return decode_step(self.model, self.run, tokens, cache)
-        COMPILE_SECONDS[self.key] = seconds = time.perf_counter() - start
-        b, cap = cache.key_valid.shape
-        warnings.warn(f"compiled the decode step (batch {b}, capacity {cap}, {len(self.active)} hooked points) "
-                      f"in {seconds:.1f} s; later generations of this shape reuse it", FastPathNotice, stacklevel=2)
+            # The step writes only this position's slots: running it again is safe. An error of the
+            # step itself (an intervention's) raises here, and is not taken for a failed compile.
+            logits = decode_step(self.model, self.run, tokens, cache.static_again())
+            why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            COMPILE_FAILED[self.key] = why
+            COMPILE_SECONDS.pop(self.key, None)
+            warnings.warn(f"the compiled decode step failed ({why[:300]}); this generation runs the static step, "
+                          "and decode='auto' will not compile this shape again", FastPathNotice, stacklevel=2)
+            self.compiled = False
+            return logits
+        if new:
+            COMPILE_SECONDS[self.key] = seconds = time.perf_counter() - start
+            b, cap = cache.key_valid.shape
+            warnings.warn(f"compiled the decode step (batch {b}, capacity {cap}, {len(self.active)} hooked points) "
+                          f"in {seconds:.1f} s; later generations of this shape reuse it", FastPathNotice, stacklevel=2)
         return logits

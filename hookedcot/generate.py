@@ -60,10 +60,12 @@ class GenerateOutput:
     """`generate(..., output_logits=True)`: what transformers' `GenerateDecoderOnlyOutput` holds and
     TransformerLens returns. `sequences` are token ids (prompt + new; only the new ones when the
     prompt came as embeddings); `logits[i]` [batch, d_vocab] chose new token i. Reads as
-    `out.logits` or `out["logits"]`."""
+    `out.logits` or `out["logits"]`. `decode`: the path the steps ran ("eager", "static" or
+    "compiled"; see fast_decode.py), since "auto" may choose differently for the same call."""
 
     sequences: Tensor
     logits: tuple[Tensor, ...]
+    decode: str = "eager"
 
     def __getitem__(self, key: str) -> Any:
         return getattr(self, key)
@@ -257,7 +259,8 @@ def generate(
                 step_logits.append(logits.clone())
     sequences = decoder.sequences()
     if output_logits:
-        return GenerateOutput(sequences, tuple(step_logits))
+        path = "eager" if decoder.fast is None else "compiled" if decoder.fast.compiled else "static"
+        return GenerateOutput(sequences, tuple(step_logits), path)
     kind_out = kind if return_type == "input" else return_type
     if kind_out == "tokens":
         return sequences

@@ -29,13 +29,12 @@ GEMV_BLOCK_MULTIPLE = 16  # rows per block: other block sizes can change the bit
 
 def gemv_splits(x: Tensor, weight: Tensor) -> int:
     """Row blocks to cut `weight` into for the product x @ weight.T; 0 means plain F.linear."""
-    if weight.numel() < GEMV_MIN_WEIGHT:  # the cheap test first: this runs for every product
+    if weight.numel() < GEMV_MIN_WEIGHT or not x.is_cpu:  # the cheap tests first: this runs for every product
         return 0
     threads = torch.get_num_threads()
     if not (
         threads > 1
         and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]
-        and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
         and weight.is_contiguous()
@@ -75,7 +74,9 @@ def gemv_by_reduction(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """x @ weight.T + bias by the kernel this call's shapes want (module docstring)."""
-    if torch.compiler.is_compiling():  # tracing a compiled step: reductions that inductor fuses and spreads
+    # True only inside a graph dynamo traces (is_compiling() is one process-wide flag that other
+    # threads would see during a compile, and run the reduction eagerly: rows × weight in memory)
+    if torch.compiler.is_dynamo_compiling():
         if x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and x.device.type == "cpu" and weight.dtype == torch.float32:
             return gemv_by_reduction(x, weight, bias)
         return F.linear(x, weight, bias)

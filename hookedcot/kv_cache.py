@@ -231,6 +231,12 @@ class StaticKVCache(KVCache):
             return k_buf, v_buf
         return k_buf[:, :, : self.span], v_buf[:, :, : self.span]
 
+    def static_again(self) -> "StaticKVCache":
+        """This cache, set to attend over the written slots only (`attend_all` off): for a driver
+        that leaves its compiled step and runs the step as it is."""
+        self.attend_all = False
+        return self
+
     def _positions(self) -> Tensor:
         """The slots this forward writes: the driver's `input_pos`, else those after `length`."""
         return self.input_pos if self.driven else self._eager_pos

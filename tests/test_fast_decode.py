@@ -181,7 +181,14 @@ def test_compiled_step_equals_the_eager_loop_on_a_padded_batch_with_early_stops(
     steer.delta.copy_(torch.randn(32, generator=torch.Generator().manual_seed(9)))
     auto = model.generate(tokens, 20, **kw)
     assert calls and len(COMPILE_SECONDS) == n_compiled + 1
+    assert (fast.decode, eager.decode, auto.decode) == ("compiled", "eager", "compiled")
     assert torch.equal(auto.sequences, model.generate(tokens, 20, decode="eager", **kw).sequences)
+    # a plain setting the graph bakes in (here the first steered position) is another key: a short
+    # "auto" generation then runs the static step rather than a silent recompile
+    calls.clear()
+    moved = AddVector(steer.delta.clone(), 1.0, positions="from 7")
+    other = model.generate(tokens, 20, **{**kw, "fwd_hooks": [("blocks.2.hook_resid_mid", moved)]})
+    assert other.decode == "static" and not calls and len(COMPILE_SECONDS) == n_compiled + 1
 
 
 def test_auto_compiles_long_generations_on_the_cpu_and_buckets_capacity_by_powers_of_two(model):
@@ -189,6 +196,8 @@ def test_auto_compiles_long_generations_on_the_cpu_and_buckets_capacity_by_power
     hooks = {"blocks.0.hook_resid_post": [AddVector(torch.ones(32), 1.0)]}
     assert not auto_compiles(model, 1, 900, hooks, AUTO_COMPILE_MIN_NEW_TOKENS - 1)
     assert auto_compiles(model, 1, 900, hooks, AUTO_COMPILE_MIN_NEW_TOKENS)
+    assert auto_compiles(model, 4, 900, hooks, AUTO_COMPILE_MIN_NEW_TOKENS)
+    assert not auto_compiles(model, 5, 900, hooks, AUTO_COMPILE_MIN_NEW_TOKENS)  # products stay F.linear's
 
 
 def test_a_compile_that_fails_sends_auto_to_the_static_step_once_and_raises_by_request(model, monkeypatch):
@@ -202,9 +211,10 @@ def test_a_compile_that_fails_sends_auto_to_the_static_step_once_and_raises_by_r
     tokens = torch.randint(0, 130, (1, 5), generator=torch.Generator().manual_seed(4))
     n = AUTO_COMPILE_MIN_NEW_TOKENS
     hooks = [("blocks.0.hook_resid_post", AddVector(torch.ones(32), 0.5))]
-    with pytest.warns(FastPathNotice, match="compiling the decode step failed .*no C\\+\\+ compiler"):
-        out = model.generate(tokens, n, stop_at_eos=False, fwd_hooks=hooks)
-    assert len(fast_decode.COMPILE_FAILED) == 1
+    with pytest.warns(FastPathNotice, match="the compiled decode step failed .*no C\\+\\+ compiler"):
+        out = model.generate(tokens, n, stop_at_eos=False, fwd_hooks=hooks, output_logits=True)
+    assert len(fast_decode.COMPILE_FAILED) == 1 and out.decode == "static"
+    out = out.sequences
     assert torch.equal(out, model.generate(tokens, n, stop_at_eos=False, fwd_hooks=hooks, decode="static"))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FastPathNotice)  # not tried again

@@ -144,6 +144,17 @@ class Intervention:
         """The parameters (attribute name -> tensor) `to` moves."""
         return {k: v for k, v in vars(self).items() if isinstance(v, Tensor)}
 
+    def structure(self) -> tuple:
+        """What a compiled decode step bakes in as constants: the kind, every plain setting (a
+        factor, a fill value, the position / head / unit selection) and the tensors' shapes and
+        dtypes. Tensor values are read at run time, so a new vector of the same shape shares it."""
+        where = self.where
+        plain = tuple(sorted((k, repr(v)) for k, v in vars(self).items() if not isinstance(v, (Tensor, Where))))
+        tensors = tuple((k, tuple(v.shape), str(v.dtype)) for k, v in sorted(self.tensors().items()))
+        wanted = None if where.wanted is None else tuple(where.wanted.shape)
+        return (type(self).__name__, plain, tensors, repr(where.positions.spec), wanted,
+                None if where.heads is None else tuple(where.heads), None if where.units is None else tuple(where.units))
+
     def to(self, device: torch.device | str) -> "Intervention":
         for key, value in self.tensors().items():
             setattr(self, key, value.to(device))
