@@ -171,3 +171,35 @@ def test_bad_folders_and_shapes_are_refused_with_the_fix(tmp_path):
         SAE(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], architecture="topk")
     with pytest.raises(ValueError, match="unknown feature edit"):
         FeatureEdit("double")
+
+
+EDITS = [None, FeatureEdit("zero", [3, 7], positions=[2, 5]), FeatureEdit("scale", None, 2.5, positions="from 4"),
+         FeatureEdit("clamp", [1], 0.75, positions="last 2"), FeatureEdit("scale", [0, 2], 0.0)]
+
+
+@pytest.mark.parametrize("error", [True, False])
+@pytest.mark.parametrize("edit", EDITS, ids=lambda e: "none" if e is None else f"{e.op}-{e.positions}")
+def test_a_declarative_splice_equals_the_hook_function_bit_for_bit(model, sae, edit, error):
+    """`sae.hook(FeatureEdit)` is a declarative intervention (it runs inside the fast decode step);
+    the same edit passed as a plain function takes the hook-function path. Same logits, bitwise."""
+    from hookedcot.dictionaries.sae import SAESplice
+
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    name, splice = sae.hook(edit, error=error)
+    assert isinstance(splice, SAESplice) and splice.declarative
+    as_function = sae.hook((lambda f, h: edit(f, h)) if edit is not None else (lambda f, h: f), error=error)
+    assert not isinstance(as_function[1], SAESplice)
+    assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[(name, splice)]), model.run_with_hooks(tokens, fwd_hooks=[as_function]))
+
+
+def test_a_declarative_splice_generates_on_the_fast_path_as_the_hook_function_does_eagerly(model, sae):
+    prompt = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(5))
+    edit = FeatureEdit("scale", [0, 1, 2, 3, 4, 5], 3.0, positions="from 4")
+    fast = model.generate(prompt, 8, fwd_hooks=[sae.hook(edit)], stop_at_eos=False, output_logits=True)
+    slow = model.generate(prompt, 8, fwd_hooks=[sae.hook(lambda f, h: edit(f, h))], stop_at_eos=False,
+                          output_logits=True, decode="eager")
+    assert (fast.decode, slow.decode) == ("static", "eager")
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fast.logits, slow.logits))
+    patch = FeatureEdit("patch", [1], positions="from 6", source=torch.zeros(1, 8, D_SAE))
+    assert not getattr(sae.hook(patch)[1], "declarative", False)  # a patch reads a source per call: a hook function

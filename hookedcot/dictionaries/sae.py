@@ -20,7 +20,8 @@ Attaching (`sae.hook(edit=..., error=True)` -> a `(hook name, function)` pair fo
 `error=True` (default) the reconstruction error is kept: the hook writes
 `x + decode(edited) - decode(features)`, which is `x` itself, bit for bit, when the edit changes
 nothing, and `decode(edited) + (x - decode(features))` otherwise; `error=False` writes the
-reconstruction alone.
+reconstruction alone. With no edit or a zero / scale / clamp `FeatureEdit`, the function is an
+`SAESplice`: a declarative intervention, so generation keeps its static or compiled decode step.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from torch import Tensor, nn
 
 from hookedcot.dictionaries.files import (DictionaryFileError, DictionaryFileNotFoundError, float_tensor, optional_type,
                                           positive_int, read_json_object, read_tensors)
+from hookedcot.interp.interventions import Intervention, Where
 from hookedcot.interp.positions import Positions
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
@@ -95,6 +97,8 @@ class SAE(nn.Module):
         name = hook_name or self.hook_name
         if name is None:
             raise ValueError("this SAE does not know its hook name: pass hook_name= (e.g. 'blocks.6.hook_resid_post')")
+        if edit is None or (isinstance(edit, FeatureEdit) and edit.op != "patch" and edit._compiled.kind != "callable"):
+            return name, SAESplice(self, edit, error)  # tensor ops only: runs inside a static / compiled decode step
 
         def splice(x: Tensor, hook: Any) -> Tensor:
             features = self.encode(x)
@@ -177,6 +181,47 @@ class FeatureEdit:
                              f"{int(hook.positions.max())}; during generation patch from a model running alongside "
                              "(hookedcot.dictionaries.FeaturePatch)")
         return self.source[:, hook.positions.to(self.source.device)]
+
+
+class SAESplice(Intervention):
+    """`SAE.hook` with no edit or a zero / scale / clamp `FeatureEdit` at declarative positions, as a
+    declarative intervention (hookedcot.interp.interventions): the same numbers as the hook function
+    (tensor `where`s instead of index writes, which pick the same values), and it runs inside a
+    static or compiled decode step. A "patch" edit or a callable edit stays a hook function."""
+
+    def __init__(self, sae: SAE, edit: FeatureEdit | None, error: bool):
+        self.sae, self.error = sae, error
+        self.op, self.value = (edit.op, float(edit.value)) if edit is not None else ("none", 0.0)
+        self.where = Where(edit.positions if edit is not None else None)
+        features = None if edit is None or edit.features is None else list(edit.features)
+        self.columns = None if features is None else _index_mask_cpu(features, sae.d_sae)
+
+    def edit(self, x: Tensor, name: str, positions: Tensor) -> Tensor:
+        sae = self.sae
+        features = sae.encode(x)
+        if self.op == "none":
+            edited = features
+        else:
+            new = torch.zeros_like(features) if self.op == "zero" else (
+                features * self.value if self.op == "scale" else torch.full_like(features, self.value))
+            mask = self._on("columns", features) if self.columns is not None else None
+            if not self.where.positions.all:
+                rows = self.where.position_mask(positions.to(x.device)).view(-1, 1)  # p 1
+                mask = rows if mask is None else rows & mask
+            edited = new if mask is None else torch.where(mask, new, features)
+        if not self.error:
+            return sae.decode(edited).to(x.dtype)
+        return x + (sae.decode(edited) - sae.decode(features)).to(x.dtype)
+
+    def structure(self) -> tuple:
+        return (*super().structure(), id(self.sae))  # another SAE of the same shape is another graph
+
+
+def _index_mask_cpu(index: list[int], size: int) -> Tensor:
+    bad = [i for i in index if not -size <= i < size]
+    if bad:
+        raise ValueError(f"feature index {bad} out of range for an SAE of {size} features")
+    return torch.zeros(size, dtype=torch.bool).index_fill_(0, torch.tensor([i % size for i in index]), True)
 
 
 # ---------------------------------------------------------------------------------------- loading
