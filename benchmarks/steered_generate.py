@@ -166,10 +166,11 @@ def profile_steps(tool, prompt: torch.Tensor, n_new: int, layer: int, decode: st
             "rest_ms": (wall - matmul - other) / steps}
 
 
-def _bandwidth_probe(threads: int):
+def _bandwidth_probe(threads: int, device: str):
+    """A read of 512 MiB on the device the models run on (`interleaved` syncs around each call)."""
     if threads:
         torch.set_num_threads(threads)
-    big = torch.ones(1 << 27)  # 512 MiB of float32
+    big = torch.ones(1 << 27, device=device)  # 512 MiB of float32
     return big, lambda: big.sum()
 
 
@@ -198,7 +199,7 @@ def _ours_with_cold_compile(folder, settings, prompt, n_new, layer, rows, model,
 
 def run(settings: Settings) -> dict:
     rows, skipped, notes, budgets = [], [], [], []
-    big, read = _bandwidth_probe(settings.threads)
+    big, read = _bandwidth_probe(settings.threads, settings.device)
     models = settings.models_for({"llama3.2-1b-shape"})
     for model in models:
         folder = checkpoint_folder(model, settings.cache_dir)
@@ -235,7 +236,7 @@ def run(settings: Settings) -> dict:
         fns.update(plain)
         fns["bandwidth"] = read
         log(f"steered generate {short(model)}: batch 1, {n_new} tokens")
-        times = interleaved(fns, reps=REPS[settings.size], warmup=1)
+        times = interleaved(fns, reps=REPS[settings.size], warmup=1, device=settings.device)
         bw = [big.numel() * 4 / t for t in times.pop("bandwidth")]
         w_bytes = ours.run(weight_bytes)
         hf = times.get("hf:hook")
@@ -275,7 +276,7 @@ def run(settings: Settings) -> dict:
             if ref:
                 fns["hf:hook"] = lambda: ref.run(hf_generate, prompts, n_b, layer)
             log(f"steered generate {short(model)}: batch {batch}, {n_b} tokens")
-            times = interleaved(fns, reps=max(1, REPS[settings.size] - 1), warmup=1)
+            times = interleaved(fns, reps=max(1, REPS[settings.size] - 1), warmup=1, device=settings.device)
             hf = times.get("hf:hook")
             for key, samples in times.items():
                 tool, case = key.split(":")
