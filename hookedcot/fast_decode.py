@@ -42,7 +42,7 @@ PATHS = ("auto", "eager", "static", "compiled")
 MIN_CAPACITY = 256  # compiled steps are shared by every generation whose prompt + new tokens fit a bucket:
 # 256, 512, 1024, ... (powers of two: a handful of compiles covers every length, at the price of
 # attending over at most twice the slots a generation needs)
-AUTO_COMPILE_MIN_NEW_TOKENS = 512  # "auto" compiles a new step shape for generations asking at least this many
+AUTO_COMPILE_MIN_NEW_TOKENS = 2048  # "auto" compiles a new step shape for generations asking at least this many
 COMPILE_SECONDS: dict[tuple, float] = {}  # compile time of each compiled (shape, hooks) key, this process
 COMPILE_FAILED: dict[tuple, str] = {}  # why a key "auto" tried to compile failed: "auto" does not try it again
 
@@ -134,13 +134,14 @@ def auto_compiles(model: "HookedCoT", batch: int, capacity: int, active: dict[st
                   max_new_tokens: int) -> bool:
     """Whether "auto" takes the compiled step (after `choose_path` picked a fast path): when this
     process already compiled it for this key (free), or on the CPU when the generation asks for at
-    least `AUTO_COMPILE_MIN_NEW_TOKENS` with at most `GEMV_MAX_ROWS` rows. Measured on the 2-core CPU, float32 (2026-11-30, steering
-    on, batch 1): a compile costs 26–32 s with an empty inductor cache and ~6 s once inductor's
-    on-disk cache holds the graph (a later process, same shapes); the compiled step saves ~11 ms a
-    token (SmolLM2: 13.4–16.7 against 25.8 ms static) to ~15 ms (Qwen2-0.5B shape: 56.7 against
-    72.0). So 512 tokens repay a warm compile, and a cold one within the first few such generations
-    of a process (the step is reused by every generation of its bucket). On a GPU the compiled step
-    is not measured yet: "auto" compiles there only a key compiled by request."""
+    least `AUTO_COMPILE_MIN_NEW_TOKENS` with at most `GEMV_MAX_ROWS` rows. Measured on the 2-core
+    CPU, float32 (2026-11-30, steering on, batch 1): a compile costs 28–31 s with an empty inductor
+    cache and 6–7.5 s once inductor's on-disk cache holds the graph (a later process, same
+    shapes); the compiled step saves ~12 ms a token on SmolLM2 (13.0 against 25.2 ms) and ~17 ms
+    on the Qwen2-0.5B shape (55.0 against 71.6). A cold compile is repaid after ~2,500 and ~1,700
+    tokens, a warm one after ~550 and ~350; the request is an upper bound (eos may stop it
+    early), so "auto" waits for 2,048 before paying a compile nobody asked for. On a GPU the
+    compiled step is not measured yet: "auto" compiles there only a key compiled by request."""
     key = step_key(model, batch, capacity, active)
     if key in COMPILE_SECONDS:
         return True

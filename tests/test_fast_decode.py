@@ -208,8 +208,9 @@ def test_a_compile_that_fails_sends_auto_to_the_static_step_once_and_raises_by_r
 
     monkeypatch.setattr(fast_decode, "_compiled", broken)
     monkeypatch.setattr(fast_decode, "COMPILE_FAILED", {})
+    monkeypatch.setattr(fast_decode, "AUTO_COMPILE_MIN_NEW_TOKENS", 24)  # the rule as it is, on fewer steps
     tokens = torch.randint(0, 130, (1, 5), generator=torch.Generator().manual_seed(4))
-    n = AUTO_COMPILE_MIN_NEW_TOKENS
+    n = fast_decode.AUTO_COMPILE_MIN_NEW_TOKENS
     hooks = [("blocks.0.hook_resid_post", AddVector(torch.ones(32), 0.5))]
     with pytest.warns(FastPathNotice, match="the compiled decode step failed .*no C\\+\\+ compiler"):
         out = model.generate(tokens, n, stop_at_eos=False, fwd_hooks=hooks, output_logits=True)
