@@ -21,7 +21,7 @@ from benchmarks.common import ALL_PEERS, CACHE_DIR, DEFAULT_MODELS, Settings, fm
 from benchmarks.processes import close_all
 
 BENCHMARKS = ("forward", "generate", "patching_sweep", "loading", "roofline", "rollouts", "attention_anatomy", "activation_store",
-              "steered_generate")
+              "steered_generate", "graph_cache")
 
 
 def parse(argv: list[str] | None) -> Settings:

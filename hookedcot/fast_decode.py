@@ -167,14 +167,25 @@ def decode_step(model: "HookedCoT", run: StaticRun, tokens: Tensor, cache: Stati
     return Transformer.forward(model, tokens, run, position_ids, cache.key_valid, cache, last_logits_only=True)[:, -1]
 
 
-_compiled_step: Callable | None = None
+def compiled_once(fn: Callable) -> Callable[[], Callable]:
+    """A getter of `fn` compiled by inductor (one graph, static shapes), compiled on first use and
+    kept: importing this module compiles nothing."""
+    held: list[Callable] = []
+
+    def get() -> Callable:
+        if not held:
+            held.append(torch.compile(fn, fullgraph=True, dynamic=False))
+        return held[0]
+
+    return get
 
 
-def _compiled() -> Callable:
-    global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(decode_step, fullgraph=True, dynamic=False)
-    return _compiled_step
+def compile_limits():
+    """Room for one graph per shape and hook structure (dynamo's default is 8 per function)."""
+    return torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512)
+
+
+_compiled = compiled_once(decode_step)
 
 
 class FastStep:
@@ -223,7 +234,7 @@ class FastStep:
         new = self.key not in COMPILE_SECONDS
         start = time.perf_counter()
         try:  # a known key can still recompile (a guard dynamo adds that the key does not cover): same limits
-            with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=512):
+            with compile_limits():
                 logits = _compiled()(self.model, self.run, tokens, cache)
         except Exception as error:
             if not self.fallback:

@@ -395,6 +395,13 @@ class HookedCoT(Transformer):
         resolve_hooks([(n, _noop) for n in names], self._hook_names)
         return names
 
+    def run_with_cache_compiled(self, tokens: Tensor, names_filter: NamesFilter = None) -> tuple[Tensor, ActivationCache]:
+        """`run_with_cache` of token ids (no padding, no hooks active) as one compiled graph whose
+        outputs are the records (graph_cache.py): one compile per shape, then no Python per hook."""
+        from hookedcot.graph_cache import run_with_cache_compiled
+
+        return run_with_cache_compiled(self, tokens, names_filter)
+
     def run_with_cache(
         self,
         *args: Any,

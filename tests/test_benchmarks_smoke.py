@@ -23,6 +23,7 @@ ROW_KEYS = {
     "attention_anatomy": {"model", "tool", "case", "pos", "steps", "time_s", "x_plain_logits", "peak_extra_MiB"},
     "activation_store": {"model", "tool", "case", "hook", "tokens", "time_s", "x_plain_logits", "x_plain_no_logits"},
     "steered_generate": {"model", "tool", "case", "batch"},
+    "graph_cache": {"model", "tool", "case", "shape"},
 }
 
 
