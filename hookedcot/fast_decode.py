@@ -136,7 +136,7 @@ def auto_compiles(model: "HookedCoT", batch: int, capacity: int, active: dict[st
     process already compiled it for this key (free), or on the CPU when the generation asks for at
     least `AUTO_COMPILE_MIN_NEW_TOKENS` with at most `GEMV_MAX_ROWS` rows. Measured on the 2-core
     CPU, float32 (2026-11-30, steering on, batch 1): a compile costs 28–31 s with an empty inductor
-    cache and 6–7.5 s once inductor's on-disk cache holds the graph (a later process, same
+    cache and 5.9–7.5 s once inductor's on-disk cache holds the graph (a later process, same
     shapes); the compiled step saves ~12 ms a token on SmolLM2 (13.0 against 25.2 ms) and ~17 ms
     on the Qwen2-0.5B shape (55.0 against 71.6). A cold compile is repaid after ~2,500 and ~1,700
     tokens, a warm one after ~550 and ~350; the request is an upper bound (eos may stop it
