@@ -24,6 +24,7 @@ from torch import Tensor
 
 from hookedcot.cache import ActivationCache
 from hookedcot.fast_decode import FastPathNotice, active_hooks, compile_limits, compiled_once
+from hookedcot.inputs import check_length, check_tokens
 
 if TYPE_CHECKING:
     from hookedcot.hooked import HookedCoT
@@ -56,10 +57,12 @@ def _forward(model: "HookedCoT", run: RecordingRun, tokens: Tensor, position_ids
 _compiled = compiled_once(_forward)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference mode: the cached tensors behave as run_with_cache's (usable in autograd later)
 def run_with_cache_compiled(model: "HookedCoT", tokens: Tensor, names_filter: Any = None) -> tuple[Tensor, ActivationCache]:
     """(logits, cache) as `model.run_with_cache(tokens, names_filter=...)` gives them, from one
-    compiled graph. `tokens`: ids [batch, pos] (or [pos]), no padding."""
+    compiled graph. `tokens`: ids [batch, pos] (or [pos]), no padding. A compile that fails (no C++
+    compiler, dynamo's graph limit for this function reached) leaves a notice and runs
+    `run_with_cache` instead."""
     if not isinstance(tokens, Tensor) or tokens.is_floating_point() or tokens.dim() not in (1, 2):
         raise ValueError("run_with_cache_compiled takes token ids [batch, pos] or [pos]; for text, padding or "
                          "embeddings use model.run_with_cache")
@@ -71,15 +74,23 @@ def run_with_cache_compiled(model: "HookedCoT", tokens: Tensor, names_filter: An
         raise ValueError(f"hook {fns[0]!r} on {name!r} is active, and a compiled cache would not run it; remove it "
                          "(model.reset_hooks() or leave its block) or use model.run_with_cache")
     tokens = (tokens[None] if tokens.dim() == 1 else tokens).to(model.device)
-    names = frozenset(model.cache_names(names_filter))
     b, p = tokens.shape
+    check_length(b, p, 0, model.cfg.n_ctx)  # the checks forward makes: inside a graph a bad id is no clear error
+    check_tokens(tokens, model.cfg.d_vocab)
+    names = frozenset(model.cache_names(names_filter))
     position_ids = torch.arange(p, device=tokens.device)[None].expand(b, p)
     key = (id(model), str(model.device), str(model.dtype), b, p, tuple(sorted(names)))
     start = time.perf_counter()
-    with compile_limits():
-        logits, store = _compiled()(model, RecordingRun(names), tokens, position_ids)
+    try:
+        with compile_limits():
+            logits, store = _compiled()(model, RecordingRun(names), tokens, position_ids)
+    except Exception as error:  # a forward of valid ids that fails here failed to compile
+        why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        warnings.warn(f"the compiled cached forward failed ({why[:300]}); ran run_with_cache instead",
+                      FastPathNotice, stacklevel=3)
+        return model.run_with_cache(tokens, names_filter=names_filter)
     if key not in GRAPH_COMPILE_SECONDS:
         GRAPH_COMPILE_SECONDS[key] = seconds = time.perf_counter() - start
         warnings.warn(f"compiled a cached forward ({b}×{p} tokens, {len(names)} hook points) in {seconds:.1f} s; "
-                      "later calls of this shape reuse it", FastPathNotice, stacklevel=2)
+                      "later calls of this shape reuse it", FastPathNotice, stacklevel=3)
     return logits, ActivationCache(dict(store), model)

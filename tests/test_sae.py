@@ -174,7 +174,9 @@ def test_bad_folders_and_shapes_are_refused_with_the_fix(tmp_path):
 
 
 EDITS = [None, FeatureEdit("zero", [3, 7], positions=[2, 5]), FeatureEdit("scale", None, 2.5, positions="from 4"),
-         FeatureEdit("clamp", [1], 0.75, positions="last 2"), FeatureEdit("scale", [0, 2], 0.0)]
+         FeatureEdit("clamp", [1, -2], 0.75, positions="last 2"), FeatureEdit("scale", [0, 2], 0.0),
+         FeatureEdit("clamp", list(range(0, D_SAE, 3)), 1.25, positions=[-1, 0]),
+         FeatureEdit("zero", list(range(D_SAE)), positions=slice(1, 8, 2))]
 
 
 @pytest.mark.parametrize("error", [True, False])
@@ -189,7 +191,10 @@ def test_a_declarative_splice_equals_the_hook_function_bit_for_bit(model, sae, e
     assert isinstance(splice, SAESplice) and splice.declarative
     as_function = sae.hook((lambda f, h: edit(f, h)) if edit is not None else (lambda f, h: f), error=error)
     assert not isinstance(as_function[1], SAESplice)
-    assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[(name, splice)]), model.run_with_hooks(tokens, fwd_hooks=[as_function]))
+    edited = model.run_with_hooks(tokens, fwd_hooks=[(name, splice)])
+    assert torch.equal(edited, model.run_with_hooks(tokens, fwd_hooks=[as_function]))
+    if edit is not None and error:  # a real edit moves the logits (two no-ops would also compare equal)
+        assert not torch.equal(edited, model(tokens))
 
 
 def test_a_declarative_splice_generates_on_the_fast_path_as_the_hook_function_does_eagerly(model, sae):
@@ -201,5 +206,11 @@ def test_a_declarative_splice_generates_on_the_fast_path_as_the_hook_function_do
     assert (fast.decode, slow.decode) == ("static", "eager")
     assert torch.equal(fast.sequences, slow.sequences)
     assert all(torch.equal(a, b) for a, b in zip(fast.logits, slow.logits))
+    on_heads = SAE(*(torch.randn(*shape, generator=torch.Generator().manual_seed(9)) * 0.3
+                     for shape in ((8, 12), (12,), (12, 8), (8,))), hook_name="blocks.1.attn.hook_z")
+    head_edit = FeatureEdit("scale", [0, 5], 2.0, positions="from 3")  # [b p h d_sae]: positions on axis 1
+    tokens = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(7))  # p = 6 ≠ h = 4
+    assert torch.equal(model.run_with_hooks(tokens, fwd_hooks=[on_heads.hook(head_edit)]),
+                       model.run_with_hooks(tokens, fwd_hooks=[on_heads.hook(lambda f, h: head_edit(f, h))]))
     patch = FeatureEdit("patch", [1], positions="from 6", source=torch.zeros(1, 8, D_SAE))
     assert not getattr(sae.hook(patch)[1], "declarative", False)  # a patch reads a source per call: a hook function

@@ -206,7 +206,8 @@ class SAESplice(Intervention):
                 features * self.value if self.op == "scale" else torch.full_like(features, self.value))
             mask = self._on("columns", features) if self.columns is not None else None
             if not self.where.positions.all:
-                rows = self.where.position_mask(positions.to(x.device)).view(-1, 1)  # p 1
+                rows = self.where.position_mask(positions.to(x.device))  # [p], on the position axis (1)
+                rows = rows.view(1, -1, *[1] * (features.dim() - 2))
                 mask = rows if mask is None else rows & mask
             edited = new if mask is None else torch.where(mask, new, features)
         if not self.error:
@@ -221,7 +222,8 @@ def _index_mask_cpu(index: list[int], size: int) -> Tensor:
     bad = [i for i in index if not -size <= i < size]
     if bad:
         raise ValueError(f"feature index {bad} out of range for an SAE of {size} features")
-    return torch.zeros(size, dtype=torch.bool).index_fill_(0, torch.tensor([i % size for i in index]), True)
+    return torch.zeros(size, dtype=torch.bool).index_fill_(0, torch.tensor([i % size for i in index], dtype=torch.long),
+                                                           True)
 
 
 # ---------------------------------------------------------------------------------------- loading
