@@ -92,7 +92,7 @@ def first_python_hook(active: dict[str, list[Any]]) -> tuple[str, Any] | None:
 
 
 def choose_path(requested: str, model: "HookedCoT", active: dict[str, list[Any]], use_cache: bool,
-                batch: int = 1, capacity: int = 0, max_new_tokens: int = 0) -> str:
+                batch: int, capacity: int, max_new_tokens: int) -> str:
     """The path a generation takes. An explicit "static"/"compiled" with a Python hook, or
     without a cache, raises; "auto" falls back to "eager" then (with a notice naming the hook).
     "auto" otherwise takes "compiled" or "static" by `auto_compiles`."""
@@ -241,7 +241,8 @@ class FastStep:
                 raise
             # The step writes only this position's slots: running it again is safe. An error of the
             # step itself (an intervention's) raises here, and is not taken for a failed compile.
-            logits = decode_step(self.model, self.run, tokens, cache.static_again())
+            cache.attend_all = False  # the step as it is: over the written slots
+            logits = decode_step(self.model, self.run, tokens, cache)
             why = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
             COMPILE_FAILED[self.key] = why
             COMPILE_SECONDS.pop(self.key, None)

@@ -186,7 +186,7 @@ class StaticKVCache(KVCache):
         self.layer_keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.layer_values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.n_layers)]
         self.max_len, self.length, self.driven = capacity, 0, False
-        self.attend_all, self.end, self.span = True, 0, capacity  # end: slots in use (a driver sets it)
+        self.attend_all, self.end = True, 0  # end: slots in use (step_mask sets it, or a driver)
         self.key_valid = torch.zeros((batch, capacity), dtype=torch.bool, device=device)
         self.input_pos = torch.zeros(1, dtype=torch.long, device=device)
         self._eager_pos = self.input_pos
@@ -215,11 +215,16 @@ class StaticKVCache(KVCache):
             valid[:, :end] = True if attention_mask is None else attention_mask.bool()
             attention_mask = valid
             self.end = end
-        self.span = n = self.max_len if self.attend_all else self.end  # the slots this forward attends over
+        n = self.span
         q_pos, slots = self._positions(), self._slots[:n]
         causal = slots[None, :] <= q_pos[:, None]  # p n
         own = slots[None, :] == q_pos[:, None]  # a padded query attends to itself: no all -inf row
         return StaticMask(((causal[None] & attention_mask[:, None, :n]) | own[None])[:, None])
+
+    @property
+    def span(self) -> int:
+        """The slots a forward attends over: every one, or (`attend_all` off) those in use."""
+        return self.max_len if self.attend_all else self.end
 
     def write(self, layer: int, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
         """Store `key`/`value` [b g p k] at `input_pos`; return the slots attended over, [b g span k]
@@ -227,15 +232,8 @@ class StaticKVCache(KVCache):
         k_buf, v_buf = self.layer_keys[layer], self.layer_values[layer]
         k_buf.index_copy_(2, self._positions(), key)
         v_buf.index_copy_(2, self._positions(), value)
-        if self.span == self.max_len:
-            return k_buf, v_buf
-        return k_buf[:, :, : self.span], v_buf[:, :, : self.span]
-
-    def static_again(self) -> "StaticKVCache":
-        """This cache, set to attend over the written slots only (`attend_all` off): for a driver
-        that leaves its compiled step and runs the step as it is."""
-        self.attend_all = False
-        return self
+        n = self.span
+        return (k_buf, v_buf) if n == self.max_len else (k_buf[:, :, :n], v_buf[:, :, :n])
 
     def _positions(self) -> Tensor:
         """The slots this forward writes: the driver's `input_pos`, else those after `length`."""
@@ -250,7 +248,7 @@ class StaticKVCache(KVCache):
         out.layer_keys = [k[rows].clone() for k in self.layer_keys]
         out.layer_values = [v[rows].clone() for v in self.layer_values]
         out.max_len, out.length, out.driven = self.max_len, self.length, self.driven
-        out.attend_all, out.end, out.span = self.attend_all, self.end, self.span
+        out.attend_all, out.end = self.attend_all, self.end
         out.key_valid, out.input_pos, out._slots = self.key_valid[rows].clone(), self.input_pos.clone(), self._slots
         out._eager_pos = self._eager_pos
         return out

@@ -125,18 +125,26 @@ def _cfgs(folder: Path) -> Callable[[], dict]:
     return read
 
 
-def fuzz_sae(root: Path, n: int, seed: int, sparsify: bool) -> Tally:
-    folders = [_sparsify_folder(root)] if sparsify else _saelens_folders(root)
-    tally = Tally("load_sae (sparsify)" if sparsify else "load_sae (SAELens)")
+def _fuzz(label: str, folders: "list[Folder] | Folder", load: Callable[[Path], Any],
+          check_for: Callable[[Path], Callable[[Any], None]], n: int, seed: int) -> Tally:
+    """`n` seeded mutations of a loader's folder (one picked at random per case from a list;
+    a single folder is used as it is), each loaded and checked."""
+    tally = Tally(label)
     rng = random.Random(seed)
     with one_thread():
         for i in range(n):
-            folder = rng.choice(folders)
+            folder = rng.choice(folders) if isinstance(folders, list) else folders
             what = folder.case(rng)
-            check = _check_sae_sparsify(folder.root) if sparsify else (lambda s, f=folder.root: _check_sae(s, _cfgs(f)))
-            run_case(tally, f"seed {seed} case {i} ({what})", lambda f=folder.root: load_sae(f), check,
+            run_case(tally, f"seed {seed} case {i} ({what})", lambda f=folder.root: load(f), check_for(folder.root),
                      measure_memory=i % MEMORY_EVERY == 0)
     return tally
+
+
+def fuzz_sae(root: Path, n: int, seed: int, sparsify: bool) -> Tally:
+    if sparsify:
+        return _fuzz("load_sae (sparsify)", [_sparsify_folder(root)], load_sae, _check_sae_sparsify, n, seed)
+    return _fuzz("load_sae (SAELens)", _saelens_folders(root), load_sae,
+                 lambda f: (lambda s: _check_sae(s, _cfgs(f))), n, seed)
 
 
 def _check_sae_sparsify(folder: Path) -> Callable[[Any], None]:
@@ -179,15 +187,7 @@ def _check_crosscoder(folder: Path) -> Callable[[Any], None]:
 
 
 def fuzz_crosscoder(root: Path, n: int, seed: int) -> Tally:
-    folder = _crosscoder_folder(root)
-    tally = Tally("CrossCoder.load")
-    rng = random.Random(seed)
-    with one_thread():
-        for i in range(n):
-            what = folder.case(rng)
-            run_case(tally, f"seed {seed} case {i} ({what})", lambda: CrossCoder.load(folder.root),
-                     _check_crosscoder(folder.root), measure_memory=i % MEMORY_EVERY == 0)
-    return tally
+    return _fuzz("CrossCoder.load", _crosscoder_folder(root), CrossCoder.load, _check_crosscoder, n, seed)
 
 
 # ------------------------------------------------------------------------------------ tuned lens
@@ -220,16 +220,7 @@ def _check_lens(folder: Path) -> Callable[[Any], None]:
 
 
 def fuzz_lens(root: Path, n: int, seed: int) -> Tally:
-    folders = _lens_folders(root)
-    tally = Tally("TunedLens.load")
-    rng = random.Random(seed)
-    with one_thread():
-        for i in range(n):
-            folder = rng.choice(folders)
-            what = folder.case(rng)
-            run_case(tally, f"seed {seed} case {i} ({what})", lambda f=folder.root: TunedLens.load(f),
-                     _check_lens(folder.root), measure_memory=i % MEMORY_EVERY == 0)
-    return tally
+    return _fuzz("TunedLens.load", _lens_folders(root), TunedLens.load, _check_lens, n, seed)
 
 
 # ------------------------------------------------------------------------------------ activation store
@@ -275,15 +266,7 @@ def _check_store(result: tuple[ActivationStore, list, list]) -> None:
 
 
 def fuzz_store(root: Path, n: int, seed: int) -> Tally:
-    folder = _store_folder(root)
-    tally = Tally("ActivationStore (open + read)")
-    rng = random.Random(seed)
-    with one_thread():
-        for i in range(n):
-            what = folder.case(rng)
-            run_case(tally, f"seed {seed} case {i} ({what})", lambda: _open_and_read(folder.root), _check_store,
-                     measure_memory=i % MEMORY_EVERY == 0)
-    return tally
+    return _fuzz("ActivationStore (open + read)", _store_folder(root), _open_and_read, lambda f: _check_store, n, seed)
 
 
 # ------------------------------------------------------------------------------------ the tests

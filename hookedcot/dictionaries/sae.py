@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from hookedcot.dictionaries.files import (DictionaryFileError, DictionaryFileNotFoundError, float_tensor, optional_type,
                                           positive_int, read_json_object, read_tensors)
-from hookedcot.interp.interventions import Intervention, Where
+from hookedcot.interp.interventions import Intervention, Where, _index_mask
 from hookedcot.interp.positions import Positions
 
 ARCHITECTURES = ("standard", "jumprelu", "topk")
@@ -194,7 +194,8 @@ class SAESplice(Intervention):
         self.op, self.value = (edit.op, float(edit.value)) if edit is not None else ("none", 0.0)
         self.where = Where(edit.positions if edit is not None else None)
         features = None if edit is None or edit.features is None else list(edit.features)
-        self.columns = None if features is None else _index_mask_cpu(features, sae.d_sae)
+        self.columns = None if features is None else _index_mask(features, sae.d_sae, "feature", "this SAE",
+                                                                 torch.device("cpu"))
 
     def edit(self, x: Tensor, name: str, positions: Tensor) -> Tensor:
         sae = self.sae
@@ -216,14 +217,6 @@ class SAESplice(Intervention):
 
     def structure(self) -> tuple:
         return (*super().structure(), id(self.sae))  # another SAE of the same shape is another graph
-
-
-def _index_mask_cpu(index: list[int], size: int) -> Tensor:
-    bad = [i for i in index if not -size <= i < size]
-    if bad:
-        raise ValueError(f"feature index {bad} out of range for an SAE of {size} features")
-    return torch.zeros(size, dtype=torch.bool).index_fill_(0, torch.tensor([i % size for i in index], dtype=torch.long),
-                                                           True)
 
 
 # ---------------------------------------------------------------------------------------- loading

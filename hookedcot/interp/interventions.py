@@ -119,7 +119,7 @@ def _index_mask(index: list[int], size: int, what: str, name: str, device: torch
     if bad:
         raise ValueError(f"{what} index {bad} out of range for {name} (size {size})")
     return torch.zeros(size, dtype=torch.bool, device=device).index_fill_(
-        0, torch.tensor([i % size for i in index], device=device), True)
+        0, torch.tensor([i % size for i in index], dtype=torch.long, device=device), True)
 
 
 class Intervention:
